@@ -1,0 +1,3 @@
+from tq.cli.main import main
+
+main()

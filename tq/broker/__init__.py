@@ -1,0 +1,1 @@
+"""The broker: deterministic state machine, durable command log, TCP server."""

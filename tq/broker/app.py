@@ -1,0 +1,66 @@
+"""Composition root of the broker process: store + state machine + log + TCP, and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from tq.broker.core import BrokerCore
+from tq.broker.tcp import TcpServer
+from tq.config import BrokerConfig
+
+log = logging.getLogger("tq.broker")
+
+
+class BrokerApp:
+    """A running broker. ``start()`` binds and recovers; ``stop()`` drains and closes cleanly."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.core = BrokerCore(config)
+        self.tcp = TcpServer(self.core)
+        self.port = 0
+
+    async def start(self) -> int:
+        self.core.start()
+        self.port = await self.tcp.start(self.config.host, self.config.port)
+        return self.port
+
+    async def stop(self) -> None:
+        self.tcp.stop_accepting()
+        await self.core.drain()
+        self.tcp.close_all()
+
+    async def serve_forever(self, ready_line: bool = True) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or a fatal store error (exit 1)."""
+        port = await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready_line:
+            # Tests and scripts wait for this exact line to learn the bound port.
+            print(f"tq broker listening on {self.config.host}:{port}", flush=True)
+        log.info(
+            "broker.started host=%s port=%d data_dir=%s",
+            self.config.host,
+            port,
+            self.config.data_dir,
+        )
+        stopper = asyncio.ensure_future(stop.wait())
+        fatal = asyncio.ensure_future(self.core.stopped.wait())
+        await asyncio.wait({stopper, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        fatal.cancel()
+        if self.core.fatal is not None:
+            log.critical("broker.fatal error=%s", self.core.fatal)
+            print(f"tq broker: fatal store error: {self.core.fatal}", file=sys.stderr)
+            self.tcp.stop_accepting()
+            self.tcp.close_all()
+            return 1
+        log.info("broker.stopping")
+        await self.stop()
+        log.info("broker.stopped")
+        return 0

@@ -1,0 +1,93 @@
+"""Commands: every change of broker state is one of these, applied by ``StateMachine.apply``.
+
+They are msgspec structs because they cross process boundaries once replicated (a Raft entry is a
+batch of them). Time is never read during apply: the batch carries ``now_ms``, stamped once by the
+node that accepted it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from tq.protocol.messages import LeaseRef, Outcome, TaskSpec
+
+
+class _Cmd(msgspec.Struct, frozen=True, array_like=True, tag_field="c"):
+    pass
+
+
+class Submit(_Cmd, tag="submit", frozen=True):
+    specs: list[TaskSpec]
+
+
+class Claim(_Cmd, tag="claim", frozen=True):
+    worker_id: str
+    queues: list[str]
+    max: int
+
+
+class Report(_Cmd, tag="report", frozen=True):
+    worker_id: str
+    outcomes: list[Outcome]
+
+
+class Extend(_Cmd, tag="extend", frozen=True):
+    """A heartbeat: the worker is alive and still runs these leases."""
+
+    worker_id: str
+    leases: list[LeaseRef]
+
+
+class RegisterWorker(_Cmd, tag="register", frozen=True):
+    worker_id: str
+    host: str = ""
+    pid: int = 0
+    concurrency: int = 0
+    queues: list[str] = msgspec.field(default_factory=list)
+
+
+class WorkerLost(_Cmd, tag="worker_lost", frozen=True):
+    """The worker's connection closed: its leases go back to pending at once."""
+
+    worker_id: str
+
+
+class Release(_Cmd, tag="release", frozen=True):
+    worker_id: str
+    leases: list[LeaseRef]
+
+
+class Cancel(_Cmd, tag="cancel", frozen=True):
+    task_id: str
+
+
+class Tick(_Cmd, tag="tick", frozen=True):
+    """Expire leases and silent workers, fire retry timers that are due (all as of ``now_ms``)."""
+
+
+class Retention(_Cmd, tag="retention", frozen=True):
+    """Delete finished tasks (completed, cancelled) that finished before ``cutoff_ms``."""
+
+    cutoff_ms: int
+    limit: int = 10_000
+
+
+Command = (
+    Submit
+    | Claim
+    | Report
+    | Extend
+    | RegisterWorker
+    | WorkerLost
+    | Release
+    | Cancel
+    | Tick
+    | Retention
+)
+
+
+class CommandBatch(msgspec.Struct, frozen=True, array_like=True):
+    """One log entry: everything one loop tick collected, stamped with the leader's clock."""
+
+    now_ms: int
+    commands: list[Command]

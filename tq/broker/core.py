@@ -1,0 +1,308 @@
+"""The broker core: turns requests into command batches, one per loop tick, and replies after the
+batch is durable.
+
+It also owns what is connection-shaped rather than state: claims parked until a task is ready
+(long poll), waiters for a task's final state, the timer that drives lease expiry and retries, and
+informational worker metrics (CPU, memory) that do not belong in the replicated state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tq._version import __version__
+from tq.broker.commands import Claim, Command, Retention, Tick
+from tq.broker.log import LocalLog
+from tq.broker.state import ApplyResult, StateMachine
+from tq.config import BrokerConfig
+from tq.errors import ShuttingDown, TaskNotFound, TqError, WaitTimeout
+from tq.model import RetryPolicy, Task
+from tq.protocol.messages import Stats
+from tq.store import Store
+
+log = logging.getLogger("tq.broker")
+
+Reply = Callable[[Any], None]
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True, eq=False)
+class ParkedClaim:
+    worker_id: str
+    queues: list[str]
+    max: int
+    reply: Reply
+    owner: object
+    timer: asyncio.TimerHandle | None = None
+
+
+class BrokerCore:
+    def __init__(self, config: BrokerConfig, clock: Callable[[], int] = wall_ms) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = Store(config.data_dir)
+        self.sm = StateMachine(
+            self.store,
+            lease_ms=int(config.lease_s * 1000),
+            heartbeat_timeout_ms=int(config.heartbeat_timeout_s * 1000),
+            retry=RetryPolicy(base_s=config.retry_base_s, max_s=config.retry_max_s),
+        )
+        self.log = LocalLog(self.store, self.sm, self._fatal)
+        self.node_id = "single"
+        self.started_at = time.monotonic()
+        self.fatal: BaseException | None = None
+        self.closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: list[tuple[Command, Reply | None]] = []
+        self._tick_scheduled = False
+        self._parked: dict[int, ParkedClaim] = {}
+        self._waiters: dict[str, list[Reply]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0
+        self._retention: asyncio.TimerHandle | None = None
+        self.worker_metrics: dict[str, dict[str, Any]] = {}
+        self.stopped = asyncio.Event()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.store.open()
+        t0 = time.monotonic()
+        self.sm.recover()
+        log.info(
+            "store.recovered pending=%d running=%d in %.3fs",
+            self.sm.counts["pending"],
+            self.sm.counts["running"],
+            time.monotonic() - t0,
+        )
+        self.log.start(self._loop)
+        self._arm_timer()
+        self._schedule_retention()
+
+    async def drain(self) -> None:
+        """Stop taking commands, let the in-flight log write finish, close the store."""
+        self.closing = True
+        if self._queue:
+            self._run_tick()
+        done = asyncio.Event()
+        self.log.when_durable(lambda _exc: done.set())
+        await done.wait()
+        for timer in (self._timer, self._retention):
+            if timer is not None:
+                timer.cancel()
+        for parked in list(self._parked.values()):
+            self._unpark(parked)
+            parked.reply([])
+        self.log.close()
+        self.store.close()
+
+    def _fatal(self, exc: BaseException) -> None:
+        self.fatal = exc
+        self.closing = True
+        self.stopped.set()
+
+    # --- commands --------------------------------------------------------------------------------
+
+    def submit(self, cmd: Command, reply: Reply | None) -> None:
+        """Queue a command for this tick; ``reply`` gets its result once it is durable."""
+        if self.closing:
+            if reply is not None:
+                reply(ShuttingDown("broker is shutting down"))
+            return
+        self._queue.append((cmd, reply))
+        if not self._tick_scheduled:
+            self._tick_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._run_tick)
+
+    def _run_tick(self) -> None:
+        self._tick_scheduled = False
+        items, self._queue = self._queue, []
+        if not items:
+            return
+        now = self.clock()
+        result = self.log.commit(now, [cmd for cmd, _ in items])
+        replies = [reply for _, reply in items]
+        self._after_commit(result, replies)
+        if self._parked and result.readied:
+            self._serve_parked(now)
+        self._arm_timer()
+
+    def _after_commit(self, result: ApplyResult, replies: list[Reply | None]) -> None:
+        def deliver(exc: BaseException | None) -> None:
+            if exc is not None:
+                err = TqError(f"store write failed: {exc}")
+                for reply in replies:
+                    if reply is not None:
+                        reply(err)
+                return
+            for reply, value in zip(replies, result.results, strict=True):
+                if reply is not None:
+                    reply(value)
+            if result.finished and self._waiters:
+                for task in result.finished:
+                    for waiter in self._waiters.pop(task.id, ()):
+                        waiter(task)
+
+        self.log.when_durable(deliver)
+
+    def after_durable(self, fn: Callable[[], None]) -> None:
+        """Run a read once everything applied so far is durable: no reply reveals unsaved state."""
+
+        def run(exc: BaseException | None) -> None:
+            if exc is None:
+                fn()
+
+        self.log.when_durable(run)
+
+    # --- claims ----------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        worker_id: str,
+        queues: list[str],
+        n: int,
+        wait_ms: int,
+        reply: Reply,
+        owner: object,
+    ) -> None:
+        """Lease up to ``n`` tasks now, or park the claim until one is ready (long poll)."""
+        if wait_ms <= 0 or self.sm.has_ready(queues):
+            self.submit(Claim(worker_id, queues, n), reply)
+            return
+        self._park(ParkedClaim(worker_id, queues, n, reply, owner), wait_ms)
+
+    def _park(self, parked: ParkedClaim, wait_ms: int) -> None:
+        assert self._loop is not None
+        self._parked[id(parked)] = parked
+
+        def expire() -> None:
+            if self._parked.pop(id(parked), None) is not None:
+                parked.reply([])
+
+        parked.timer = self._loop.call_later(wait_ms / 1000, expire)
+
+    def _unpark(self, parked: ParkedClaim) -> None:
+        self._parked.pop(id(parked), None)
+        if parked.timer is not None:
+            parked.timer.cancel()
+
+    def drop_parked(self, owner: object) -> None:
+        for parked in [p for p in self._parked.values() if p.owner is owner]:
+            self._unpark(parked)
+
+    def _serve_parked(self, now: int) -> None:
+        """Tasks became ready: lease them to parked claims in this same tick (one fsync for both)."""
+        serving: list[ParkedClaim] = []
+        for parked in list(self._parked.values()):
+            if self.sm.has_ready(parked.queues):
+                self._unpark(parked)
+                serving.append(parked)
+        if not serving:
+            return
+        cmds: list[Command] = [Claim(p.worker_id, p.queues, p.max) for p in serving]
+        result = self.log.commit(now, cmds)
+
+        def reply_or_repark(parked: ParkedClaim) -> Reply:
+            def reply(value: Any) -> None:
+                if isinstance(value, list) and not value and not self.closing:
+                    self._park(parked, 1000)  # raced with another claim: wait again
+                else:
+                    parked.reply(value)
+
+            return reply
+
+        self._after_commit(result, [reply_or_repark(p) for p in serving])
+
+    # --- waiting for a result --------------------------------------------------------------------
+
+    def wait(self, task_id: str, timeout_ms: int, reply: Reply) -> None:
+        task = self.sm.get_task(task_id)
+        if task is None:
+            self.after_durable(lambda: reply(TaskNotFound(f"no task {task_id}")))
+            return
+        if task.state in ("completed", "dead", "cancelled"):
+            self.after_durable(lambda: reply(task))
+            return
+        assert self._loop is not None
+        waiters = self._waiters.setdefault(task_id, [])
+        done = False
+
+        def on_done(value: Task | TqError) -> None:
+            nonlocal done
+            if not done:
+                done = True
+                timer.cancel()
+                reply(value)
+
+        def on_timeout() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            lst = self._waiters.get(task_id)
+            if lst is not None and on_done in lst:
+                lst.remove(on_done)
+                if not lst:
+                    del self._waiters[task_id]
+            reply(WaitTimeout(f"task {task_id} did not finish within {timeout_ms} ms"))
+
+        timer = self._loop.call_later(max(timeout_ms, 0) / 1000, on_timeout)
+        waiters.append(on_done)
+
+    # --- timers ----------------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        due = self.sm.next_deadline_ms()
+        if due is None or self.closing:
+            return
+        if self._timer is not None and self._timer_at <= due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        delay_s = max(0.0, (due - self.clock()) / 1000)
+        self._timer_at = due
+        self._timer = self._loop.call_later(delay_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = 0
+        due = self.sm.next_deadline_ms()
+        if due is not None and due <= self.clock():
+            self.submit(Tick(), None)
+        else:
+            self._arm_timer()
+
+    def _schedule_retention(self) -> None:
+        assert self._loop is not None
+
+        def run() -> None:
+            cutoff = self.clock() - int(self.config.retention_s * 1000)
+            self.submit(Retention(cutoff), None)
+            self._schedule_retention()
+
+        self._retention = self._loop.call_later(self.config.retention_interval_s, run)
+
+    # --- read side -------------------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        return Stats(
+            states=dict(self.sm.counts),
+            queues=self.sm.queue_stats(),
+            workers=self.sm.worker_infos(self.worker_metrics),
+            version=__version__,
+            node_id=self.node_id,
+            uptime_s=round(time.monotonic() - self.started_at, 3),
+            counters=dict(self.sm.counters)
+            | {"wal_flushes": self.log.flushes, "wal_commits": self.log.flushed_commits},
+        )

@@ -1,0 +1,338 @@
+"""The TCP face of the broker: one asyncio Protocol per connection, no streams.
+
+Frames are parsed straight from ``data_received`` and replies for one tick are written with one
+``write`` call. Everything a peer can send wrong ends in a NACK with a stable code (or, for a frame
+that cannot be framed, a NACK and a clean close); nothing a peer sends can raise out of here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+from tq.broker.commands import Cancel, Extend, RegisterWorker, Release, Report, Submit, WorkerLost
+from tq.broker.core import BrokerCore
+from tq.errors import (
+    BadRequest,
+    FrameTooLarge,
+    PayloadTooLarge,
+    ProtocolError,
+    TaskNotFound,
+    TqError,
+    Unauthenticated,
+    UnsupportedVersion,
+)
+from tq.model import MAX_PAYLOAD_BYTES, Task, TaskState, valid_name, valid_task_id
+from tq.protocol.codec import decode_request, encode, guess_rid
+from tq.protocol.framing import FrameDecoder
+from tq.protocol.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    CancelTask,
+    ClaimTask,
+    GetStats,
+    Heartbeat,
+    Hello,
+    Leased,
+    ListTasks,
+    Nack,
+    QueryStatus,
+    ReleaseTasks,
+    ResultBatch,
+    StatsReply,
+    SubmitBatch,
+    SubmitTask,
+    TaskInfoReply,
+    TaskListReply,
+    TaskResult,
+    TaskSpec,
+    WaitTask,
+    Welcome,
+)
+
+log = logging.getLogger("tq.broker.tcp")
+
+MAX_BATCH = 100_000
+MAX_CLAIM = 10_000
+MAX_LIST = 10_000
+
+
+def validate_spec(spec: TaskSpec) -> None:
+    if not valid_task_id(spec.id):
+        raise BadRequest(f"task id {spec.id[:80]!r} must be 1-64 of [A-Za-z0-9_.:-]")
+    if not valid_name(spec.name):
+        raise BadRequest(f"task name {spec.name[:80]!r} must be 1-200 of [A-Za-z0-9_.:-]")
+    if not valid_name(spec.queue):
+        raise BadRequest(f"queue {spec.queue[:80]!r} must be 1-200 of [A-Za-z0-9_.:-]")
+    if spec.priority not in (0, 1, 2):
+        raise BadRequest("priority must be 0 (high), 1 (normal) or 2 (low)")
+    if len(spec.payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(
+            f"payload of {len(spec.payload)} bytes exceeds {MAX_PAYLOAD_BYTES} bytes"
+        )
+    if not 0 <= spec.max_retries <= 1000:
+        raise BadRequest("max_retries must be between 0 and 1000")
+    if not 0 < spec.timeout_s <= 7 * 86400:
+        raise BadRequest("timeout_s must be > 0 and at most 7 days")
+    if not 0 <= spec.backoff_s <= 86400:
+        raise BadRequest("backoff_s must be between 0 and 86400")
+
+
+def _validate_queues(queues: list[str]) -> None:
+    if not queues or len(queues) > 100 or not all(valid_name(q) for q in queues):
+        raise BadRequest("queues must be 1-100 valid queue names")
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, core: BrokerCore, server: TcpServer) -> None:
+        self.core = core
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder(core.config.max_frame_bytes)
+        self.hello: Hello | None = None
+        self.worker_id: str | None = None
+        self.closed = False
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self.peer = ""
+
+    # --- transport callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        self.core.drop_parked(self)
+        if self.worker_id is not None and not self.server.worker_connected(self.worker_id):
+            log.info("worker.disconnected worker=%s", self.worker_id)
+            self.core.submit(WorkerLost(self.worker_id), None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
+        except FrameTooLarge as exc:
+            self._send(Nack(0, exc.code, exc.message))
+            self._close_after_flush()
+            return
+        for body in frames:
+            if self.closed:
+                return
+            try:
+                msg = decode_request(body)
+            except ProtocolError as exc:
+                self._send(Nack(guess_rid(body), exc.code, exc.message))
+                continue
+            except TqError as exc:
+                self._send(Nack(guess_rid(body), exc.code, exc.message))
+                continue
+            try:
+                self._dispatch(msg)
+            except TqError as exc:
+                self._send(Nack(msg.rid, exc.code, exc.message))
+            except Exception as exc:  # a bug must cost one request, never the broker
+                log.exception("tcp.handler_failed")
+                self._send(Nack(msg.rid, "INTERNAL", f"internal error: {type(exc).__name__}"))
+
+    # --- output ----------------------------------------------------------------------------------
+
+    def _send(self, msg: Any) -> None:
+        if self.closed:
+            return
+        self._out.append(encode(msg))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed or self.transport is None or not self._out:
+            self._out.clear()
+            return
+        out, self._out = self._out, []
+        self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def _close_after_flush(self) -> None:
+        self._flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _replier(self, rid: int, build: Any) -> Any:
+        """A reply callback: TqError values become NACKs, anything else goes through ``build``."""
+
+        def reply(value: Any) -> None:
+            if isinstance(value, TqError):
+                self._send(Nack(rid, value.code, value.message))
+            else:
+                self._send(build(value))
+
+        return reply
+
+    # --- dispatch --------------------------------------------------------------------------------
+
+    def _dispatch(self, msg: Any) -> None:
+        if self.hello is None and not isinstance(msg, Hello):
+            raise BadRequest("the first message on a connection must be hello")
+        match msg:
+            case Hello():
+                self._on_hello(msg)
+            case SubmitTask(rid, spec):
+                validate_spec(spec)
+                self.core.submit(Submit([spec]), self._replier(rid, lambda r: Ack(rid, r[0], r[1])))
+            case SubmitBatch(rid, specs):
+                if not 0 < len(specs) <= MAX_BATCH:
+                    raise BadRequest(f"a batch holds 1 to {MAX_BATCH} tasks")
+                for i, spec in enumerate(specs):
+                    try:
+                        validate_spec(spec)
+                    except TqError as exc:
+                        raise type(exc)(f"task {i}: {exc.message}") from None
+                self.core.submit(Submit(specs), self._replier(rid, lambda r: Ack(rid, r[0], r[1])))
+            case ClaimTask(rid, queues, n, wait_ms):
+                worker_id = self._require_worker()
+                _validate_queues(queues)
+                if not 0 < n <= MAX_CLAIM:
+                    raise BadRequest(f"max must be 1 to {MAX_CLAIM}")
+                self.core.claim(
+                    worker_id,
+                    queues,
+                    n,
+                    min(max(wait_ms, 0), 300_000),
+                    self._replier(rid, lambda tasks: Leased(rid, tasks)),
+                    self,
+                )
+            case TaskResult(rid, outcome):
+                self._report(rid, [outcome])
+            case ResultBatch(rid, outcomes):
+                self._report(rid, outcomes)
+            case Heartbeat(rid, leases, cpu, rss):
+                worker_id = self._require_worker()
+                self.core.worker_metrics[worker_id] = {"cpu_percent": cpu, "rss_bytes": rss}
+                self.core.submit(
+                    Extend(worker_id, leases), self._replier(rid, lambda r: Ack(rid, [], r))
+                )
+            case ReleaseTasks(rid, leases):
+                worker_id = self._require_worker()
+                self.core.submit(
+                    Release(worker_id, leases), self._replier(rid, lambda r: Ack(rid, [], r))
+                )
+            case QueryStatus(rid, task_id):
+                self.core.after_durable(lambda: self._status(rid, task_id))
+            case WaitTask(rid, task_id, timeout_ms):
+                self.core.wait(
+                    task_id, timeout_ms, self._replier(rid, lambda t: TaskInfoReply(rid, t))
+                )
+            case ListTasks():
+                self.core.after_durable(lambda: self._list(msg))
+            case CancelTask(rid, task_id):
+                self.core.submit(
+                    Cancel(task_id), self._replier(rid, lambda t: TaskInfoReply(rid, t))
+                )
+            case GetStats(rid):
+                self.core.after_durable(lambda: self._send(StatsReply(rid, self.core.stats())))
+            case _:
+                raise BadRequest(f"{type(msg).__name__} is not a request")
+
+    def _on_hello(self, msg: Hello) -> None:
+        if msg.version != PROTOCOL_VERSION:
+            self._send(
+                Nack(
+                    msg.rid,
+                    UnsupportedVersion.code,
+                    f"protocol version {msg.version} is not supported (broker speaks "
+                    f"{PROTOCOL_VERSION})",
+                )
+            )
+            self._close_after_flush()
+            return
+        token = self.core.config.auth_token
+        if token is not None and msg.token != token:
+            self._send(Nack(msg.rid, Unauthenticated.code, "bad or missing auth token"))
+            self._close_after_flush()
+            return
+        if self.hello is not None:
+            raise BadRequest("hello was already received on this connection")
+        self.hello = msg
+        if msg.role == "worker":
+            if not valid_task_id(msg.client_id):
+                raise BadRequest("a worker must send a client_id of 1-64 of [A-Za-z0-9_.:-]")
+            self.worker_id = msg.client_id
+            log.info("worker.connected worker=%s host=%s pid=%d", msg.client_id, msg.host, msg.pid)
+            self.core.submit(
+                RegisterWorker(msg.client_id, msg.host, msg.pid, msg.concurrency, msg.queues),
+                None,
+            )
+        self._send(Welcome(msg.rid, PROTOCOL_VERSION, self.core.node_id))
+
+    def _require_worker(self) -> str:
+        if self.worker_id is None:
+            raise BadRequest("only a connection that said hello as a worker may do this")
+        return self.worker_id
+
+    def _report(self, rid: int, outcomes: list[Any]) -> None:
+        worker_id = self._require_worker()
+        if len(outcomes) > MAX_CLAIM:
+            raise BadRequest(f"a result batch holds at most {MAX_CLAIM} outcomes")
+        for outcome in outcomes:
+            if outcome.result is not None and len(outcome.result) > MAX_PAYLOAD_BYTES:
+                raise PayloadTooLarge(f"result of {outcome.task_id} exceeds {MAX_PAYLOAD_BYTES}")
+        self.core.submit(Report(worker_id, outcomes), self._replier(rid, lambda r: Ack(rid, *r)))
+
+    def _status(self, rid: int, task_id: str) -> None:
+        task: Task | None = self.core.sm.get_task(task_id)
+        if task is None:
+            self._send(Nack(rid, TaskNotFound.code, f"no task {task_id}"))
+        else:
+            self._send(TaskInfoReply(rid, task))
+
+    def _list(self, msg: ListTasks) -> None:
+        try:
+            state = TaskState(msg.state)
+        except ValueError:
+            self._send(Nack(msg.rid, BadRequest.code, f"unknown state {msg.state!r}"))
+            return
+        if not 0 < msg.limit <= MAX_LIST:
+            self._send(Nack(msg.rid, BadRequest.code, f"limit must be 1 to {MAX_LIST}"))
+            return
+        try:
+            tasks, cursor = self.core.sm.list_tasks(
+                state, msg.queue, msg.name, msg.limit, msg.after
+            )
+        except ValueError:
+            self._send(Nack(msg.rid, BadRequest.code, "bad cursor"))
+            return
+        self._send(TaskListReply(msg.rid, tasks, cursor))
+
+
+class TcpServer:
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+        self.connections: set[Connection] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Connection(self.core, self), host, port, reuse_address=True, backlog=1024
+        )
+        sock = self._server.sockets[0]
+        self.port = int(sock.getsockname()[1])
+        return self.port
+
+    def worker_connected(self, worker_id: str) -> bool:
+        return any(c.worker_id == worker_id and not c.closed for c in self.connections)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def close_all(self) -> None:
+        for conn in list(self.connections):
+            conn._close_after_flush()

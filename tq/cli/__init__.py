@@ -1,0 +1,1 @@
+"""The ``tq`` command line: the one place that wires every part together."""

@@ -1,0 +1,418 @@
+"""``tq``: broker, worker and admin tool in one executable.
+
+Every client command takes ``--broker`` (or ``TQ_BROKER``) and ``-o table|json|yaml``. Errors are
+one readable line on stderr with exit code 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import typer
+
+from tq.cli.output import Format, OutputOpt, emit_data, emit_table, fail, short, when
+from tq.config import BrokerConfig, broker_url_from_env
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="tq",
+    help="tq: a durable, fast task queue. Broker, worker and admin tool in one command.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+BrokerOpt = typer.Option(None, "--broker", "-b", help="tcp://host:port[,...] (env TQ_BROKER)")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _run_client(fn: Callable[[Any], Awaitable[T]], broker: str | None) -> T:
+    """Run one client coroutine; every tq error becomes one line and exit code 1."""
+    from tq.client import AsyncClient
+    from tq.errors import BrokerUnavailable, TqError
+
+    async def main() -> T:
+        async with AsyncClient(broker, connect_timeout_s=2.0) as client:
+            return await fn(client)
+
+    try:
+        return asyncio.run(main())
+    except BrokerUnavailable as exc:
+        fail(f"{exc.message} (is `tq broker` running? set --broker or TQ_BROKER)")
+    except TqError as exc:
+        fail(f"{exc.code}: {exc.message}")
+    except ValueError as exc:
+        fail(str(exc), code=2)
+
+
+# --- servers -------------------------------------------------------------------------------------
+
+
+def _broker_config(
+    host: str,
+    port: int,
+    data_dir: str,
+    lease_s: float,
+    retention_s: float,
+    retry_base_s: float,
+    heartbeat_timeout_s: float,
+    max_frame_bytes: int,
+) -> BrokerConfig:
+    return BrokerConfig(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        lease_s=lease_s,
+        retention_s=retention_s,
+        retry_base_s=retry_base_s,
+        heartbeat_timeout_s=heartbeat_timeout_s,
+        max_frame_bytes=max_frame_bytes,
+        auth_token=os.environ.get("TQ_TOKEN") or None,
+    )
+
+
+@app.command()
+def broker(
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
+    port: int = typer.Option(7700, help="TCP protocol port (0 picks a free one)"),
+    data_dir: str = typer.Option("./.tq-data", help="where the embedded store lives"),
+    lease: float = typer.Option(30.0, "--lease", help="lease seconds, extended by heartbeats"),
+    retention: float = typer.Option(7 * 86400, "--retention", help="keep finished tasks (s)"),
+    retry_base: float = typer.Option(1.0, "--retry-base", help="first retry delay (s)"),
+    heartbeat_timeout: float = typer.Option(
+        10.0, "--heartbeat-timeout", help="a worker silent this long (s) is declared dead"
+    ),
+    max_frame: int = typer.Option(16 * 1024 * 1024, "--max-frame", help="largest frame (bytes)"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Run the broker: TCP protocol + embedded durable store."""
+    _setup_logging(log_level)
+    _use_uvloop()
+    from tq.broker.app import BrokerApp
+
+    config = _broker_config(
+        host, port, data_dir, lease, retention, retry_base, heartbeat_timeout, max_frame
+    )
+    try:
+        code = asyncio.run(BrokerApp(config).serve_forever())
+    except OSError as exc:
+        fail(f"cannot start broker on {host}:{port}: {exc.strerror or exc}")
+    except Exception as exc:
+        fail(f"broker failed to start: {exc}")
+    raise typer.Exit(code)
+
+
+def _make_worker(
+    broker: str | None,
+    concurrency: int,
+    queue: list[str] | None,
+    app_modules: list[str] | None,
+    heartbeat: float,
+    grace: float,
+    burst: bool,
+) -> Any:
+    from tq.worker.registry import import_app
+    from tq.worker.runner import Worker
+
+    sys.path.insert(0, os.getcwd())
+    for module in app_modules or []:
+        try:
+            import_app(module)
+        except Exception as exc:
+            fail(f"cannot import --app {module}: {exc}")
+    return Worker(
+        broker_url_from_env(broker),
+        concurrency=concurrency,
+        queues=queue or ["default"],
+        heartbeat_s=heartbeat,
+        grace_s=grace,
+        burst=burst,
+    )
+
+
+@app.command()
+def worker(
+    broker: str | None = BrokerOpt,
+    concurrency: int = typer.Option(8, "--concurrency", "-c", min=1, max=10_000),
+    queue: list[str] | None = typer.Option(None, "--queue", "-q", help="queue(s) to serve"),
+    app_module: list[str] | None = typer.Option(None, "--app", help="module of @task handlers"),
+    heartbeat: float = typer.Option(2.0, "--heartbeat", help="heartbeat interval (s)"),
+    grace: float = typer.Option(30.0, "--grace", help="SIGTERM: time to finish running tasks"),
+    burst: bool = typer.Option(False, "--burst", help="exit once the queues are empty"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Run a worker: claim tasks, run handlers, report results."""
+    _setup_logging(log_level)
+    _use_uvloop()
+    w = _make_worker(broker, concurrency, queue, app_module, heartbeat, grace, burst)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, w.stop)
+        print(f"tq worker {w.worker_id} ready (concurrency {w.concurrency})", flush=True)
+        await w.run()
+
+    asyncio.run(main())
+
+
+@app.command()
+def up(
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(7700),
+    data_dir: str = typer.Option("./.tq-data"),
+    concurrency: int = typer.Option(8, "--concurrency", "-c", min=1),
+    app_module: list[str] | None = typer.Option(None, "--app", help="module of @task handlers"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Broker and one worker in a single process: the quickest way to a working system."""
+    _setup_logging(log_level)
+    _use_uvloop()
+    from tq.broker.app import BrokerApp
+
+    config = _broker_config(host, port, data_dir, 30.0, 7 * 86400, 1.0, 10.0, 16 * 1024 * 1024)
+    broker_app = BrokerApp(config)
+
+    async def main() -> int:
+        bound = await broker_app.start()
+        w = _make_worker(f"tcp://{host}:{bound}", concurrency, None, app_module, 2.0, 10.0, False)
+        print(f"tq broker listening on {host}:{bound}", flush=True)
+        print(f"tq worker {w.worker_id} ready (concurrency {w.concurrency})", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        worker_task = asyncio.create_task(w.run())
+        await stop.wait()
+        w.stop()
+        await worker_task
+        await broker_app.stop()
+        return 0
+
+    try:
+        raise typer.Exit(asyncio.run(main()))
+    except OSError as exc:
+        fail(f"cannot start on {host}:{port}: {exc.strerror or exc}")
+
+
+# --- producer and admin commands -----------------------------------------------------------------
+
+
+def _task_rows(tasks: list[Any]) -> list[list[Any]]:
+    return [
+        [
+            t.id,
+            t.name,
+            t.queue,
+            t.priority,
+            t.state,
+            t.attempt,
+            when(t.submitted_at_ms),
+            short(t.result if t.error is None else f"{t.error.type}: {t.error.message}"),
+        ]
+        for t in tasks
+    ]
+
+
+_TASK_COLUMNS = ["id", "name", "queue", "priority", "state", "attempt", "submitted", "result"]
+
+
+def _show_task(info: Any, fmt: Format) -> None:
+    if fmt is not Format.table:
+        emit_data(info.to_dict(), fmt)
+        return
+    data = info.to_dict()
+    error = data.pop("error")
+    rows = [[k, when(v) if k.endswith("_at_ms") else short(v, 100)] for k, v in data.items()]
+    if error:
+        rows.append(["error", f"{error['type']}: {error['message']}"])
+        if error.get("traceback"):
+            rows.append(["traceback", error["traceback"]])
+    emit_table(f"task {info.id}", ["field", "value"], rows)
+
+
+@app.command()
+def submit(
+    name: str = typer.Argument(..., help="task name (a registered handler)"),
+    payload: str = typer.Argument("null", help="payload as JSON"),
+    priority: str = typer.Option("normal", "--priority", "-p", help="high, normal or low"),
+    queue: str = typer.Option("default", "--queue", "-q"),
+    max_retries: int = typer.Option(3, "--max-retries", min=0),
+    timeout: float = typer.Option(300.0, "--timeout", help="handler timeout (s)"),
+    wait: bool = typer.Option(False, "--wait", "-w", help="wait for the result and print it"),
+    wait_timeout: float = typer.Option(60.0, "--wait-timeout"),
+    broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
+) -> None:
+    """Submit a task; prints its id (or, with --wait, its result)."""
+    try:
+        value = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        fail(f"payload is not valid JSON: {exc}", code=2)
+    if priority.lower() not in ("high", "normal", "low"):
+        fail("--priority must be high, normal or low", code=2)
+
+    async def go(c: Any) -> Any:
+        tid = await c.submit(
+            name, value, queue=queue, priority=priority, max_retries=max_retries, timeout_s=timeout
+        )
+        if not wait:
+            return tid
+        return await c.wait(tid, timeout_s=wait_timeout)
+
+    out = _run_client(go, broker)
+    if not wait:
+        if output is Format.table:
+            print(out)
+        else:
+            emit_data({"id": out}, output)
+        return
+    if output is not Format.table:
+        emit_data(out.to_dict(), output)
+    elif out.state == "completed":
+        print(json.dumps(out.result))
+    else:
+        err = out.error
+        fail(f"task {out.id} is {out.state}" + (f": {err.type}: {err.message}" if err else ""))
+    if out.state != "completed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    task_id: str,
+    broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
+) -> None:
+    """Show one task."""
+    info = _run_client(lambda c: c.status(task_id), broker)
+    _show_task(info, output)
+
+
+@app.command("wait")
+def wait_cmd(
+    task_id: str,
+    timeout: float = typer.Option(30.0, "--timeout"),
+    broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
+) -> None:
+    """Wait until a task finishes and show it (exit 1 if it did not complete)."""
+    info = _run_client(lambda c: c.wait(task_id, timeout_s=timeout), broker)
+    _show_task(info, output)
+    if info.state != "completed":
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_cmd(
+    state: str = typer.Option("pending", "--state", "-s"),
+    queue: str | None = typer.Option(None, "--queue", "-q"),
+    name: str | None = typer.Option(None, "--name", "-n"),
+    limit: int = typer.Option(50, "--limit", min=1, max=10_000),
+    broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
+) -> None:
+    """List tasks in one state."""
+    tasks = _run_client(lambda c: c.list(state, queue=queue, name=name, limit=limit), broker)
+    if output is not Format.table:
+        emit_data([t.to_dict() for t in tasks], output)
+    else:
+        emit_table(f"{state} tasks ({len(tasks)})", _TASK_COLUMNS, _task_rows(tasks))
+
+
+@app.command()
+def cancel(
+    task_id: str,
+    broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
+) -> None:
+    """Cancel a pending (or retry-waiting) task."""
+    info = _run_client(lambda c: c.cancel(task_id), broker)
+    _show_task(info, output)
+
+
+@app.command()
+def stats(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
+    """Task counts by state, queue depths and workers."""
+    data = _run_client(lambda c: c.stats(), broker)
+    if output is not Format.table:
+        emit_data(data, output)
+        return
+    emit_table("tasks by state", ["state", "count"], [[k, v] for k, v in data["states"].items()])
+    emit_table(
+        "queues",
+        ["queue", "high", "normal", "low", "running", "oldest pending"],
+        [
+            [
+                q,
+                s["pending"]["high"],
+                s["pending"]["normal"],
+                s["pending"]["low"],
+                s["running"],
+                when(s["oldest_pending_ms"]),
+            ]
+            for q, s in data["queues"].items()
+        ],
+    )
+    print(
+        f"workers: {len(data['workers'])}  uptime: {data['uptime_s']:.0f}s  "
+        f"version: {data['version']}"
+    )
+
+
+@app.command()
+def workers(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
+    """Connected workers: host, pid, concurrency, running, done, CPU, memory, last heartbeat."""
+    data = _run_client(lambda c: c.stats(), broker)["workers"]
+    if output is not Format.table:
+        emit_data(data, output)
+        return
+    emit_table(
+        f"workers ({len(data)})",
+        ["id", "host", "pid", "concurrency", "running", "done", "cpu %", "rss MB", "heartbeat"],
+        [
+            [
+                w["id"],
+                w["host"],
+                w["pid"],
+                w["concurrency"],
+                w["running"],
+                w["done"],
+                f"{w['cpu_percent']:.0f}",
+                f"{w['rss_bytes'] / 1e6:.0f}",
+                when(w["last_heartbeat_ms"]),
+            ]
+            for w in data
+        ],
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

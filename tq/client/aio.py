@@ -1,0 +1,418 @@
+"""``AsyncClient``: the one implementation of talking to a broker (the sync ``Client`` drives it).
+
+It keeps one multiplexed connection, reconnects with exponential backoff, follows NOT_LEADER to
+the address the broker names, and retries requests that are safe to repeat (submits carry their
+task ids, so a resubmit after a lost connection cannot create a second task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+
+from tq.client.connection import Connection, raise_for
+from tq.config import DEFAULT_FRAME_LIMIT, broker_url_from_env, parse_broker_url
+from tq.errors import BadRequest, BrokerUnavailable, NotLeader, TqError
+from tq.model import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_QUEUE,
+    DEFAULT_TIMEOUT_S,
+    ErrorInfo,
+    Priority,
+    Task,
+    new_ids,
+)
+from tq.protocol.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    CancelTask,
+    GetStats,
+    Hello,
+    ListTasks,
+    QueryStatus,
+    Response,
+    StatsReply,
+    SubmitBatch,
+    SubmitTask,
+    TaskInfoReply,
+    TaskListReply,
+    TaskSpec,
+    WaitTask,
+)
+
+R = TypeVar("R", bound=Response)
+
+_json_encode = msgspec.json.encode
+_json_decode = msgspec.json.decode
+
+
+def encode_payload(payload: Any) -> bytes:
+    """JSON by default; bytes pass through untouched (the caller chose the encoding)."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    try:
+        return _json_encode(payload)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise BadRequest(f"payload is not JSON-serializable: {exc}") from None
+
+
+def decode_value(raw: bytes | None) -> Any:
+    """A payload or result as the handler saw it: decoded JSON, or the raw bytes if not JSON."""
+    if raw is None:
+        return None
+    try:
+        return _json_decode(raw)
+    except msgspec.DecodeError:
+        return raw
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """What a producer sees of a task. ``result`` is the handler's return value, decoded."""
+
+    id: str
+    name: str
+    queue: str
+    priority: str
+    state: str
+    attempt: int
+    max_retries: int
+    timeout_s: float
+    submitted_at_ms: int
+    started_at_ms: int
+    finished_at_ms: int
+    eta_ms: int
+    worker_id: str
+    result: Any
+    error: ErrorInfo | None
+    payload: Any
+
+    @classmethod
+    def from_task(cls, task: Task) -> TaskInfo:
+        return cls(
+            id=task.id,
+            name=task.name,
+            queue=task.queue,
+            priority=Priority(task.priority).label,
+            state=task.state,
+            attempt=task.attempt,
+            max_retries=task.max_retries,
+            timeout_s=task.timeout_s,
+            submitted_at_ms=task.submitted_at_ms,
+            started_at_ms=task.started_at_ms,
+            finished_at_ms=task.finished_at_ms,
+            eta_ms=task.eta_ms,
+            worker_id=task.worker_id,
+            result=decode_value(task.result),
+            error=task.error,
+            payload=decode_value(task.payload) if task.payload else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        if self.error is not None:
+            out["error"] = msgspec.structs.asdict(self.error)
+        for key in ("result", "payload"):
+            if isinstance(out[key], bytes):
+                out[key] = out[key].hex()
+        return out
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+        token: str | None = None,
+        role: str = "client",
+        client_id: str | None = None,
+        hello_extra: dict[str, Any] | None = None,
+        max_frame_bytes: int = DEFAULT_FRAME_LIMIT,
+    ) -> None:
+        self.addresses = parse_broker_url(broker_url_from_env(url))
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.token = token if token is not None else os.environ.get("TQ_TOKEN")
+        self.role = role
+        self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.hello_extra = hello_extra or {}
+        self.max_frame_bytes = max_frame_bytes
+        self._conn: Connection | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._preferred = 0
+        self.on_connect: Callable[[], Any] | None = None
+
+    # --- connection ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._conn.error is None
+
+    async def connect(self) -> Connection:
+        """Connect (or return the live connection), trying every address with backoff until
+        ``connect_timeout_s`` passes."""
+        conn = self._conn
+        if conn is not None and conn.error is None:
+            return conn
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            conn = self._conn
+            if conn is not None and conn.error is None:
+                return conn
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.connect_timeout_s
+            delay = 0.05
+            last: BaseException | None = None
+            while True:
+                n = len(self.addresses)
+                for i in range(n):
+                    host, port = self.addresses[(self._preferred + i) % n]
+                    try:
+                        conn = await self._open(host, port)
+                    except (TimeoutError, OSError, TqError) as exc:
+                        last = exc
+                        continue
+                    if isinstance(conn, Connection):
+                        self._preferred = (self._preferred + i) % n
+                        self._conn = conn
+                        if self.on_connect is not None:
+                            self.on_connect()
+                        return conn
+                if loop.time() + delay > deadline:
+                    where = ", ".join(f"{h}:{p}" for h, p in self.addresses)
+                    raise BrokerUnavailable(f"cannot reach a broker at {where}: {last}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _open(self, host: str, port: int) -> Connection:
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: Connection(self.max_frame_bytes), host, port),
+            timeout=max(0.1, self.connect_timeout_s),
+        )
+        hello = Hello(
+            rid=conn.next_rid(),
+            version=PROTOCOL_VERSION,
+            role=self.role,
+            client_id=self.client_id,
+            token=self.token,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            **self.hello_extra,
+        )
+        try:
+            reply = await asyncio.wait_for(conn.send(hello.rid, hello), timeout=self.timeout_s)
+            raise_for(reply)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def call(
+        self,
+        build: Callable[[int], Any],
+        expect: type[R],
+        *,
+        retry: bool = True,
+        timeout_s: float | None = None,
+    ) -> R:
+        """Send one request and return its typed reply, raising the broker's error for a NACK.
+
+        With ``retry`` the request is resent after a lost connection or a leader change: only for
+        requests that are safe to repeat."""
+        attempts = 0
+        while True:
+            conn = await self.connect()
+            rid = conn.next_rid()
+            try:
+                fut = conn.send(rid, build(rid))
+                reply = await asyncio.wait_for(fut, timeout=timeout_s or self.timeout_s)
+                raise_for(reply)
+            except NotLeader as exc:
+                attempts += 1
+                if attempts > 10:
+                    raise
+                self._follow(exc.leader)
+                continue
+            except BrokerUnavailable:
+                attempts += 1
+                if not retry or attempts > 3:
+                    raise
+                continue
+            except TimeoutError:
+                conn.forget(rid)
+                raise BrokerUnavailable("the broker did not answer in time") from None
+            if not isinstance(reply, expect):
+                raise BrokerUnavailable(f"unexpected reply {type(reply).__name__}")
+            return reply
+
+    def _follow(self, leader: str | None) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if leader:
+            addr = parse_broker_url(leader)[0]
+            if addr not in self.addresses:
+                self.addresses.append(addr)
+            self._preferred = self.addresses.index(addr)
+        else:
+            self._preferred = (self._preferred + 1) % len(self.addresses)
+
+    # --- producer API ----------------------------------------------------------------------------
+
+    @staticmethod
+    def make_spec(
+        name: str,
+        payload: Any,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        priority: str | int = "normal",
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        backoff_s: float = 0.0,
+        task_id: str | None = None,
+    ) -> TaskSpec:
+        try:
+            prio = int(Priority.parse(priority))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return TaskSpec(
+            id=task_id or new_ids.new(),
+            name=name,
+            payload=encode_payload(payload),
+            queue=queue,
+            priority=prio,
+            max_retries=max_retries,
+            timeout_s=timeout_s,
+            backoff_s=backoff_s,
+        )
+
+    async def submit(
+        self,
+        name: str,
+        payload: Any = None,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        priority: str | int = "normal",
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        backoff_s: float = 0.0,
+        task_id: str | None = None,
+    ) -> str:
+        """Submit one task; returns its id once the broker has made it durable."""
+        spec = self.make_spec(
+            name,
+            payload,
+            queue=queue,
+            priority=priority,
+            max_retries=max_retries,
+            timeout_s=timeout_s,
+            backoff_s=backoff_s,
+            task_id=task_id,
+        )
+        reply = await self.call(lambda rid: SubmitTask(rid, spec), Ack)
+        return reply.ids[0]
+
+    async def submit_specs(self, specs: list[TaskSpec]) -> list[str]:
+        reply = await self.call(lambda rid: SubmitBatch(rid, specs), Ack)
+        return reply.ids
+
+    async def submit_batch(
+        self,
+        name: str,
+        payloads: Iterable[Any],
+        *,
+        queue: str = DEFAULT_QUEUE,
+        priority: str | int = "normal",
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        backoff_s: float = 0.0,
+    ) -> list[str]:
+        """Submit many tasks of one kind in one durable write; ids come back in order."""
+        try:
+            prio = int(Priority.parse(priority))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        payload_list = [encode_payload(p) for p in payloads]
+        ids = new_ids.many(len(payload_list))
+        specs = [
+            TaskSpec(tid, name, body, queue, prio, max_retries, timeout_s, backoff_s)
+            for tid, body in zip(ids, payload_list, strict=True)
+        ]
+        if not specs:
+            return []
+        return await self.submit_specs(specs)
+
+    async def status(self, task_id: str) -> TaskInfo:
+        """The task as the broker has it now; raises ``TaskNotFound`` for an unknown id."""
+        reply = await self.call(lambda rid: QueryStatus(rid, task_id), TaskInfoReply)
+        return TaskInfo.from_task(reply.task)
+
+    async def wait(self, task_id: str, timeout_s: float = 30.0) -> TaskInfo:
+        """Return once the task is completed, dead or cancelled (the broker pushes it: no polling).
+
+        Raises ``WaitTimeout`` if it is not finished within ``timeout_s``."""
+        timeout_ms = int(timeout_s * 1000)
+        reply = await self.call(
+            lambda rid: WaitTask(rid, task_id, timeout_ms),
+            TaskInfoReply,
+            timeout_s=timeout_s + self.timeout_s,
+        )
+        return TaskInfo.from_task(reply.task)
+
+    async def list_page(
+        self,
+        state: str = "pending",
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> tuple[list[TaskInfo], str | None]:
+        """One page of tasks in ``state`` and the cursor for the next page (None at the end)."""
+        reply = await self.call(
+            lambda rid: ListTasks(rid, state, queue, name, limit, after), TaskListReply
+        )
+        return [TaskInfo.from_task(t) for t in reply.tasks], reply.next
+
+    async def list(
+        self,
+        state: str = "pending",
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskInfo]:
+        tasks, _ = await self.list_page(state, queue=queue, name=name, limit=limit)
+        return tasks
+
+    async def cancel(self, task_id: str) -> TaskInfo:
+        reply = await self.call(lambda rid: CancelTask(rid, task_id), TaskInfoReply, retry=False)
+        return TaskInfo.from_task(reply.task)
+
+    async def stats(self) -> dict[str, Any]:
+        """``{"states": {state: count}, "queues": {...}, "workers": [...], ...}``"""
+        reply = await self.call(GetStats, StatsReply)
+        out: dict[str, Any] = msgspec.to_builtins(reply.stats)
+        return out

@@ -1,0 +1,103 @@
+"""One multiplexed broker connection: many requests in flight, matched to replies by ``rid``."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+from tq.errors import BrokerUnavailable, NotLeader, TqError, error_from_code
+from tq.protocol.codec import decode_response, encode
+from tq.protocol.framing import FrameDecoder
+from tq.protocol.messages import Nack, Response
+
+log = logging.getLogger("tq.client")
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, max_frame_bytes: int) -> None:
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._pending: dict[int, asyncio.Future[Response]] = {}
+        self._rids = itertools.count(1)
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.Event()
+        self.error: TqError | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self.on_unsolicited: Callable[[Response], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        err = self.error or BrokerUnavailable(
+            f"connection to broker lost{': ' + str(exc) if exc else ''}"
+        )
+        self.error = err
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._pending.clear()
+        self.closed.set()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+            for body in frames:
+                msg = decode_response(body)
+                fut = self._pending.pop(msg.rid, None)
+                if fut is None:
+                    if isinstance(msg, Nack) and msg.rid == 0:
+                        self.error = error_from_code(msg.code, msg.message)
+                    elif self.on_unsolicited is not None:
+                        self.on_unsolicited(msg)
+                    continue
+                if not fut.done():
+                    fut.set_result(msg)
+        except TqError as exc:
+            self.error = exc
+            if self.transport is not None:
+                self.transport.close()
+
+    def next_rid(self) -> int:
+        return next(self._rids)
+
+    def send(self, rid: int, msg: Any) -> asyncio.Future[Response]:
+        """Queue ``msg``; all sends of one loop tick leave in one write."""
+        if self.error is not None or self.transport is None or self.transport.is_closing():
+            raise self.error or BrokerUnavailable("not connected to the broker")
+        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self._out.append(encode(msg))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            out, self._out = self._out, []
+            self.transport.write(b"".join(out))
+
+    def forget(self, rid: int) -> None:
+        self._pending.pop(rid, None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+
+def raise_for(msg: Response) -> Response:
+    """Turn a NACK into the exception the broker raised."""
+    if isinstance(msg, Nack):
+        if msg.code == NotLeader.code:
+            raise NotLeader(msg.message, leader=msg.leader)
+        raise error_from_code(msg.code, msg.message)
+    return msg

@@ -1,0 +1,67 @@
+"""Frozen configuration for the broker and worker; the only place that reads ``TQ_*`` variables.
+
+Precedence: CLI flag > ``TQ_*`` environment variable > defaults. Values are validated once here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_BROKER_URL = "tcp://127.0.0.1:7700"
+DEFAULT_PORT = 7700
+DEFAULT_FRAME_LIMIT = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: str = "./.tq-data"
+    max_frame_bytes: int = DEFAULT_FRAME_LIMIT
+    lease_s: float = 30.0
+    heartbeat_timeout_s: float = 10.0
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
+    retention_s: float = 7 * 24 * 3600.0
+    retention_interval_s: float = 60.0
+    auth_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    broker: str = DEFAULT_BROKER_URL
+    concurrency: int = 8
+    queues: tuple[str, ...] = ("default",)
+    heartbeat_s: float = 2.0
+    grace_s: float = 30.0
+    apps: tuple[str, ...] = field(default_factory=tuple)
+    burst: bool = False
+
+
+def broker_url_from_env(explicit: str | None = None) -> str:
+    """``--broker`` wins, then ``TQ_BROKER``, then the default local broker."""
+    return explicit or os.environ.get("TQ_BROKER") or DEFAULT_BROKER_URL
+
+
+def parse_broker_url(url: str) -> list[tuple[str, int]]:
+    """``tcp://h:p[,tcp://h:p...]`` (scheme optional) to a list of addresses."""
+    out: list[tuple[str, int]] = []
+    for part in url.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "://" in part:
+            scheme, _, part = part.partition("://")
+            if scheme != "tcp":
+                raise ValueError(f"unsupported broker scheme {scheme!r} (use tcp://host:port)")
+        host, sep, port = part.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"broker address {part!r} is not host:port")
+        try:
+            out.append((host, int(port)))
+        except ValueError:
+            raise ValueError(f"broker port {port!r} is not a number") from None
+    if not out:
+        raise ValueError("no broker address given")
+    return out

@@ -1,0 +1,155 @@
+"""Pure values shared by every part of tq: tasks, states, priorities, ids. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import threading
+import time
+import zlib
+from typing import Final
+
+import msgspec
+
+MAX_PAYLOAD_BYTES: Final = 10 * 1024 * 1024
+DEFAULT_QUEUE: Final = "default"
+DEFAULT_MAX_RETRIES: Final = 3
+DEFAULT_TIMEOUT_S: Final = 300.0
+
+_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+
+
+class TaskState(enum.StrEnum):
+    """Where a task is in its life.
+
+    ``failed`` means an attempt failed and a retry is scheduled (the task waits out its backoff);
+    ``dead`` means retries are exhausted and the task sits in the dead-letter queue.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL: Final = frozenset({TaskState.COMPLETED, TaskState.DEAD, TaskState.CANCELLED})
+
+
+class Priority(enum.IntEnum):
+    """Lower value is served first: strict priority order, FIFO within one priority."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+    @classmethod
+    def parse(cls, value: str | int | Priority) -> Priority:
+        if isinstance(value, Priority):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        try:
+            return cls[value.upper()]
+        except KeyError:
+            raise ValueError(f"priority must be high, normal or low, not {value!r}") from None
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
+    """A task failure as data: never a pickled exception."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class Task(msgspec.Struct, frozen=True, array_like=True):
+    """The durable record of one task, as stored and as shipped to workers."""
+
+    id: str
+    name: str
+    queue: str
+    priority: int
+    state: str
+    payload: bytes
+    attempt: int = 0
+    max_retries: int = DEFAULT_MAX_RETRIES
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    submitted_at_ms: int = 0
+    started_at_ms: int = 0
+    finished_at_ms: int = 0
+    eta_ms: int = 0
+    result: bytes | None = None
+    error: ErrorInfo | None = None
+    worker_id: str = ""
+    seq: int = 0
+    backoff_s: float = 0.0
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    """Exponential backoff with deterministic jitter, so a replayed history retries identically."""
+
+    base_s: float = 1.0
+    max_s: float = 300.0
+
+    def delay_ms(self, task_id: str, attempt: int, base_s: float = 0.0) -> int:
+        base = base_s if base_s > 0 else self.base_s
+        raw = min(self.max_s, base * (2 ** max(0, attempt - 1)))
+        # Jitter in [0.5, 1.0) from the id and attempt: spreads a herd of retries, replays exactly.
+        frac = (zlib.crc32(f"{task_id}:{attempt}".encode()) % 1000) / 2000.0
+        return int(raw * (0.5 + frac) * 1000)
+
+
+def valid_task_id(value: str) -> bool:
+    return bool(_ID_RE.match(value))
+
+
+def valid_name(value: str) -> bool:
+    return bool(_NAME_RE.match(value))
+
+
+class IdGenerator:
+    """Time-sortable task ids: 12 hex digits of milliseconds, then a per-process random prefix and
+    a counter. Sortable by submission time, unique without coordination, cheap to make in bulk."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(4).hex()
+        self._counter = int.from_bytes(os.urandom(2), "big")
+        self._lock = threading.Lock()
+
+    def new(self) -> str:
+        with self._lock:
+            self._counter = (self._counter + 1) & 0xFFFFFFFFFF
+            c = self._counter
+        return f"{time.time_ns() // 1_000_000:012x}{self._prefix}{c:010x}"
+
+    def many(self, n: int) -> list[str]:
+        with self._lock:
+            start = self._counter + 1
+            self._counter = (self._counter + n) & 0xFFFFFFFFFF
+        head = f"{time.time_ns() // 1_000_000:012x}{self._prefix}"
+        return [f"{head}{(start + i) & 0xFFFFFFFFFF:010x}" for i in range(n)]
+
+
+new_ids: Final = IdGenerator()
+
+
+def id_time_ms(task_id: str) -> int | None:
+    """The submission time encoded in an id tq generated, or None for a caller-chosen id."""
+    if len(task_id) == 30:
+        try:
+            return int(task_id[:12], 16)
+        except ValueError:
+            return None
+    return None

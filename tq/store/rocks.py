@@ -1,0 +1,133 @@
+"""The only module that imports rocksdict.
+
+Durability contract (FACTS.md): ``write()`` applies a batch with ``sync=False`` on the event loop
+(it holds the GIL, so it must be cheap), then ``flush_wal()`` makes everything written so far
+durable with one fsync. ``flush_wal`` releases the GIL, so the broker runs it in one dedicated
+thread and acknowledges only after it returns.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import rocksdict
+
+from tq.errors import TqError
+from tq.store.keys import CF
+
+_MISSING: Any = object()
+
+
+class StoreError(TqError):
+    code = "STORE"
+
+
+class Batch:
+    """One atomic write across column families, readable before it is written.
+
+    The state machine reads what it wrote earlier in the same apply (a task submitted and claimed
+    in one tick), so puts and deletes are mirrored in a small overlay consulted by ``Store.get``.
+    """
+
+    __slots__ = ("_handles", "_overlay", "_wb")
+
+    def __init__(self, handles: dict[CF, Any]) -> None:
+        self._wb = rocksdict.WriteBatch(raw_mode=True)
+        self._handles = handles
+        self._overlay: dict[tuple[CF, bytes], bytes | None] = {}
+
+    def put(self, cf: CF, key: bytes, value: bytes) -> None:
+        self._wb.put(key, value, self._handles[cf])
+        self._overlay[(cf, key)] = value
+
+    def delete(self, cf: CF, key: bytes) -> None:
+        self._wb.delete(key, self._handles[cf])
+        self._overlay[(cf, key)] = None
+
+    def lookup(self, cf: CF, key: bytes) -> bytes | Any | None:
+        """The value written in this batch, ``None`` if deleted here, ``_MISSING`` if untouched."""
+        return self._overlay.get((cf, key), _MISSING)
+
+    def __len__(self) -> int:
+        return len(self._overlay)
+
+
+class Store:
+    """RocksDB in raw mode with one column family per task state plus ``ids`` and ``meta``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: Any = None
+        self._handles: dict[CF, Any] = {}
+        self._cfs: dict[CF, Any] = {}
+        self._wo: Any = None
+
+    def open(self) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        opts = rocksdict.Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.create_missing_column_families(True)
+        opts.set_wal_recovery_mode(rocksdict.DBRecoveryMode.point_in_time())
+        opts.increase_parallelism(2)
+        cf_opts = {cf.value: rocksdict.Options(raw_mode=True) for cf in CF}
+        try:
+            self._db = rocksdict.Rdict(self.path, opts, column_families=cf_opts)
+        except Exception as exc:
+            raise StoreError(f"cannot open store at {self.path}: {exc}") from exc
+        for cf in CF:
+            self._handles[cf] = self._db.get_column_family_handle(cf.value)
+            self._cfs[cf] = self._db.get_column_family(cf.value)
+        self._wo = rocksdict.WriteOptions()
+        self._wo.sync = False
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def batch(self) -> Batch:
+        return Batch(self._handles)
+
+    def write(self, batch: Batch) -> None:
+        """Apply atomically, not yet durable: call ``flush_wal`` (in the writer thread) next."""
+        if len(batch):
+            self._db.write(batch._wb, self._wo)
+
+    def flush_wal(self) -> None:
+        """fsync the WAL: everything written before this call is durable when it returns."""
+        self._db.flush_wal(True)
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    def get(self, cf: CF, key: bytes, batch: Batch | None = None) -> bytes | None:
+        if batch is not None:
+            hit = batch.lookup(cf, key)
+            if hit is not _MISSING:
+                return hit  # type: ignore[no-any-return]
+        value: bytes | None = self._cfs[cf].get(key)
+        return value
+
+    def keys(self, cf: CF, start: bytes | None = None, backwards: bool = False) -> Iterator[bytes]:
+        # Seek + our own stop condition: rocksdict's lower-bound option is broken (FACTS.md).
+        yield from self._cfs[cf].keys(backwards=backwards, from_key=start)
+
+    def items(
+        self, cf: CF, start: bytes | None = None, backwards: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        yield from self._cfs[cf].items(backwards=backwards, from_key=start)
+
+    def checkpoint(self, dest: str) -> None:
+        rocksdict.Checkpoint(self._db).create_checkpoint(dest)
+
+    def close(self) -> None:
+        """Flush every column family: ``close()`` alone flushes only the default one."""
+        if self._db is None:
+            return
+        try:
+            self._db.flush_wal(True)
+            for cf in CF:
+                self._cfs[cf].flush()
+        finally:
+            self._cfs.clear()
+            self._handles.clear()
+            self._db.close()
+            self._db = None

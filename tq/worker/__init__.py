@@ -1,0 +1,1 @@
+"""The worker runtime: handler registry, claim loop, built-in handlers."""

@@ -1,0 +1,42 @@
+"""Handlers every worker has: handy for trying tq out and for benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+
+from tq.worker.registry import registry
+
+
+async def echo(payload: Any) -> Any:
+    """Return the payload unchanged."""
+    return payload
+
+
+async def sleep(payload: Any) -> Any:
+    """Sleep ``payload`` seconds (a number, or ``{"seconds": n}``), then return the payload."""
+    seconds = payload.get("seconds", 1) if isinstance(payload, dict) else payload
+    await asyncio.sleep(float(seconds or 0))
+    return payload
+
+
+def json_handler(payload: Any) -> Any:
+    """Parse a JSON document given as a string payload; any other payload is returned as is."""
+    if isinstance(payload, str):
+        return msgspec.json.decode(payload)
+    return payload
+
+
+def fail(payload: Any) -> Any:
+    """Always raise: shows retries, backoff and the dead-letter queue."""
+    message = payload.get("message", "failed on purpose") if isinstance(payload, dict) else payload
+    raise RuntimeError(str(message))
+
+
+def register_builtins() -> None:
+    registry.register("echo", echo)
+    registry.register("sleep", sleep)
+    registry.register("json", json_handler)
+    registry.register("fail", fail)

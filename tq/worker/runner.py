@@ -1,0 +1,313 @@
+"""The worker runtime: claim up to the free slots (long poll), run handlers, report results in
+batches, heartbeat the leases it holds.
+
+Lifecycle: ``run()`` until ``stop()`` (SIGTERM): stop claiming, let running tasks finish within
+``grace_s``, hand back leases that arrive late, then cancel what is still running and leave (the
+broker requeues those when the connection closes). ``burst=True`` returns once the queues are
+empty and nothing runs, which is what tests and batch jobs want.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psutil
+
+from tq.client import AsyncClient, decode_value, encode_payload
+from tq.errors import BrokerUnavailable, TqError
+from tq.model import ErrorInfo
+from tq.protocol.messages import (
+    Ack,
+    ClaimTask,
+    Heartbeat,
+    Leased,
+    LeasedTask,
+    LeaseRef,
+    Outcome,
+    ReleaseTasks,
+    Response,
+    ResultBatch,
+)
+from tq.worker.builtin import register_builtins
+from tq.worker.registry import Registry, registry
+
+log = logging.getLogger("tq.worker")
+
+CLAIM_WAIT_MS = 10_000
+
+
+class Worker:
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        concurrency: int = 8,
+        queues: tuple[str, ...] | list[str] = ("default",),
+        handlers: Registry | None = None,
+        heartbeat_s: float = 2.0,
+        grace_s: float = 30.0,
+        burst: bool = False,
+        worker_id: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.broker = broker
+        self.concurrency = concurrency
+        self.queues = list(queues)
+        self.handlers = handlers or registry
+        self.heartbeat_s = heartbeat_s
+        self.grace_s = grace_s
+        self.burst = burst
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+        self.token = token
+        self.done = 0
+        self.failed = 0
+        self._running: dict[str, tuple[LeasedTask, asyncio.Task[None]]] = {}
+        self._results: list[Outcome] = []
+        self._results_scheduled = False
+        self._slot_free = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._client: AsyncClient | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._proc = psutil.Process()
+        self._inflight_reports: set[asyncio.Task[None]] = set()
+
+    def stop(self) -> None:
+        """Graceful stop: no new claims; running tasks get ``grace_s`` to finish."""
+        self._stopping.set()
+        self._slot_free.set()
+
+    # --- main loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self.handlers is registry:
+            register_builtins()
+        client = AsyncClient(
+            self.broker,
+            role="worker",
+            client_id=self.worker_id,
+            token=self.token,
+            connect_timeout_s=5.0,
+            hello_extra={"concurrency": self.concurrency, "queues": self.queues},
+        )
+        self._client = client
+        # Sync handlers may outlive their timeout (Python cannot kill a thread): leave headroom.
+        self._pool = ThreadPoolExecutor(self.concurrency * 2, thread_name_prefix="tq-handler")
+        self._proc.cpu_percent()
+        heartbeat = asyncio.create_task(self._heartbeat_loop())
+        try:
+            await self._claim_loop(client)
+            await self._drain()
+        finally:
+            heartbeat.cancel()
+            await self._flush_results_now()
+            await client.close()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _claim_loop(self, client: AsyncClient) -> None:
+        delay = 0.05
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                conn = await client.connect()
+                conn.on_unsolicited = self._on_unsolicited
+                leased = await self._claim(client, free)
+                delay = 0.05
+            except BrokerUnavailable as exc:
+                if self._stopping.is_set():
+                    return
+                log.warning("worker.broker_unavailable error=%s retry_in=%.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            for lt in leased:
+                self._start(lt)
+            if self.burst and not leased and not self._running:
+                return
+
+    async def _claim(self, client: AsyncClient, free: int) -> list[LeasedTask]:
+        wait_ms = 0 if self.burst else CLAIM_WAIT_MS
+        claim = asyncio.ensure_future(
+            client.call(
+                lambda rid: ClaimTask(rid, self.queues, free, wait_ms),
+                Leased,
+                retry=False,
+                timeout_s=wait_ms / 1000 + 30,
+            )
+        )
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait({claim, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if claim in done:
+            if self.burst and not claim.result().tasks and self._running:
+                # Burst mode with work still running: wait for a slot instead of spinning.
+                self._slot_free.clear()
+                await self._slot_free.wait()
+            return claim.result().tasks
+        # Stopping while the claim is parked: leases that still arrive are handed back.
+        claim.add_done_callback(self._release_late)
+        return []
+
+    def _release_late(self, fut: asyncio.Future[Leased]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self._release(fut.result().tasks)
+
+    def _on_unsolicited(self, msg: Response) -> None:
+        if isinstance(msg, Leased):
+            self._release(msg.tasks)
+
+    def _release(self, tasks: list[LeasedTask]) -> None:
+        if not tasks or self._client is None:
+            return
+        refs = [LeaseRef(t.task.id, t.token) for t in tasks]
+        client = self._client
+        task = asyncio.ensure_future(
+            client.call(lambda rid: ReleaseTasks(rid, refs), Ack, retry=False)
+        )
+        task.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _drain(self) -> None:
+        if self._running:
+            log.info("worker.draining running=%d grace_s=%.1f", len(self._running), self.grace_s)
+            tasks = [t for _, t in self._running.values()]
+            _, still = await asyncio.wait(tasks, timeout=self.grace_s)
+            for t in still:
+                t.cancel()
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+        if self._inflight_reports:
+            await asyncio.wait(self._inflight_reports, timeout=5.0)
+
+    # --- running one task ------------------------------------------------------------------------
+
+    def _start(self, lt: LeasedTask) -> None:
+        task = asyncio.create_task(self._execute(lt))
+        self._running[lt.task.id] = (lt, task)
+
+    async def _execute(self, lt: LeasedTask) -> None:
+        task = lt.task
+        try:
+            outcome = await self._call_handler(lt)
+        except asyncio.CancelledError:
+            self._running.pop(task.id, None)
+            self._slot_free.set()
+            raise
+        self._running.pop(task.id, None)
+        if outcome.ok:
+            self.done += 1
+        else:
+            self.failed += 1
+        self._results.append(outcome)
+        if not self._results_scheduled:
+            self._results_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_results)
+        self._slot_free.set()
+
+    async def _call_handler(self, lt: LeasedTask) -> Outcome:
+        task = lt.task
+        handler = self.handlers.get(task.name)
+        if handler is None:
+            return Outcome(
+                task.id,
+                lt.token,
+                False,
+                error=ErrorInfo("UnknownTask", f"no handler named {task.name!r} on this worker"),
+            )
+        try:
+            payload = decode_value(task.payload)
+            if handler.is_async:
+                value = await asyncio.wait_for(handler.fn(payload), task.timeout_s)
+            else:
+                loop = asyncio.get_running_loop()
+                value = await asyncio.wait_for(
+                    loop.run_in_executor(self._pool, handler.fn, payload), task.timeout_s
+                )
+            return Outcome(task.id, lt.token, True, result=encode_payload(value))
+        except TimeoutError:
+            return Outcome(
+                task.id,
+                lt.token,
+                False,
+                error=ErrorInfo(
+                    "TIMEOUT", f"{task.name} exceeded its timeout of {task.timeout_s}s"
+                ),
+            )
+        except TqError as exc:
+            return Outcome(
+                task.id, lt.token, False, error=ErrorInfo(type(exc).__name__, exc.message)
+            )
+        except Exception as exc:
+            return Outcome(
+                task.id,
+                lt.token,
+                False,
+                error=ErrorInfo(type(exc).__name__, str(exc), traceback.format_exc(limit=20)),
+            )
+
+    # --- reporting -------------------------------------------------------------------------------
+
+    def _send_results(self) -> None:
+        self._results_scheduled = False
+        if not self._results or self._client is None:
+            return
+        outcomes, self._results = self._results, []
+        task = asyncio.create_task(self._report(outcomes))
+        self._inflight_reports.add(task)
+        task.add_done_callback(self._inflight_reports.discard)
+
+    async def _report(self, outcomes: list[Outcome]) -> None:
+        assert self._client is not None
+        try:
+            ack = await self._client.call(lambda rid: ResultBatch(rid, outcomes), Ack, retry=False)
+        except TqError as exc:
+            # The broker requeues these tasks when it notices us gone: at-least-once holds.
+            log.warning("worker.report_failed tasks=%d error=%s", len(outcomes), exc)
+            return
+        if ack.rejected:
+            log.warning("worker.results_refused tasks=%d (leases expired)", len(ack.rejected))
+
+    async def _flush_results_now(self) -> None:
+        self._send_results()
+        if self._inflight_reports:
+            await asyncio.wait(self._inflight_reports, timeout=5.0)
+
+    # --- heartbeats ------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            client = self._client
+            if client is None or not client.connected:
+                continue
+            refs = [LeaseRef(lt.task.id, lt.token) for lt, _ in self._running.values()]
+            cpu = self._proc.cpu_percent()
+            rss = self._proc.memory_info().rss
+            try:
+                ack = await client.call(
+                    lambda rid, refs=refs, cpu=cpu, rss=rss: Heartbeat(rid, refs, cpu, rss),
+                    Ack,
+                    retry=False,
+                )
+            except TqError:
+                continue
+            for task_id, _code in ack.rejected:
+                entry = self._running.get(task_id)
+                if entry is not None:
+                    log.warning("worker.lease_lost task=%s: cancelling", task_id)
+                    entry[1].cancel()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"running": len(self._running), "done": self.done, "failed": self.failed}
