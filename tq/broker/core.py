@@ -201,7 +201,7 @@ class BrokerCore:
             self._unpark(parked)
 
     def _serve_parked(self, now: int) -> None:
-        """Tasks became ready: lease them to parked claims in this same tick (one fsync for both)."""
+        """Tasks became ready: lease them to parked claims in this tick (one fsync for both)."""
         serving: list[ParkedClaim] = []
         for parked in list(self._parked.values()):
             if self.sm.has_ready(parked.queues):

@@ -74,7 +74,8 @@ class LocalLog:
         self._start_scheduled = False
         if self._running_upto >= 0 or not self._next_cbs:
             return
-        assert self._executor is not None and self._loop is not None
+        assert self._executor is not None
+        assert self._loop is not None
         self._running_upto = self._written
         self._running_cbs, self._next_cbs = self._next_cbs, []
         loop = self._loop

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from tq.broker.commands import Cancel, Extend, RegisterWorker, Release, Report, Submit, WorkerLost
@@ -179,65 +180,84 @@ class Connection(asyncio.Protocol):
     def _dispatch(self, msg: Any) -> None:
         if self.hello is None and not isinstance(msg, Hello):
             raise BadRequest("the first message on a connection must be hello")
-        match msg:
-            case Hello():
-                self._on_hello(msg)
-            case SubmitTask(rid, spec):
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:
+            raise BadRequest(f"{type(msg).__name__} is not a request")
+        handler(self, msg)
+
+    def _on_submit(self, msg: SubmitTask) -> None:
+        validate_spec(msg.task)
+        rid = msg.rid
+        self.core.submit(Submit([msg.task]), self._replier(rid, lambda r: Ack(rid, r[0], r[1])))
+
+    def _on_submit_batch(self, msg: SubmitBatch) -> None:
+        rid, specs = msg.rid, msg.tasks
+        if not 0 < len(specs) <= MAX_BATCH:
+            raise BadRequest(f"a batch holds 1 to {MAX_BATCH} tasks")
+        for i, spec in enumerate(specs):
+            try:
                 validate_spec(spec)
-                self.core.submit(Submit([spec]), self._replier(rid, lambda r: Ack(rid, r[0], r[1])))
-            case SubmitBatch(rid, specs):
-                if not 0 < len(specs) <= MAX_BATCH:
-                    raise BadRequest(f"a batch holds 1 to {MAX_BATCH} tasks")
-                for i, spec in enumerate(specs):
-                    try:
-                        validate_spec(spec)
-                    except TqError as exc:
-                        raise type(exc)(f"task {i}: {exc.message}") from None
-                self.core.submit(Submit(specs), self._replier(rid, lambda r: Ack(rid, r[0], r[1])))
-            case ClaimTask(rid, queues, n, wait_ms):
-                worker_id = self._require_worker()
-                _validate_queues(queues)
-                if not 0 < n <= MAX_CLAIM:
-                    raise BadRequest(f"max must be 1 to {MAX_CLAIM}")
-                self.core.claim(
-                    worker_id,
-                    queues,
-                    n,
-                    min(max(wait_ms, 0), 300_000),
-                    self._replier(rid, lambda tasks: Leased(rid, tasks)),
-                    self,
-                )
-            case TaskResult(rid, outcome):
-                self._report(rid, [outcome])
-            case ResultBatch(rid, outcomes):
-                self._report(rid, outcomes)
-            case Heartbeat(rid, leases, cpu, rss):
-                worker_id = self._require_worker()
-                self.core.worker_metrics[worker_id] = {"cpu_percent": cpu, "rss_bytes": rss}
-                self.core.submit(
-                    Extend(worker_id, leases), self._replier(rid, lambda r: Ack(rid, [], r))
-                )
-            case ReleaseTasks(rid, leases):
-                worker_id = self._require_worker()
-                self.core.submit(
-                    Release(worker_id, leases), self._replier(rid, lambda r: Ack(rid, [], r))
-                )
-            case QueryStatus(rid, task_id):
-                self.core.after_durable(lambda: self._status(rid, task_id))
-            case WaitTask(rid, task_id, timeout_ms):
-                self.core.wait(
-                    task_id, timeout_ms, self._replier(rid, lambda t: TaskInfoReply(rid, t))
-                )
-            case ListTasks():
-                self.core.after_durable(lambda: self._list(msg))
-            case CancelTask(rid, task_id):
-                self.core.submit(
-                    Cancel(task_id), self._replier(rid, lambda t: TaskInfoReply(rid, t))
-                )
-            case GetStats(rid):
-                self.core.after_durable(lambda: self._send(StatsReply(rid, self.core.stats())))
-            case _:
-                raise BadRequest(f"{type(msg).__name__} is not a request")
+            except TqError as exc:
+                raise type(exc)(f"task {i}: {exc.message}") from None
+        self.core.submit(Submit(specs), self._replier(rid, lambda r: Ack(rid, r[0], r[1])))
+
+    def _on_claim(self, msg: ClaimTask) -> None:
+        worker_id = self._require_worker()
+        _validate_queues(msg.queues)
+        if not 0 < msg.max <= MAX_CLAIM:
+            raise BadRequest(f"max must be 1 to {MAX_CLAIM}")
+        rid = msg.rid
+        self.core.claim(
+            worker_id,
+            msg.queues,
+            msg.max,
+            min(max(msg.wait_ms, 0), 300_000),
+            self._replier(rid, lambda tasks: Leased(rid, tasks)),
+            self,
+        )
+
+    def _on_result(self, msg: TaskResult) -> None:
+        self._report(msg.rid, [msg.outcome])
+
+    def _on_result_batch(self, msg: ResultBatch) -> None:
+        self._report(msg.rid, msg.outcomes)
+
+    def _on_heartbeat(self, msg: Heartbeat) -> None:
+        worker_id = self._require_worker()
+        self.core.worker_metrics[worker_id] = {
+            "cpu_percent": msg.cpu_percent,
+            "rss_bytes": msg.rss_bytes,
+        }
+        rid = msg.rid
+        self.core.submit(
+            Extend(worker_id, msg.leases), self._replier(rid, lambda r: Ack(rid, [], r))
+        )
+
+    def _on_release(self, msg: ReleaseTasks) -> None:
+        worker_id = self._require_worker()
+        rid = msg.rid
+        self.core.submit(
+            Release(worker_id, msg.leases), self._replier(rid, lambda r: Ack(rid, [], r))
+        )
+
+    def _on_status(self, msg: QueryStatus) -> None:
+        self.core.after_durable(lambda: self._status(msg.rid, msg.task_id))
+
+    def _on_wait(self, msg: WaitTask) -> None:
+        rid = msg.rid
+        self.core.wait(
+            msg.task_id, msg.timeout_ms, self._replier(rid, lambda t: TaskInfoReply(rid, t))
+        )
+
+    def _on_list(self, msg: ListTasks) -> None:
+        self.core.after_durable(lambda: self._list(msg))
+
+    def _on_cancel(self, msg: CancelTask) -> None:
+        rid = msg.rid
+        self.core.submit(Cancel(msg.task_id), self._replier(rid, lambda t: TaskInfoReply(rid, t)))
+
+    def _on_stats(self, msg: GetStats) -> None:
+        self.core.after_durable(lambda: self._send(StatsReply(msg.rid, self.core.stats())))
 
     def _on_hello(self, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION:
@@ -308,6 +328,23 @@ class Connection(asyncio.Protocol):
             self._send(Nack(msg.rid, BadRequest.code, "bad cursor"))
             return
         self._send(TaskListReply(msg.rid, tasks, cursor))
+
+
+_HANDLERS: dict[type[Any], Callable[[Connection, Any], None]] = {
+    Hello: Connection._on_hello,
+    SubmitTask: Connection._on_submit,
+    SubmitBatch: Connection._on_submit_batch,
+    ClaimTask: Connection._on_claim,
+    TaskResult: Connection._on_result,
+    ResultBatch: Connection._on_result_batch,
+    Heartbeat: Connection._on_heartbeat,
+    ReleaseTasks: Connection._on_release,
+    QueryStatus: Connection._on_status,
+    WaitTask: Connection._on_wait,
+    ListTasks: Connection._on_list,
+    CancelTask: Connection._on_cancel,
+    GetStats: Connection._on_stats,
+}
 
 
 class TcpServer:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import rocksdict
 
@@ -102,7 +102,7 @@ class Store:
         if batch is not None:
             hit = batch.lookup(cf, key)
             if hit is not _MISSING:
-                return hit  # type: ignore[no-any-return]
+                return cast(bytes | None, hit)
         value: bytes | None = self._cfs[cf].get(key)
         return value
 

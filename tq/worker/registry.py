@@ -4,6 +4,7 @@ imports ``--app`` modules so their decorators run."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -292,15 +293,9 @@ class Worker:
             client = self._client
             if client is None or not client.connected:
                 continue
-            refs = [LeaseRef(lt.task.id, lt.token) for lt, _ in self._running.values()]
-            cpu = self._proc.cpu_percent()
-            rss = self._proc.memory_info().rss
+            beat = self._heartbeat_message()
             try:
-                ack = await client.call(
-                    lambda rid, refs=refs, cpu=cpu, rss=rss: Heartbeat(rid, refs, cpu, rss),
-                    Ack,
-                    retry=False,
-                )
+                ack = await client.call(beat, Ack, retry=False)
             except TqError:
                 continue
             for task_id, _code in ack.rejected:
@@ -308,6 +303,12 @@ class Worker:
                 if entry is not None:
                     log.warning("worker.lease_lost task=%s: cancelling", task_id)
                     entry[1].cancel()
+
+    def _heartbeat_message(self) -> Callable[[int], Heartbeat]:
+        refs = [LeaseRef(lt.task.id, lt.token) for lt, _ in self._running.values()]
+        cpu = self._proc.cpu_percent()
+        rss = self._proc.memory_info().rss
+        return lambda rid: Heartbeat(rid, refs, cpu, rss)
 
     def snapshot(self) -> dict[str, Any]:
         return {"running": len(self._running), "done": self.done, "failed": self.failed}
