@@ -17,7 +17,16 @@ from typing import Any, TypeVar
 
 import typer
 
-from tq.cli.output import Format, OutputOpt, emit_data, emit_table, fail, short, when
+from tq.cli.output import (
+    Format,
+    OutputOpt,
+    emit_data,
+    emit_table,
+    err_console,
+    fail,
+    short,
+    when,
+)
 from tq.config import BrokerConfig, broker_url_from_env
 
 T = TypeVar("T")
@@ -408,6 +417,58 @@ def workers(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
             for w in data
         ],
     )
+
+
+@app.command()
+def bench(
+    broker: str | None = typer.Option(
+        None, "--broker", "-b", help="bench an existing broker (skips memory and recovery)"
+    ),
+    json_out: str | None = typer.Option(None, "--json", help="write every figure to this file"),
+    quick: bool = typer.Option(False, "--quick", help="tiny sizes: checks the harness works"),
+    rate: int | None = typer.Option(None, "--rate", help="open-loop offered rate (default 2000/s)"),
+    only: list[str] | None = typer.Option(
+        None,
+        "--only",
+        help="scenario(s): submit-batch, submit-pipelined, submit-latency, "
+        "open-loop, end-to-end, dispatch-latency, memory, recovery",
+    ),
+    repeats: int | None = typer.Option(None, "--repeats", min=1, help="runs per scenario"),
+) -> None:
+    """Measure throughput, latency, memory and recovery (benchmarks/README.md)."""
+    from dataclasses import replace
+
+    from tq.bench.runner import QUICK, Sizes, run_all, verdict
+
+    sizes = QUICK if quick else Sizes()
+    if repeats:
+        sizes = replace(sizes, repeats=repeats)
+    result = run_all(
+        sizes,
+        broker_url=broker,
+        rate=rate,
+        only=set(only) if only else None,
+        progress=lambda msg: err_console.print(f"[dim]tq bench: {msg}[/]"),
+    )
+    summary = result.summary()
+    emit_table(
+        f"tq bench ({'quick' if quick else 'full'}, {sizes.repeats} run(s) each)",
+        ["scenario", "median", "min", "max", "unit", "target"],
+        [
+            [
+                name,
+                f"{s['median']:,.3f}",
+                f"{s['min']:,.3f}",
+                f"{s['max']:,.3f}",
+                s["unit"],
+                verdict(name, s["median"]),
+            ]
+            for name, s in summary.items()
+        ],
+    )
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump({"scenarios": summary}, fh, indent=2)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import msgspec
@@ -35,8 +36,14 @@ def fail(payload: Any) -> Any:
     raise RuntimeError(str(message))
 
 
+async def timestamp(payload: Any) -> Any:
+    """Return when the handler started (ns since the epoch): ``tq bench`` measures dispatch."""
+    return {"started_ns": time.time_ns()}
+
+
 def register_builtins() -> None:
     registry.register("echo", echo)
     registry.register("sleep", sleep)
     registry.register("json", json_handler)
     registry.register("fail", fail)
+    registry.register("timestamp", timestamp)

@@ -1,0 +1,1 @@
+"""Benchmarks: `tq bench` (see benchmarks/README.md)."""

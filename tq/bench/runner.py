@@ -1,0 +1,323 @@
+"""``tq bench``: the scenarios of benchmarks/README.md against a real broker process.
+
+Each scenario runs ``repeats`` times and reports the median with min and max: the machines are
+noisy, so single numbers mean little. Targets live here, next to the measurements, never in
+timed unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from tq.bench.procs import BrokerProc, start_worker
+from tq.client import AsyncClient
+from tq.model import new_ids
+from tq.protocol.messages import ClaimTask, Leased, TaskSpec
+
+PAYLOAD = msgspec.json.encode(
+    {"user": "alice@example.com", "action": "thumbnail", "size": [640, 480], "pad": "x" * 120}
+)
+
+# scenario -> (comparison, target, unit)
+TARGETS: dict[str, tuple[str, float, str]] = {
+    "submit-batch": (">=", 150_000, "tasks/s"),
+    "submit-pipelined": (">=", 40_000, "tasks/s"),
+    "submit-latency-p50": ("<=", 0.3, "ms"),
+    "submit-latency-p99": ("<=", 1.0, "ms"),
+    "open-loop-p99": ("<=", 2.0, "ms"),
+    "end-to-end": (">=", 20_000, "tasks/s"),
+    "dispatch-latency-p99": ("<=", 2.0, "ms"),
+    "memory-100k": ("<=", 250, "MB"),
+    "memory-1m": ("<=", 250, "MB"),
+    "recovery-1m": ("<=", 3.0, "s"),
+}
+
+
+UNITS = {"p50": "ms", "p99": "ms", "p99.9": "ms"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    batch_total: int = 200_000
+    batch_size: int = 500
+    pipelined_total: int = 50_000
+    in_flight: int = 256
+    sequential: int = 2_000
+    open_loop_s: float = 3.0
+    rate: int = 2_000
+    e2e_tasks: int = 50_000
+    dispatch_samples: int = 300
+    memory_small: int = 100_000
+    memory_large: int = 1_000_000
+    repeats: int = 3
+
+
+QUICK = Sizes(
+    batch_total=2_000,
+    batch_size=100,
+    pipelined_total=500,
+    in_flight=32,
+    sequential=50,
+    open_loop_s=0.3,
+    rate=200,
+    e2e_tasks=500,
+    dispatch_samples=10,
+    memory_small=1_000,
+    memory_large=3_000,
+    repeats=1,
+)
+
+
+@dataclass
+class Result:
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, value: float) -> None:
+        self.samples.setdefault(name, []).append(value)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name, values in self.samples.items():
+            unit = TARGETS.get(name, ("", 0, ""))[2] or UNITS.get(name.rsplit("-", 1)[-1], "")
+            out[name] = {
+                "median": round(statistics.median(values), 4),
+                "min": round(min(values), 4),
+                "max": round(max(values), 4),
+                "unit": unit,
+            }
+        return out
+
+
+def _specs(n: int, name: str = "echo") -> list[TaskSpec]:
+    return [TaskSpec(tid, name, PAYLOAD) for tid in new_ids.many(n)]
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _fill(client: AsyncClient, total: int, batch: int, in_flight: int = 8) -> None:
+    sem = asyncio.Semaphore(in_flight)
+
+    async def one(n: int) -> None:
+        async with sem:
+            await client.submit_specs(_specs(n))
+
+    await asyncio.gather(*(one(min(batch, total - i)) for i in range(0, total, batch)))
+
+
+async def submit_batch(url: str, sizes: Sizes) -> float:
+    async with AsyncClient(url) as client:
+        batches = [_specs(sizes.batch_size) for _ in range(sizes.batch_total // sizes.batch_size)]
+        sem = asyncio.Semaphore(4)
+
+        async def one(specs: list[TaskSpec]) -> None:
+            async with sem:
+                await client.submit_specs(specs)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(b) for b in batches))
+        return sizes.batch_total / (time.perf_counter() - t0)
+
+
+async def submit_pipelined(url: str, sizes: Sizes) -> float:
+    async with AsyncClient(url) as client:
+        sem = asyncio.Semaphore(sizes.in_flight)
+
+        async def one() -> None:
+            async with sem:
+                await client.submit("echo", PAYLOAD)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(sizes.pipelined_total)))
+        return sizes.pipelined_total / (time.perf_counter() - t0)
+
+
+async def submit_latency(url: str, sizes: Sizes) -> tuple[float, float, float]:
+    async with AsyncClient(url) as client:
+        for _ in range(20):
+            await client.submit("echo", PAYLOAD)
+        lat: list[float] = []
+        for _ in range(sizes.sequential):
+            t0 = time.perf_counter()
+            await client.submit("echo", PAYLOAD)
+            lat.append((time.perf_counter() - t0) * 1000)
+        return _pct(lat, 0.5), _pct(lat, 0.99), _pct(lat, 0.999)
+
+
+async def open_loop(url: str, sizes: Sizes) -> tuple[float, float]:
+    """Submits at a fixed offered rate, each timed from when it was due (no coordinated
+    omission: a slow reply does not delay the next send)."""
+    async with AsyncClient(url) as client:
+        loop = asyncio.get_running_loop()
+        n = int(sizes.open_loop_s * sizes.rate)
+        lat: list[float] = []
+        start = loop.time() + 0.05
+
+        async def one(due: float) -> None:
+            await client.submit("echo", PAYLOAD)
+            lat.append((loop.time() - due) * 1000)
+
+        tasks = []
+        for i in range(n):
+            due = start + i / sizes.rate
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(due)))
+        await asyncio.gather(*tasks)
+        return _pct(lat, 0.5), _pct(lat, 0.99)
+
+
+async def end_to_end(url: str, sizes: Sizes) -> float:
+    """Tasks already pending, then one real ``tq worker`` process drains them; measured from the
+    first lease to the last durable result, using the broker's own timestamps."""
+    async with AsyncClient(url) as client:
+        await _fill(client, sizes.e2e_tasks, 500)
+        base = (await client.stats())["states"]["completed"]
+        worker = start_worker(url, "--concurrency", "256")
+        try:
+            while (await client.stats())["states"]["completed"] - base < sizes.e2e_tasks:
+                if worker.poll() is not None:
+                    raise RuntimeError("worker exited early")
+                await asyncio.sleep(0.1)
+        finally:
+            worker.terminate()
+            worker.wait()
+        first, last = 2**63, 0
+        after: str | None = None
+        while True:
+            tasks, after = await client.list_page("completed", limit=10_000, after=after)
+            for t in tasks:
+                first = min(first, t.started_at_ms)
+                last = max(last, t.finished_at_ms)
+            if after is None:
+                break
+        return sizes.e2e_tasks / max(0.001, (last - first) / 1000)
+
+
+async def dispatch_latency(url: str, sizes: Sizes) -> tuple[float, float]:
+    """Submit acknowledged -> handler started, on an idle broker with one worker waiting."""
+    worker = start_worker(url, "--concurrency", "4")
+    try:
+        async with AsyncClient(url) as client:
+            tid = await client.submit("timestamp", None)
+            await client.wait(tid, timeout_s=30)  # worker is up and parked on a claim
+            lat: list[float] = []
+            for _ in range(sizes.dispatch_samples):
+                tid = await client.submit("timestamp", None)
+                acked_ns = time.time_ns()
+                info = await client.wait(tid, timeout_s=30)
+                lat.append(max(0.0, (info.result["started_ns"] - acked_ns) / 1e6))
+                await asyncio.sleep(0.005)
+            return _pct(lat, 0.5), _pct(lat, 0.99)
+    finally:
+        worker.terminate()
+        worker.wait()
+
+
+async def _first_claim(url: str) -> None:
+    client = AsyncClient(url, role="worker", connect_timeout_s=60)
+    try:
+        while True:
+            leased = await client.call(
+                lambda rid: ClaimTask(rid, ["default"], 1, 5_000), Leased, timeout_s=60
+            )
+            if leased.tasks:
+                return
+    finally:
+        await client.close()
+
+
+def memory_and_recovery(sizes: Sizes, n: int, with_recovery: bool) -> tuple[float, float | None]:
+    broker = BrokerProc()
+    broker.start()
+    try:
+
+        async def fill() -> None:
+            async with AsyncClient(broker.url) as client:
+                await _fill(client, n, 1000)
+
+        asyncio.run(fill())
+        rss = broker.rss_mb()
+        if not with_recovery:
+            return rss, None
+        broker.kill9()
+        broker.start(timeout_s=120)
+        asyncio.run(_first_claim(broker.url))
+        return rss, time.perf_counter() - broker.started_at
+    finally:
+        broker.stop()
+
+
+def run_all(
+    sizes: Sizes,
+    broker_url: str | None = None,
+    rate: int | None = None,
+    only: set[str] | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> Result:
+    if rate:
+        sizes = Sizes(**{**sizes.__dict__, "rate": rate})
+    result = Result()
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
+    def with_broker(fn: Callable[[str], Coroutine[Any, Any, Any]]) -> Any:
+        if broker_url is not None:
+            return asyncio.run(fn(broker_url))
+        broker = BrokerProc()
+        broker.start()
+        try:
+            return asyncio.run(fn(broker.url))
+        finally:
+            broker.stop()
+
+    for i in range(sizes.repeats):
+        progress(f"run {i + 1}/{sizes.repeats}")
+        if want("submit-batch"):
+            result.add("submit-batch", with_broker(lambda u: submit_batch(u, sizes)))
+        if want("submit-pipelined"):
+            result.add("submit-pipelined", with_broker(lambda u: submit_pipelined(u, sizes)))
+        if want("submit-latency"):
+            p50, p99, p999 = with_broker(lambda u: submit_latency(u, sizes))
+            result.add("submit-latency-p50", p50)
+            result.add("submit-latency-p99", p99)
+            result.add("submit-latency-p99.9", p999)
+        if want("open-loop"):
+            p50, p99 = with_broker(lambda u: open_loop(u, sizes))
+            result.add("open-loop-p50", p50)
+            result.add("open-loop-p99", p99)
+        if want("end-to-end"):
+            result.add("end-to-end", with_broker(lambda u: end_to_end(u, sizes)))
+        if want("dispatch-latency"):
+            p50, p99 = with_broker(lambda u: dispatch_latency(u, sizes))
+            result.add("dispatch-latency-p50", p50)
+            result.add("dispatch-latency-p99", p99)
+        if broker_url is None and want("memory"):
+            rss, _ = memory_and_recovery(sizes, sizes.memory_small, False)
+            result.add("memory-100k", rss)
+        if broker_url is None and (want("memory") or want("recovery")):
+            rss, rec = memory_and_recovery(sizes, sizes.memory_large, True)
+            result.add("memory-1m", rss)
+            if rec is not None:
+                result.add("recovery-1m", rec)
+    return result
+
+
+def verdict(name: str, median: float) -> str:
+    target = TARGETS.get(name)
+    if target is None:
+        return ""
+    op, value, _ = target
+    ok = median >= value if op == ">=" else median <= value
+    return ("ok" if ok else "MISS") + f" ({op} {value:g})"
