@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import struct
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -50,24 +51,43 @@ log = logging.getLogger("tq.broker.state")
 _enc = msgspec.msgpack.Encoder()
 _task_dec = msgspec.msgpack.Decoder(Task)
 
-# Location byte stored in the ``ids`` column family: where a task lives now.
-_LOC: Final[dict[str, bytes]] = {
-    TaskState.PENDING: b"P",
-    TaskState.RUNNING: b"R",
-    TaskState.COMPLETED: b"C",
-    TaskState.FAILED: b"F",
-    TaskState.DEAD: b"D",
-    TaskState.CANCELLED: b"X",
-}
-_LOC_STATE: Final = {v[0]: TaskState(k) for k, v in _LOC.items()}
-_STATE_CF: Final = {
-    TaskState.RUNNING: CF.IN_PROGRESS,
-    TaskState.COMPLETED: CF.COMPLETED,
+# Plain aliases: attribute access on an Enum class is slow enough to show on the hot path.
+PENDING: Final[str] = TaskState.PENDING.value
+RUNNING: Final[str] = TaskState.RUNNING.value
+COMPLETED: Final[str] = TaskState.COMPLETED.value
+FAILED: Final[str] = TaskState.FAILED.value
+DEAD: Final[str] = TaskState.DEAD.value
+CANCELLED: Final[str] = TaskState.CANCELLED.value
+CF_PENDING: Final = CF.PENDING
+CF_IN_PROGRESS: Final = CF.IN_PROGRESS
+CF_IDS: Final = CF.IDS
+
+_TERMINAL_CF: Final[dict[str, CF]] = {
     TaskState.FAILED: CF.FAILED,
+    TaskState.COMPLETED: CF.COMPLETED,
     TaskState.DEAD: CF.DEAD_LETTER,
     TaskState.CANCELLED: CF.CANCELLED,
 }
 _PRIORITIES: Final = tuple(int(p) for p in Priority)
+_LOOKUP_ORDER: Final = (CF.COMPLETED, CF.FAILED, CF.DEAD_LETTER, CF.CANCELLED)
+_FINAL_STATES: Final = frozenset({TaskState.COMPLETED, TaskState.DEAD, TaskState.CANCELLED})
+_PERSISTED_COUNTS: Final = frozenset({TaskState.COMPLETED, TaskState.DEAD, TaskState.CANCELLED})
+_SEQ: Final = struct.Struct(">BQ")
+
+
+class LeaseMark(msgspec.Struct, frozen=True, array_like=True):
+    """What ``in_progress`` holds for a running task. The task record itself stays in
+    ``pending`` while it runs, so a claim writes this small marker instead of moving the record,
+    and a crash leaves running tasks exactly where a restart must put them: pending."""
+
+    key: bytes
+    attempt: int
+    started_at_ms: int
+    worker_id: str
+    token: int
+
+
+_mark_dec = msgspec.msgpack.Decoder(LeaseMark)
 
 
 class ReadyQueue:
@@ -131,6 +151,7 @@ class Lease:
     token: int
     worker_id: str
     deadline_ms: int
+    key: bytes  # the task's record in ``pending``
 
 
 @dataclass(slots=True)
@@ -183,27 +204,40 @@ class StateMachine:
     # --- recovery --------------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Rebuild every in-memory index from the store (pending keys only: no values are read)."""
+        """Rebuild every in-memory index from the store. Pending keys are scanned without their
+        values; only running and retry-waiting tasks (few) are decoded."""
         store = self.store
+        running_keys: set[bytes] = set()
+        for _key, value in store.items(CF.IN_PROGRESS):
+            mark = _mark_dec.decode(value)
+            raw = store.get(CF.PENDING, mark.key)
+            if raw is None:
+                continue
+            task = msgspec.structs.replace(
+                _task_dec.decode(raw),
+                state=TaskState.RUNNING,
+                attempt=mark.attempt,
+                started_at_ms=mark.started_at_ms,
+                worker_id=mark.worker_id,
+            )
+            # The worker went with the old process: an already expired lease makes the first
+            # Tick requeue (or dead-letter) the task through an ordinary command.
+            self.leases[task.id] = Lease(task, mark.token, mark.worker_id, 0, mark.key)
+            running_keys.add(mark.key)
         max_seq = 0
         pending = 0
         for key in store.keys(CF.PENDING):
             queue, priority, seq = split_pending_key(key)
-            self._ready(queue).push(priority, seq)
             max_seq = max(max_seq, seq)
+            if running_keys and key in running_keys:
+                continue
+            self._ready(queue).push(priority, seq)
             pending += 1
         self.counts[TaskState.PENDING] = pending
+        self.counts[TaskState.RUNNING] = len(self.leases)
         for _key, value in store.items(CF.FAILED):
             task = _task_dec.decode(value)
             heapq.heappush(self.timers, (task.eta_ms, task.id))
-            self.counts[TaskState.FAILED] += 1
-        # Running tasks lost their workers with the old process: hold them under an already
-        # expired lease so the first Tick puts them back to pending, through a normal command.
-        for _key, value in store.items(CF.IN_PROGRESS):
-            task = _task_dec.decode(value)
-            self.leases[task.id] = Lease(task, 0, task.worker_id, 0)
-            max_seq = max(max_seq, task.seq)
-            self.counts[TaskState.RUNNING] += 1
         for key, value in store.items(CF.META):
             name = key.decode()
             number = int.from_bytes(value, "big")
@@ -215,6 +249,7 @@ class StateMachine:
                 self.counts[name[6:]] = number
             elif name.startswith("counter:"):
                 self.counters[name[8:]] = number
+        self.counts[TaskState.FAILED] = len(self.timers)
         self.next_seq = max(self.next_seq, max_seq + 1)
 
     # --- apply -----------------------------------------------------------------------------------
@@ -234,7 +269,7 @@ class StateMachine:
             except TqError as exc:
                 results.append(exc)
             except Exception as exc:  # apply must never raise: record and go on
-                log.exception("state.apply_failed", extra={"command": type(cmd).__name__})
+                log.exception("state.apply_failed command=%s", type(cmd).__name__)
                 results.append(TqError(f"internal error applying {type(cmd).__name__}: {exc}"))
         self._write_meta(batch, counts_before, counters_before, seq_before, token_before)
         self.store.write(batch)
@@ -279,7 +314,7 @@ class StateMachine:
         if self.next_token != token:
             batch.put(meta, b"next_token", self.next_token.to_bytes(8, "big"))
         for state, n in self.counts.items():
-            if counts.get(state) != n and state not in (TaskState.PENDING, TaskState.RUNNING):
+            if counts.get(state) != n and state in _PERSISTED_COUNTS:
                 batch.put(meta, f"count:{state}".encode(), max(n, 0).to_bytes(8, "big"))
         for name, n in self.counters.items():
             if counters.get(name) != n:
@@ -296,55 +331,61 @@ class StateMachine:
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
-    def _move(self, task: Task, old: TaskState, new: TaskState, old_key: bytes) -> None:
-        """Write ``task`` (already in state ``new``) and delete it from where it was."""
+    def _finish(self, lease: Lease, task: Task) -> None:
+        """A running task leaves ``pending`` for good (completed, failed or dead)."""
         batch = self._batch
         assert batch is not None
-        if old is TaskState.PENDING:
-            batch.delete(CF.PENDING, old_key)
-        else:
-            batch.delete(_STATE_CF[old], old_key)
         tid = task.id.encode()
-        if new is TaskState.PENDING:
-            key = pending_key(task.queue, task.priority, task.seq)
-            batch.put(CF.PENDING, key, _enc.encode(task))
-            batch.put(CF.IDS, tid, b"P" + key)
-            self._ready(task.queue).push(task.priority, task.seq)
-            self._readied = True
-        else:
-            batch.put(_STATE_CF[new], tid, _enc.encode(task))
-            batch.put(CF.IDS, tid, _LOC[new])
-        self.counts[old] -= 1
-        self.counts[new] += 1
-        if new.is_final:
+        batch.delete(CF_PENDING, lease.key)
+        batch.delete(CF_IN_PROGRESS, tid)
+        batch.put(_TERMINAL_CF[task.state], tid, _enc.encode(task))
+        self.counts[RUNNING] -= 1
+        self.counts[task.state] += 1
+        if task.state in _FINAL_STATES:
             self._finished.append(task)
 
-    def _enqueue(self, task: Task, old: TaskState, old_key: bytes) -> None:
-        seq = self.next_seq
-        self.next_seq += 1
+    def _pend(self, task: Task, key: bytes | None = None) -> None:
+        """Make ``task`` pending: under a fresh sequence number, or back under ``key``."""
+        batch = self._batch
+        assert batch is not None
+        if key is None:
+            seq = self.next_seq
+            self.next_seq += 1
+            key = pending_key(task.queue, task.priority, seq)
+            batch.put(CF_IDS, task.id.encode(), key)
+        else:
+            seq = split_pending_key(key)[2]
         task = msgspec.structs.replace(
-            task, state=TaskState.PENDING, seq=seq, worker_id="", eta_ms=0
+            task, state=PENDING, seq=seq, worker_id="", eta_ms=0, started_at_ms=0
         )
-        self._move(task, old, TaskState.PENDING, old_key)
+        batch.put(CF_PENDING, key, _enc.encode(task))
+        self._ready(task.queue).push(task.priority, seq)
+        self.counts[PENDING] += 1
+        self._readied = True
 
-    def locate(self, task_id: str) -> tuple[TaskState, bytes] | None:
-        loc = self.store.get(CF.IDS, task_id.encode(), self._batch)
-        if loc is None:
-            return None
-        state = _LOC_STATE[loc[0]]
-        key = loc[1:] if state is TaskState.PENDING else task_id.encode()
-        return state, key
+    def _drop_lease(self, task_id: str) -> Lease | None:
+        lease = self.leases.pop(task_id, None)
+        if lease is not None:
+            worker = self.workers.get(lease.worker_id)
+            if worker is not None:
+                worker.leases.discard(task_id)
+        return lease
 
     def get_task(self, task_id: str) -> Task | None:
         lease = self.leases.get(task_id)
         if lease is not None:
             return lease.task
-        where = self.locate(task_id)
-        if where is None:
+        batch = self._batch
+        tid = task_id.encode()
+        key = self.store.get(CF_IDS, tid, batch)
+        if key is None:
             return None
-        state, key = where
-        cf = CF.PENDING if state is TaskState.PENDING else _STATE_CF[state]
-        raw = self.store.get(cf, key, self._batch)
+        raw = self.store.get(CF_PENDING, key, batch)
+        if raw is None:
+            for cf in _LOOKUP_ORDER:
+                raw = self.store.get(cf, tid, batch)
+                if raw is not None:
+                    break
         return None if raw is None else _task_dec.decode(raw)
 
     # --- commands --------------------------------------------------------------------------------
@@ -353,39 +394,42 @@ class StateMachine:
         batch = self._batch
         assert batch is not None
         ids: list[str] = []
-        ids_cf = CF.IDS
-        pending_cf = CF.PENDING
+        ids_cf = CF_IDS
+        pending_cf = CF_PENDING
         encode = _enc.encode
         get = self.store.get
+        put = batch.put
         seq = self.next_seq
+        pending = PENDING
         for spec in specs:
             tid = spec.id.encode()
             if get(ids_cf, tid, batch) is not None:
                 ids.append(spec.id)  # same id again: idempotent, the first submit wins
                 continue
             task = Task(
-                id=spec.id,
-                name=spec.name,
-                queue=spec.queue,
-                priority=spec.priority,
-                state=TaskState.PENDING,
-                payload=spec.payload,
-                max_retries=spec.max_retries,
-                timeout_s=spec.timeout_s,
-                submitted_at_ms=now,
+                spec.id,
+                spec.name,
+                spec.queue,
+                spec.priority,
+                pending,
+                spec.payload,
+                0,
+                spec.max_retries,
+                spec.timeout_s,
+                now,
                 seq=seq,
                 backoff_s=spec.backoff_s,
             )
             key = pending_key(spec.queue, spec.priority, seq)
-            batch.put(pending_cf, key, encode(task))
-            batch.put(ids_cf, tid, b"P" + key)
+            put(pending_cf, key, encode(task))
+            put(ids_cf, tid, key)
             self._ready(spec.queue).push(spec.priority, seq)
             seq += 1
             ids.append(spec.id)
         added = seq - self.next_seq
         self.next_seq = seq
         if added:
-            self.counts[TaskState.PENDING] += added
+            self.counts[PENDING] += added
             self._count("submitted", added)
             self._readied = True
         return ids, []
@@ -399,49 +443,63 @@ class StateMachine:
             worker = self.workers[worker_id] = WorkerState(worker_id, last_seen_ms=now)
         worker.last_seen_ms = now
         deadline = now + self.lease_ms
+        lease_ms = self.lease_ms
+        get = self.store.get
+        put = batch.put
+        decode = _task_dec.decode
+        encode = _enc.encode
+        replace = msgspec.structs.replace
+        leases = self.leases
+        held = worker.leases
+        running = RUNNING
         for priority in _PRIORITIES:
             for queue in queues:
                 rq = self.ready.get(queue)
                 if rq is None:
                     continue
+                prefix = queue.encode() + b"\x00"
                 while len(out) < n:
                     seq = rq.pop(priority)
                     if seq is None:
                         break
-                    key = pending_key(queue, priority, seq)
-                    raw = self.store.get(CF.PENDING, key, batch)
-                    if raw is None:  # cancelled or purged behind the index: skip it
+                    key = prefix + _SEQ.pack(priority, seq)
+                    raw = get(CF_PENDING, key, batch)
+                    if raw is None:  # removed behind the index: nothing to lease
                         continue
-                    task = _task_dec.decode(raw)
+                    stored = decode(raw)
                     token = self.next_token
-                    self.next_token += 1
-                    task = msgspec.structs.replace(
-                        task,
-                        state=TaskState.RUNNING,
-                        attempt=task.attempt + 1,
+                    self.next_token = token + 1
+                    attempt = stored.attempt + 1
+                    task = replace(
+                        stored,
+                        state=running,
+                        attempt=attempt,
                         started_at_ms=now,
                         worker_id=worker_id,
                     )
-                    self._move(task, TaskState.PENDING, TaskState.RUNNING, key)
-                    self.leases[task.id] = Lease(task, token, worker_id, deadline)
-                    worker.leases.add(task.id)
-                    out.append(LeasedTask(task, token, self.lease_ms))
+                    put(
+                        CF_IN_PROGRESS,
+                        stored.id.encode(),
+                        encode(LeaseMark(key, attempt, now, worker_id, token)),
+                    )
+                    leases[task.id] = Lease(task, token, worker_id, deadline, key)
+                    held.add(task.id)
+                    out.append(LeasedTask(task, token, lease_ms))
                 if len(out) >= n:
                     break
             if len(out) >= n:
                 break
         if out:
+            self.counts[PENDING] -= len(out)
+            self.counts[RUNNING] += len(out)
             self._count("claimed", len(out))
         return out
 
-    def _take_lease(self, worker_id: str, ref_id: str, token: int) -> Lease:
-        lease = self.leases.get(ref_id)
+    def _take_lease(self, task_id: str, token: int) -> Lease:
+        lease = self.leases.get(task_id)
         if lease is None or lease.token != token:
-            raise LeaseLost(f"lease on {ref_id} expired or was superseded")
-        del self.leases[ref_id]
-        worker = self.workers.get(lease.worker_id)
-        if worker is not None:
-            worker.leases.discard(ref_id)
+            raise LeaseLost(f"lease on {task_id} expired or was superseded")
+        self._drop_lease(task_id)
         return lease
 
     def _report(
@@ -452,46 +510,47 @@ class StateMachine:
         worker = self.workers.get(worker_id)
         if worker is not None:
             worker.last_seen_ms = now
+        replace = msgspec.structs.replace
+        completed = 0
         for outcome in outcomes:
             try:
-                lease = self._take_lease(worker_id, outcome.task_id, outcome.token)
+                lease = self._take_lease(outcome.task_id, outcome.token)
             except LeaseLost as exc:
                 rejected.append((outcome.task_id, exc.code))
                 continue
-            if worker is not None:
-                worker.done += 1
-            task = lease.task
-            key = task.id.encode()
             if outcome.ok:
-                done = msgspec.structs.replace(
-                    task,
-                    state=TaskState.COMPLETED,
+                done = replace(
+                    lease.task,
+                    state=COMPLETED,
                     finished_at_ms=now,
                     result=outcome.result,
                     error=None,
                 )
-                self._move(done, TaskState.RUNNING, TaskState.COMPLETED, key)
-                self._count("completed")
+                self._finish(lease, done)
+                completed += 1
             else:
-                self._fail(now, task, outcome.error or ErrorInfo("Error", "failed"), key)
+                self._fail(now, lease, outcome.error or ErrorInfo("Error", "failed"))
             accepted.append(outcome.task_id)
+        if worker is not None:
+            worker.done += len(accepted)
+        if completed:
+            self._count("completed", completed)
         return accepted, rejected
 
-    def _fail(self, now: int, task: Task, error: ErrorInfo, key: bytes) -> None:
+    def _fail(self, now: int, lease: Lease, error: ErrorInfo) -> None:
+        task = lease.task
         self._count("failed")
         if task.attempt <= task.max_retries:
             eta = now + self.retry.delay_ms(task.id, task.attempt, task.backoff_s)
             failed = msgspec.structs.replace(
-                task, state=TaskState.FAILED, finished_at_ms=now, error=error, eta_ms=eta
+                task, state=FAILED, finished_at_ms=now, error=error, eta_ms=eta
             )
-            self._move(failed, TaskState.RUNNING, TaskState.FAILED, key)
+            self._finish(lease, failed)
             heapq.heappush(self.timers, (eta, task.id))
             self._count("retried")
         else:
-            dead = msgspec.structs.replace(
-                task, state=TaskState.DEAD, finished_at_ms=now, error=error
-            )
-            self._move(dead, TaskState.RUNNING, TaskState.DEAD, key)
+            dead = msgspec.structs.replace(task, state=DEAD, finished_at_ms=now, error=error)
+            self._finish(lease, dead)
             self._count("dead_lettered")
 
     def _extend(self, now: int, worker_id: str, leases: list[LeaseRef]) -> list[tuple[str, str]]:
@@ -516,22 +575,27 @@ class StateMachine:
         worker.concurrency, worker.queues = cmd.concurrency, list(cmd.queues)
         worker.last_seen_ms = now
 
-    def _requeue_lease(self, now: int, lease: Lease, reason: str) -> None:
-        """A lease ended without a result: back to pending at once, or dead if out of attempts."""
+    def _requeue(self, now: int, lease: Lease, reason: str, counts_attempt: bool = True) -> None:
+        """A lease ended without a result: back to pending at once (under its old key, so it
+        keeps its place on recovery), or to the dead-letter queue once out of attempts."""
+        batch = self._batch
+        assert batch is not None
         task = lease.task
-        key = task.id.encode()
-        self._count("lease_expired")
-        if task.attempt > task.max_retries:
+        if not counts_attempt:
+            task = msgspec.structs.replace(task, attempt=task.attempt - 1)
+        if counts_attempt and task.attempt > task.max_retries:
             dead = msgspec.structs.replace(
                 task,
-                state=TaskState.DEAD,
+                state=DEAD,
                 finished_at_ms=now,
                 error=ErrorInfo("LeaseExpired", reason),
             )
-            self._move(dead, TaskState.RUNNING, TaskState.DEAD, key)
+            self._finish(lease, dead)
             self._count("dead_lettered")
-        else:
-            self._enqueue(task, TaskState.RUNNING, key)
+            return
+        batch.delete(CF_IN_PROGRESS, task.id.encode())
+        self.counts[RUNNING] -= 1
+        self._pend(task, lease.key)
 
     def _worker_lost(self, now: int, worker_id: str) -> int:
         worker = self.workers.pop(worker_id, None)
@@ -541,7 +605,8 @@ class StateMachine:
         for tid in sorted(worker.leases):
             lease = self.leases.pop(tid, None)
             if lease is not None:
-                self._requeue_lease(now, lease, f"worker {worker_id} was lost")
+                self._requeue(now, lease, f"worker {worker_id} was lost")
+                self._count("lease_expired")
                 lost += 1
         self._count("workers_lost")
         return lost
@@ -550,37 +615,42 @@ class StateMachine:
         rejected: list[tuple[str, str]] = []
         for ref in leases:
             try:
-                lease = self._take_lease(worker_id, ref.task_id, ref.token)
+                lease = self._take_lease(ref.task_id, ref.token)
             except LeaseLost as exc:
                 rejected.append((ref.task_id, exc.code))
                 continue
-            # Handed back unstarted: this attempt does not count.
-            task = msgspec.structs.replace(lease.task, attempt=max(0, lease.task.attempt - 1))
-            self._enqueue(task, TaskState.RUNNING, task.id.encode())
+            self._requeue(now, lease, "released", counts_attempt=False)  # never started
         return rejected
 
     def _cancel(self, now: int, task_id: str) -> Task:
-        where = self.locate(task_id)
-        if where is None:
+        task = self.get_task(task_id)
+        if task is None:
             raise TaskNotFound(f"no task {task_id}")
-        state, key = where
-        if state not in (TaskState.PENDING, TaskState.FAILED):
+        state = task.state
+        if state not in (PENDING, FAILED):
             raise InvalidState(
                 f"task {task_id} is {state}; only pending or failed can be cancelled"
             )
-        task = self.get_task(task_id)
-        assert task is not None
-        if state is TaskState.PENDING:
+        batch = self._batch
+        assert batch is not None
+        tid = task_id.encode()
+        if state == PENDING:
+            batch.delete(CF_PENDING, pending_key(task.queue, task.priority, task.seq))
             self._ready(task.queue).cancel(task.priority, task.seq)
-        cancelled = msgspec.structs.replace(
-            task, state=TaskState.CANCELLED, finished_at_ms=now, eta_ms=0
-        )
-        self._move(cancelled, state, TaskState.CANCELLED, key)
+        else:
+            batch.delete(CF.FAILED, tid)
+        cancelled = msgspec.structs.replace(task, state=CANCELLED, finished_at_ms=now, eta_ms=0)
+        batch.put(CF.CANCELLED, tid, _enc.encode(cancelled))
+        self.counts[state] -= 1
+        self.counts[CANCELLED] += 1
+        self._finished.append(cancelled)
         self._count("cancelled")
         return cancelled
 
     def _tick(self, now: int) -> int:
         """Everything time-driven, as of ``now``: silent workers, expired leases, due retries."""
+        batch = self._batch
+        assert batch is not None
         changed = 0
         silent = [
             w.id for w in self.workers.values() if now - w.last_seen_ms > self.heartbeat_timeout_ms
@@ -589,21 +659,19 @@ class StateMachine:
             changed += self._worker_lost(now, worker_id)
         expired = sorted(tid for tid, lease in self.leases.items() if lease.deadline_ms <= now)
         for tid in expired:
-            lease = self.leases.pop(tid)
-            worker = self.workers.get(lease.worker_id)
-            if worker is not None:
-                worker.leases.discard(tid)
-            self._requeue_lease(now, lease, "lease expired")
+            lease = self._drop_lease(tid)
+            assert lease is not None
+            self._requeue(now, lease, "lease expired")
+            self._count("lease_expired")
             changed += 1
         while self.timers and self.timers[0][0] <= now:
             _, tid = heapq.heappop(self.timers)
-            where = self.locate(tid)
-            if where is None or where[0] is not TaskState.FAILED:
-                continue  # cancelled or retried by hand meanwhile
-            raw = self.store.get(CF.FAILED, where[1], self._batch)
+            raw = self.store.get(CF.FAILED, tid.encode(), batch)
             if raw is None:
-                continue
-            self._enqueue(_task_dec.decode(raw), TaskState.FAILED, where[1])
+                continue  # cancelled meanwhile
+            batch.delete(CF.FAILED, tid.encode())
+            self.counts[FAILED] -= 1
+            self._pend(_task_dec.decode(raw))
             changed += 1
         return changed
 
@@ -611,7 +679,7 @@ class StateMachine:
         batch = self._batch
         assert batch is not None
         deleted = 0
-        for cf, state in ((CF.COMPLETED, TaskState.COMPLETED), (CF.CANCELLED, TaskState.CANCELLED)):
+        for cf, state in ((CF.COMPLETED, COMPLETED), (CF.CANCELLED, CANCELLED)):
             for key, value in self.store.items(cf):
                 if deleted >= limit:
                     break
@@ -621,7 +689,7 @@ class StateMachine:
                 if task.finished_at_ms >= cutoff_ms:
                     continue
                 batch.delete(cf, key)
-                batch.delete(CF.IDS, key)
+                batch.delete(CF_IDS, key)
                 self.counts[state] -= 1
                 deleted += 1
         return deleted
@@ -710,13 +778,15 @@ class StateMachine:
                 tasks = [t for t in tasks if t.id > after]
             source: Iterator[tuple[bytes, Task]] = ((t.id.encode(), t) for t in tasks)
         else:
-            cf = CF.PENDING if state is TaskState.PENDING else _STATE_CF[state]
+            cf = CF.PENDING if state is TaskState.PENDING else _TERMINAL_CF[state]
             start: bytes | None = None
             if after:
                 start = bytes.fromhex(after) if state is TaskState.PENDING else after.encode()
             elif state is TaskState.PENDING and queue:
                 start = pending_prefix(queue)
             source = ((k, _task_dec.decode(v)) for k, v in self.store.items(cf, start))
+            if state is TaskState.PENDING:  # running tasks keep their record in `pending`
+                source = ((k, t) for k, t in source if t.id not in self.leases)
         out: list[Task] = []
         last_key: bytes | None = None
         for key, task in source:
