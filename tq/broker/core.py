@@ -135,6 +135,7 @@ class BrokerCore:
         self._after_commit(result, replies)
         if self._parked and result.readied:
             self._serve_parked(now)
+        self.log.kick()
         self._arm_timer()
 
     def _after_commit(self, result: ApplyResult, replies: list[Reply | None]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -18,6 +19,7 @@ from tq.broker.state import ApplyResult, StateMachine
 from tq.store import Store
 
 log = logging.getLogger("tq.broker.log")
+INLINE = os.environ.get("TQ_FLUSH_INLINE") == "1"
 
 DurableCallback = Callable[[BaseException | None], None]
 
@@ -70,6 +72,11 @@ class LocalLog:
                 # Let the rest of this tick's writes join the same flush.
                 self._loop.call_soon(self._start_flush)
 
+    def kick(self) -> None:
+        """End of a tick: start the flush now instead of one loop iteration later."""
+        if self._next_cbs and self._running_upto < 0:
+            self._start_flush()
+
     def _start_flush(self) -> None:
         self._start_scheduled = False
         if self._running_upto >= 0 or not self._next_cbs:
@@ -79,6 +86,15 @@ class LocalLog:
         self._running_upto = self._written
         self._running_cbs, self._next_cbs = self._next_cbs, []
         loop = self._loop
+        if INLINE:
+            done: Future[None] = Future()
+            try:
+                self._store.flush_wal()
+                done.set_result(None)
+            except Exception as exc:
+                done.set_exception(exc)
+            self._flush_done(done)
+            return
         fut = self._executor.submit(self._store.flush_wal)
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._flush_done, f))
 

@@ -229,13 +229,15 @@ class Worker:
             )
         try:
             payload = decode_value(task.payload)
-            if handler.is_async:
-                value = await asyncio.wait_for(handler.fn(payload), task.timeout_s)
-            else:
-                loop = asyncio.get_running_loop()
-                value = await asyncio.wait_for(
-                    loop.run_in_executor(self._pool, handler.fn, payload), task.timeout_s
-                )
+            # asyncio.timeout cancels this task in place: no second Task per run, as wait_for
+            # creates on Python 3.11. A sync handler's thread cannot be killed: on timeout its
+            # slot is freed and the thread finishes in the background.
+            async with asyncio.timeout(task.timeout_s):
+                if handler.is_async:
+                    value = await handler.fn(payload)
+                else:
+                    loop = asyncio.get_running_loop()
+                    value = await loop.run_in_executor(self._pool, handler.fn, payload)
             return Outcome(task.id, lt.token, True, result=encode_payload(value))
         except TimeoutError:
             return Outcome(
