@@ -55,7 +55,7 @@ class BrokerCore:
             heartbeat_timeout_ms=int(config.heartbeat_timeout_s * 1000),
             retry=RetryPolicy(base_s=config.retry_base_s, max_s=config.retry_max_s),
         )
-        self.log = LocalLog(self.store, self.sm, self._fatal)
+        self.log = LocalLog(self.store, self.sm, self._fatal, self._on_applied)
         self.node_id = "single"
         self.started_at = time.monotonic()
         self.fatal: BaseException | None = None
@@ -129,32 +129,39 @@ class BrokerCore:
         items, self._queue = self._queue, []
         if not items:
             return
-        now = self.clock()
-        result = self.log.commit(now, [cmd for cmd, _ in items])
         replies = [reply for _, reply in items]
-        self._after_commit(result, replies)
-        if self._parked and result.readied:
-            self._serve_parked(now)
+        self.log.append(self.clock(), [cmd for cmd, _ in items], self._deliverer(replies))
         self.log.kick()
         self._arm_timer()
 
-    def _after_commit(self, result: ApplyResult, replies: list[Reply | None]) -> None:
-        def deliver(exc: BaseException | None) -> None:
-            if exc is not None:
-                err = TqError(f"store write failed: {exc}")
+    def _on_applied(self, result: ApplyResult) -> None:
+        """Every applied batch passes here (on every node): serve parked claims at once."""
+        if self._parked and result.readied:
+            self._serve_parked(self.clock())
+
+    def _deliverer(
+        self, replies: list[Reply | None]
+    ) -> Callable[[ApplyResult | BaseException], None]:
+        def deliver(outcome: ApplyResult | BaseException) -> None:
+            if isinstance(outcome, BaseException):
+                err = (
+                    outcome
+                    if isinstance(outcome, TqError)
+                    else TqError(f"log write failed: {outcome}")
+                )
                 for reply in replies:
                     if reply is not None:
                         reply(err)
                 return
-            for reply, value in zip(replies, result.results, strict=True):
+            for reply, value in zip(replies, outcome.results, strict=True):
                 if reply is not None:
                     reply(value)
-            if result.finished and self._waiters:
-                for task in result.finished:
+            if outcome.finished and self._waiters:
+                for task in outcome.finished:
                     for waiter in self._waiters.pop(task.id, ()):
                         waiter(task)
 
-        self.log.when_durable(deliver)
+        return deliver
 
     def after_durable(self, fn: Callable[[], None]) -> None:
         """Run a read once everything applied so far is durable: no reply reveals unsaved state."""
@@ -211,7 +218,6 @@ class BrokerCore:
         if not serving:
             return
         cmds: list[Command] = [Claim(p.worker_id, p.queues, p.max) for p in serving]
-        result = self.log.commit(now, cmds)
 
         def reply_or_repark(parked: ParkedClaim) -> Reply:
             def reply(value: Any) -> None:
@@ -222,7 +228,7 @@ class BrokerCore:
 
             return reply
 
-        self._after_commit(result, [reply_or_repark(p) for p in serving])
+        self.log.append(now, cmds, self._deliverer([reply_or_repark(p) for p in serving]))
 
     # --- waiting for a result --------------------------------------------------------------------
 

@@ -30,10 +30,12 @@ class LocalLog:
         store: Store,
         sm: StateMachine,
         on_fatal: Callable[[BaseException], None],
+        on_applied: Callable[[ApplyResult], None],
     ) -> None:
         self._store = store
         self._sm = sm
         self._on_fatal = on_fatal
+        self._on_applied = on_applied
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._written = 0  # commits applied to the store
@@ -50,11 +52,21 @@ class LocalLog:
         self._loop = loop
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tq-wal")
 
-    def commit(self, now_ms: int, commands: Iterable[Command]) -> ApplyResult:
-        """Apply and write now (visible in memory); durable once ``when_durable`` calls back."""
+    def append(
+        self,
+        now_ms: int,
+        commands: Iterable[Command],
+        done: Callable[[ApplyResult | BaseException], None],
+    ) -> None:
+        """Apply and write now (``sync=False``); ``done`` gets the result once it is durable."""
         result = self._sm.apply(now_ms, commands)
         self._written += 1
-        return result
+        self._on_applied(result)
+
+        def durable(exc: BaseException | None) -> None:
+            done(exc if exc is not None else result)
+
+        self.when_durable(durable)
 
     def when_durable(self, cb: DurableCallback) -> None:
         """Call ``cb`` once everything written so far is on disk (at once if it already is)."""
