@@ -397,15 +397,18 @@ class StateMachine:
         ids_cf = CF_IDS
         pending_cf = CF_PENDING
         encode = _enc.encode
-        get = self.store.get
         put = batch.put
         seq = self.next_seq
         pending = PENDING
-        for spec in specs:
-            tid = spec.id.encode()
-            if get(ids_cf, tid, batch) is not None:
+        tids = [spec.id.encode() for spec in specs]
+        known = self.store.exists_many(ids_cf, tids, batch)
+        seen: set[bytes] = set()
+        ready = self.ready
+        for spec, tid, dup in zip(specs, tids, known, strict=True):
+            if dup or tid in seen:
                 ids.append(spec.id)  # same id again: idempotent, the first submit wins
                 continue
+            seen.add(tid)
             task = Task(
                 spec.id,
                 spec.name,
@@ -420,10 +423,13 @@ class StateMachine:
                 seq=seq,
                 backoff_s=spec.backoff_s,
             )
-            key = pending_key(spec.queue, spec.priority, seq)
+            key = spec.queue.encode() + b"\x00" + _SEQ.pack(spec.priority, seq)
             put(pending_cf, key, encode(task))
             put(ids_cf, tid, key)
-            self._ready(spec.queue).push(spec.priority, seq)
+            rq = ready.get(spec.queue)
+            if rq is None:
+                rq = self._ready(spec.queue)
+            rq.arrays[spec.priority].append(seq)
             seq += 1
             ids.append(spec.id)
         added = seq - self.next_seq

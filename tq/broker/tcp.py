@@ -59,12 +59,27 @@ MAX_CLAIM = 10_000
 MAX_LIST = 10_000
 
 
+_known_names: set[str] = set()
+
+
+def _name_ok(name: str) -> bool:
+    """Names repeat endlessly: remember the valid ones (bounded) instead of re-running a regex."""
+    if name in _known_names:
+        return True
+    if not valid_name(name):
+        return False
+    if len(_known_names) < 10_000:
+        _known_names.add(name)
+    return True
+
+
 def validate_spec(spec: TaskSpec) -> None:
-    if not valid_task_id(spec.id):
+    tid = spec.id
+    if not (0 < len(tid) <= 64 and tid.isascii() and tid.isalnum()) and not valid_task_id(tid):
         raise BadRequest(f"task id {spec.id[:80]!r} must be 1-64 of [A-Za-z0-9_.:-]")
-    if not valid_name(spec.name):
+    if not _name_ok(spec.name):
         raise BadRequest(f"task name {spec.name[:80]!r} must be 1-200 of [A-Za-z0-9_.:-]")
-    if not valid_name(spec.queue):
+    if not _name_ok(spec.queue):
         raise BadRequest(f"queue {spec.queue[:80]!r} must be 1-200 of [A-Za-z0-9_.:-]")
     if spec.priority not in (0, 1, 2):
         raise BadRequest("priority must be 0 (high), 1 (normal) or 2 (low)")

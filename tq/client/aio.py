@@ -247,7 +247,9 @@ class AsyncClient:
             rid = conn.next_rid()
             try:
                 fut = conn.send(rid, build(rid))
-                reply = await asyncio.wait_for(fut, timeout=timeout_s or self.timeout_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for costs a Task per request.
+                async with asyncio.timeout(timeout_s or self.timeout_s):
+                    reply = await fut
                 raise_for(reply)
             except NotLeader as exc:
                 attempts += 1
