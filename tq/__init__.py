@@ -10,4 +10,4 @@ from tq.client import AsyncClient, Client, TaskInfo
 from tq.worker.registry import task
 from tq.worker.runner import Worker
 
-__all__ = ["AsyncClient", "Client", "TaskInfo", "Worker", "__version__", "task"]
+__all__ = ["AsyncClient", "Client", "TaskInfo", "Worker", "__version__", "errors", "task"]

@@ -44,6 +44,11 @@ def broker_url_from_env(explicit: str | None = None) -> str:
     return explicit or os.environ.get("TQ_BROKER") or DEFAULT_BROKER_URL
 
 
+def auth_token_from_env() -> str | None:
+    """``TQ_TOKEN``: the shared token a broker requires and a client presents (empty: none)."""
+    return os.environ.get("TQ_TOKEN") or None
+
+
 def parse_broker_url(url: str) -> list[tuple[str, int]]:
     """``tcp://h:p[,tcp://h:p...]`` (scheme optional) to a list of addresses."""
     out: list[tuple[str, int]] = []

@@ -66,10 +66,10 @@ class Tick(_Cmd, tag="tick", frozen=True):
 
 
 class Retention(_Cmd, tag="retention", frozen=True):
-    """Delete finished tasks (completed, cancelled) that finished before ``cutoff_ms``."""
+    """Delete these finished tasks (completed, cancelled) if they finished before ``cutoff_ms``."""
 
     cutoff_ms: int
-    limit: int = 10_000
+    task_ids: list[str]
 
 
 Command = (

@@ -28,6 +28,7 @@ from tq.store import Store
 log = logging.getLogger("tq.broker")
 
 Reply = Callable[[Any], None]
+RETENTION_SCAN = 20_000  # finished records looked at per retention run
 
 
 def wall_ms() -> int:
@@ -68,7 +69,9 @@ class BrokerCore:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
         self._retention: asyncio.TimerHandle | None = None
+        self._retention_cursor: bytes | None = None
         self.worker_metrics: dict[str, dict[str, Any]] = {}
+        self.on_worker_lost: Callable[[str], None] | None = None
         self.stopped = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -136,6 +139,14 @@ class BrokerCore:
 
     def _on_applied(self, result: ApplyResult) -> None:
         """Every applied batch passes here (on every node): serve parked claims at once."""
+        for worker_id in result.lost_workers:
+            # A worker declared lost must not get its own requeued tasks back through a claim
+            # it parked earlier; its connection is closed so it reconnects and registers anew.
+            for parked in [p for p in self._parked.values() if p.worker_id == worker_id]:
+                self._unpark(parked)
+            self.worker_metrics.pop(worker_id, None)
+            if self.on_worker_lost is not None:
+                self.on_worker_lost(worker_id)
         if self._parked and result.readied:
             self._serve_parked(self.clock())
 
@@ -295,7 +306,11 @@ class BrokerCore:
 
         def run() -> None:
             cutoff = self.clock() - int(self.config.retention_s * 1000)
-            self.submit(Retention(cutoff), None)
+            ids, self._retention_cursor = self.sm.retention_candidates(
+                cutoff, self._retention_cursor, RETENTION_SCAN
+            )
+            if ids:
+                self.submit(Retention(cutoff, ids), None)
             self._schedule_retention()
 
         self._retention = self._loop.call_later(self.config.retention_interval_s, run)

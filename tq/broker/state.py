@@ -173,6 +173,7 @@ class ApplyResult:
     results: list[Any]
     finished: list[Task]
     readied: bool
+    lost_workers: list[str] = field(default_factory=list)
 
 
 class StateMachine:
@@ -200,6 +201,8 @@ class StateMachine:
         self._batch: Batch | None = None
         self._finished: list[Task] = []
         self._readied = False
+        self._lost: list[str] = []
+        self.delayed: dict[str, int] = {}  # queue -> tasks in `failed` waiting for a retry
 
     # --- recovery --------------------------------------------------------------------------------
 
@@ -238,6 +241,7 @@ class StateMachine:
         for _key, value in store.items(CF.FAILED):
             task = _task_dec.decode(value)
             heapq.heappush(self.timers, (task.eta_ms, task.id))
+            self.delayed[task.queue] = self.delayed.get(task.queue, 0) + 1
         for key, value in store.items(CF.META):
             name = key.decode()
             number = int.from_bytes(value, "big")
@@ -259,6 +263,7 @@ class StateMachine:
         self._batch = batch
         self._finished = []
         self._readied = False
+        self._lost = []
         counts_before = dict(self.counts)
         counters_before = dict(self.counters)
         seq_before, token_before = self.next_seq, self.next_token
@@ -274,7 +279,7 @@ class StateMachine:
         self._write_meta(batch, counts_before, counters_before, seq_before, token_before)
         self.store.write(batch)
         self._batch = None
-        return ApplyResult(results, self._finished, self._readied)
+        return ApplyResult(results, self._finished, self._readied, self._lost)
 
     def _apply_one(self, now: int, cmd: Command) -> Any:
         match cmd:
@@ -296,8 +301,8 @@ class StateMachine:
                 return self._cancel(now, task_id)
             case Tick():
                 return self._tick(now)
-            case Retention(cutoff_ms, limit):
-                return self._retention(cutoff_ms, limit)
+            case Retention(cutoff_ms, task_ids):
+                return self._retention(cutoff_ms, task_ids)
         raise TqError(f"unknown command {type(cmd).__name__}")
 
     def _write_meta(
@@ -553,6 +558,7 @@ class StateMachine:
             )
             self._finish(lease, failed)
             heapq.heappush(self.timers, (eta, task.id))
+            self.delayed[task.queue] = self.delayed.get(task.queue, 0) + 1
             self._count("retried")
         else:
             dead = msgspec.structs.replace(task, state=DEAD, finished_at_ms=now, error=error)
@@ -607,6 +613,7 @@ class StateMachine:
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return 0
+        self._lost.append(worker_id)
         lost = 0
         for tid in sorted(worker.leases):
             lease = self.leases.pop(tid, None)
@@ -645,6 +652,7 @@ class StateMachine:
             self._ready(task.queue).cancel(task.priority, task.seq)
         else:
             batch.delete(CF.FAILED, tid)
+            self.delayed[task.queue] -= 1
         cancelled = msgspec.structs.replace(task, state=CANCELLED, finished_at_ms=now, eta_ms=0)
         batch.put(CF.CANCELLED, tid, _enc.encode(cancelled))
         self.counts[state] -= 1
@@ -677,28 +685,52 @@ class StateMachine:
                 continue  # cancelled meanwhile
             batch.delete(CF.FAILED, tid.encode())
             self.counts[FAILED] -= 1
-            self._pend(_task_dec.decode(raw))
+            task = _task_dec.decode(raw)
+            self.delayed[task.queue] -= 1
+            self._pend(task)
             changed += 1
         return changed
 
-    def _retention(self, cutoff_ms: int, limit: int) -> int:
+    def _retention(self, cutoff_ms: int, task_ids: list[str]) -> int:
+        """Delete the named finished tasks if they still finished before ``cutoff_ms``. The
+        leader picks the ids (a read, outside apply); applying the list is deterministic."""
         batch = self._batch
         assert batch is not None
         deleted = 0
-        for cf, state in ((CF.COMPLETED, COMPLETED), (CF.CANCELLED, CANCELLED)):
-            for key, value in self.store.items(cf):
-                if deleted >= limit:
-                    break
-                task = _task_dec.decode(value)
-                if task.submitted_at_ms >= cutoff_ms:
-                    break  # ids sort by submission time: nothing later can be older
-                if task.finished_at_ms >= cutoff_ms:
+        for task_id in task_ids:
+            tid = task_id.encode()
+            for cf, state in ((CF.COMPLETED, COMPLETED), (CF.CANCELLED, CANCELLED)):
+                raw = self.store.get(cf, tid, batch)
+                if raw is None:
                     continue
-                batch.delete(cf, key)
-                batch.delete(CF_IDS, key)
-                self.counts[state] -= 1
-                deleted += 1
+                if _task_dec.decode(raw).finished_at_ms < cutoff_ms:
+                    batch.delete(cf, tid)
+                    batch.delete(CF_IDS, tid)
+                    self.counts[state] -= 1
+                    deleted += 1
+                break
+        if deleted:
+            self._count("expired_by_retention", deleted)
         return deleted
+
+    def retention_candidates(
+        self, cutoff_ms: int, start: bytes | None, limit: int
+    ) -> tuple[list[str], bytes | None]:
+        """Finished tasks older than the cutoff, scanning at most ``limit`` records from
+        ``start``; returns the ids and where the next scan resumes (None: wrapped around)."""
+        found: list[str] = []
+        scanned = 0
+        last: bytes | None = None
+        for cf in (CF.COMPLETED, CF.CANCELLED):
+            for key, value in self.store.items(cf, start):
+                scanned += 1
+                last = key
+                if _task_dec.decode(value).finished_at_ms < cutoff_ms:
+                    found.append(key.decode())
+                if scanned >= limit:
+                    return found, last + b"\x00"
+            start = None
+        return found, None
 
     # --- read side (not commands: no state change) -----------------------------------------------
 
@@ -726,8 +758,8 @@ class StateMachine:
         running: dict[str, int] = {}
         for lease in self.leases.values():
             running[lease.task.queue] = running.get(lease.task.queue, 0) + 1
-        delayed: dict[str, int] = {}
-        names = set(self.ready) | set(running)
+        delayed = self.delayed
+        names = set(self.ready) | set(running) | {q for q, n in delayed.items() if n}
         for queue in sorted(names):
             rq = self.ready.get(queue) or ReadyQueue()
             depth = {Priority(p).label: rq.count(p) for p in _PRIORITIES}

@@ -8,6 +8,7 @@ that cannot be framed, a NACK and a clean close); nothing a peer sends can raise
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Callable
 from typing import Any, cast
@@ -287,7 +288,9 @@ class Connection(asyncio.Protocol):
             self._close_after_flush()
             return
         token = self.core.config.auth_token
-        if token is not None and msg.token != token:
+        if token is not None and not hmac.compare_digest(
+            (msg.token or "").encode(), token.encode()
+        ):
             self._send(Nack(msg.rid, Unauthenticated.code, "bad or missing auth token"))
             self._close_after_flush()
             return
@@ -365,6 +368,7 @@ _HANDLERS: dict[type[Any], Callable[[Connection, Any], None]] = {
 class TcpServer:
     def __init__(self, core: BrokerCore) -> None:
         self.core = core
+        core.on_worker_lost = self.close_worker
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -377,6 +381,16 @@ class TcpServer:
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
         return self.port
+
+    def close_worker(self, worker_id: str) -> None:
+        """The state machine declared this worker lost: end its connections (unless it has
+        registered again since, in the same batch, over a new connection)."""
+        if worker_id in self.core.sm.workers:
+            return
+        for conn in list(self.connections):
+            if conn.worker_id == worker_id:
+                conn.worker_id = None  # already lost: closing must not report it again
+                conn._close_after_flush()
 
     def worker_connected(self, worker_id: str) -> bool:
         return any(c.worker_id == worker_id and not c.closed for c in self.connections)

@@ -27,7 +27,7 @@ from tq.cli.output import (
     short,
     when,
 )
-from tq.config import BrokerConfig, broker_url_from_env
+from tq.config import BrokerConfig, auth_token_from_env, broker_url_from_env, parse_broker_url
 
 T = TypeVar("T")
 
@@ -99,7 +99,7 @@ def _broker_config(
         retry_base_s=retry_base_s,
         heartbeat_timeout_s=heartbeat_timeout_s,
         max_frame_bytes=max_frame_bytes,
-        auth_token=os.environ.get("TQ_TOKEN") or None,
+        auth_token=auth_token_from_env(),
     )
 
 
@@ -146,6 +146,11 @@ def _make_worker(
     from tq.worker.registry import import_app
     from tq.worker.runner import Worker
 
+    url = broker_url_from_env(broker)
+    try:
+        parse_broker_url(url)
+    except ValueError as exc:
+        fail(str(exc), code=2)
     sys.path.insert(0, os.getcwd())
     for module in app_modules or []:
         try:
@@ -153,7 +158,7 @@ def _make_worker(
         except Exception as exc:
             fail(f"cannot import --app {module}: {exc}")
     return Worker(
-        broker_url_from_env(broker),
+        url,
         concurrency=concurrency,
         queues=queue or ["default"],
         heartbeat_s=heartbeat,
@@ -182,8 +187,14 @@ def worker(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, w.stop)
-        print(f"tq worker {w.worker_id} ready (concurrency {w.concurrency})", flush=True)
-        await w.run()
+        run = asyncio.create_task(w.run())
+        connected = asyncio.create_task(w.connected.wait())
+        await asyncio.wait({run, connected}, return_when=asyncio.FIRST_COMPLETED)
+        if connected.done():
+            print(f"tq worker {w.worker_id} ready (concurrency {w.concurrency})", flush=True)
+        else:
+            connected.cancel()
+        await run
 
     asyncio.run(main())
 
@@ -215,9 +226,16 @@ def up(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         worker_task = asyncio.create_task(w.run())
-        await stop.wait()
+        stopper = asyncio.create_task(stop.wait())
+        fatal = asyncio.create_task(broker_app.core.stopped.wait())
+        await asyncio.wait({stopper, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        fatal.cancel()
         w.stop()
         await worker_task
+        if broker_app.core.fatal is not None:
+            print(f"tq up: fatal store error: {broker_app.core.fatal}", file=sys.stderr)
+            return 1
         await broker_app.stop()
         return 0
 

@@ -17,8 +17,18 @@ from typing import Any, TypeVar
 import msgspec
 
 from tq.client.connection import Connection, raise_for
-from tq.config import DEFAULT_FRAME_LIMIT, broker_url_from_env, parse_broker_url
-from tq.errors import BadRequest, BrokerUnavailable, NotLeader, TqError
+from tq.config import (
+    DEFAULT_FRAME_LIMIT,
+    auth_token_from_env,
+    broker_url_from_env,
+    parse_broker_url,
+)
+from tq.errors import (
+    BadRequest,
+    BrokerUnavailable,
+    NotLeader,
+    TqError,
+)
 from tq.model import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_QUEUE,
@@ -140,7 +150,7 @@ class AsyncClient:
         self.addresses = parse_broker_url(broker_url_from_env(url))
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
-        self.token = token if token is not None else os.environ.get("TQ_TOKEN")
+        self.token = token if token is not None else auth_token_from_env()
         self.role = role
         self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.hello_extra = hello_extra or {}

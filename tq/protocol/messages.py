@@ -75,7 +75,6 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     cpu_percent: float = 0.0
     rss_bytes: int = 0
     last_heartbeat_ms: int = 0
-    connected: bool = True
 
 
 class Stats(msgspec.Struct, frozen=True):

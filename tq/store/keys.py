@@ -22,7 +22,7 @@ class CF(enum.StrEnum):
     FAILED = "failed"
     DEAD_LETTER = "dead_letter"
     CANCELLED = "cancelled"
-    IDS = "ids"  # task id -> where the task is now (state byte + pending key)
+    IDS = "ids"  # task id -> its key in `pending` (dedup on submit, and status lookups)
     META = "meta"  # counters and sequence high-water marks
 
 

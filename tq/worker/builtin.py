@@ -42,8 +42,13 @@ async def timestamp(payload: Any) -> Any:
 
 
 def register_builtins() -> None:
-    registry.register("echo", echo)
-    registry.register("sleep", sleep)
-    registry.register("json", json_handler)
-    registry.register("fail", fail)
-    registry.register("timestamp", timestamp)
+    """Add the built-ins under names the app did not take: a user's ``echo`` wins."""
+    for name, fn in (
+        ("echo", echo),
+        ("sleep", sleep),
+        ("json", json_handler),
+        ("fail", fail),
+        ("timestamp", timestamp),
+    ):
+        if registry.get(name) is None:
+            registry.register(name, fn)

@@ -70,7 +70,9 @@ class Worker:
         self.token = token
         self.done = 0
         self.failed = 0
-        self._running: dict[str, tuple[LeasedTask, asyncio.Task[None]]] = {}
+        # Keyed by fencing token, not task id: a stale and a fresh lease of one task are
+        # different runs.
+        self._running: dict[int, tuple[LeasedTask, asyncio.Task[None]]] = {}
         self._results: list[Outcome] = []
         self._results_scheduled = False
         self._slot_free = asyncio.Event()
@@ -79,6 +81,7 @@ class Worker:
         self._pool: ThreadPoolExecutor | None = None
         self._proc = psutil.Process()
         self._inflight_reports: set[asyncio.Task[None]] = set()
+        self.connected = asyncio.Event()
 
     def stop(self) -> None:
         """Graceful stop: no new claims; running tasks get ``grace_s`` to finish."""
@@ -89,7 +92,7 @@ class Worker:
 
     async def run(self) -> None:
         if self.handlers is registry:
-            register_builtins()
+            register_builtins()  # never replaces a handler the app registered
         client = AsyncClient(
             self.broker,
             role="worker",
@@ -123,6 +126,7 @@ class Worker:
             try:
                 conn = await client.connect()
                 conn.on_unsolicited = self._on_unsolicited
+                self.connected.set()
                 leased = await self._claim(client, free)
                 delay = 0.05
             except BrokerUnavailable as exc:
@@ -196,17 +200,16 @@ class Worker:
 
     def _start(self, lt: LeasedTask) -> None:
         task = asyncio.create_task(self._execute(lt))
-        self._running[lt.task.id] = (lt, task)
+        self._running[lt.token] = (lt, task)
 
     async def _execute(self, lt: LeasedTask) -> None:
-        task = lt.task
         try:
             outcome = await self._call_handler(lt)
         except asyncio.CancelledError:
-            self._running.pop(task.id, None)
+            self._running.pop(lt.token, None)
             self._slot_free.set()
             raise
-        self._running.pop(task.id, None)
+        self._running.pop(lt.token, None)
         if outcome.ok:
             self.done += 1
         else:
@@ -295,19 +298,20 @@ class Worker:
             client = self._client
             if client is None or not client.connected:
                 continue
-            beat = self._heartbeat_message()
+            refs = [LeaseRef(lt.task.id, lt.token) for lt, _ in self._running.values()]
+            beat = self._heartbeat_message(refs)
             try:
                 ack = await client.call(beat, Ack, retry=False)
             except TqError:
                 continue
-            for task_id, _code in ack.rejected:
-                entry = self._running.get(task_id)
+            lost = {task_id for task_id, _code in ack.rejected}
+            for ref in refs:
+                entry = self._running.get(ref.token) if ref.task_id in lost else None
                 if entry is not None:
-                    log.warning("worker.lease_lost task=%s: cancelling", task_id)
+                    log.warning("worker.lease_lost task=%s: cancelling", ref.task_id)
                     entry[1].cancel()
 
-    def _heartbeat_message(self) -> Callable[[int], Heartbeat]:
-        refs = [LeaseRef(lt.task.id, lt.token) for lt, _ in self._running.values()]
+    def _heartbeat_message(self, refs: list[LeaseRef]) -> Callable[[int], Heartbeat]:
         cpu = self._proc.cpu_percent()
         rss = self._proc.memory_info().rss
         return lambda rid: Heartbeat(rid, refs, cpu, rss)
