@@ -57,13 +57,16 @@ class Priority(enum.IntEnum):
         if isinstance(value, int):
             return cls(value)
         try:
-            return cls[value.upper()]
+            return _PRIORITY_NAMES[value.lower()]
         except KeyError:
             raise ValueError(f"priority must be high, normal or low, not {value!r}") from None
 
     @property
     def label(self) -> str:
         return self.name.lower()
+
+
+_PRIORITY_NAMES: Final = {p.name.lower(): p for p in Priority}
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):

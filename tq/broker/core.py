@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tq._version import __version__
-from tq.broker.commands import Claim, Command, Retention, Tick
+from tq.broker.commands import Claim, Command, Retention, Submit, Tick
 from tq.broker.log import LocalLog
 from tq.broker.state import ApplyResult, StateMachine
 from tq.config import BrokerConfig
@@ -33,6 +33,50 @@ RETENTION_SCAN = 20_000  # finished records looked at per retention run
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _coalesce_submits(
+    items: list[tuple[Command, Reply | None]],
+) -> tuple[list[Command], list[Reply | None]]:
+    """Merge each run of adjacent Submit commands of one tick into one: a pipelining client sends
+    hundreds of single-task submits per tick, and one big command costs far less to apply than
+    many small ones. Order is kept; the merged result is split back into one reply per request."""
+    cmds: list[Command] = []
+    replies: list[Reply | None] = []
+    run: list[tuple[Submit, Reply | None]] = []
+
+    def close_run() -> None:
+        if len(run) == 1:
+            cmds.append(run[0][0])
+            replies.append(run[0][1])
+        elif run:
+            cmds.append(Submit([spec for cmd, _ in run for spec in cmd.specs]))
+            replies.append(_splitter([(reply, len(cmd.specs)) for cmd, reply in run]))
+        run.clear()
+
+    for cmd, reply in items:
+        if isinstance(cmd, Submit):
+            run.append((cmd, reply))
+        else:
+            close_run()
+            cmds.append(cmd)
+            replies.append(reply)
+    close_run()
+    return cmds, replies
+
+
+def _splitter(parts: list[tuple[Reply | None, int]]) -> Reply:
+    def split(value: Any) -> None:
+        offset = 0
+        for reply, n in parts:
+            if reply is not None:
+                if isinstance(value, BaseException):
+                    reply(value)
+                else:
+                    reply((value[0][offset : offset + n], []))
+            offset += n
+
+    return split
 
 
 @dataclass(slots=True, eq=False)
@@ -132,8 +176,8 @@ class BrokerCore:
         items, self._queue = self._queue, []
         if not items:
             return
-        replies = [reply for _, reply in items]
-        self.log.append(self.clock(), [cmd for cmd, _ in items], self._deliverer(replies))
+        cmds, replies = _coalesce_submits(items)
+        self.log.append(self.clock(), cmds, self._deliverer(replies))
         self.log.kick()
         self._arm_timer()
 

@@ -227,7 +227,7 @@ class AsyncClient:
             **self.hello_extra,
         )
         try:
-            reply = await asyncio.wait_for(conn.send(hello.rid, hello), timeout=self.timeout_s)
+            reply = await conn.send(hello.rid, hello, self.timeout_s)
             raise_for(reply)
         except BaseException:
             conn.close()
@@ -256,10 +256,7 @@ class AsyncClient:
             conn = await self.connect()
             rid = conn.next_rid()
             try:
-                fut = conn.send(rid, build(rid))
-                # asyncio.timeout, not wait_for: on 3.11 wait_for costs a Task per request.
-                async with asyncio.timeout(timeout_s or self.timeout_s):
-                    reply = await fut
+                reply = await conn.send(rid, build(rid), timeout_s or self.timeout_s)
                 raise_for(reply)
             except NotLeader as exc:
                 attempts += 1
@@ -273,7 +270,6 @@ class AsyncClient:
                     raise
                 continue
             except TimeoutError:
-                conn.forget(rid)
                 raise BrokerUnavailable("the broker did not answer in time") from None
             if not isinstance(reply, expect):
                 raise BrokerUnavailable(f"unexpected reply {type(reply).__name__}")

@@ -14,6 +14,7 @@ from tq.protocol.framing import FrameDecoder
 from tq.protocol.messages import Nack, Response
 
 log = logging.getLogger("tq.client")
+SWEEP_S = 0.25
 
 
 class Connection(asyncio.Protocol):
@@ -27,6 +28,10 @@ class Connection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self.on_unsolicited: Callable[[Response], None] | None = None
+        # Request deadlines are checked by one sweep timer, not a timer per request: at tens of
+        # thousands of requests a second, per-request timers cost more than the request.
+        self._deadlines: dict[int, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -36,6 +41,9 @@ class Connection(asyncio.Protocol):
             f"connection to broker lost{': ' + str(exc) if exc else ''}"
         )
         self.error = err
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._deadlines.clear()
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(err)
@@ -48,6 +56,7 @@ class Connection(asyncio.Protocol):
             for body in frames:
                 msg = decode_response(body)
                 fut = self._pending.pop(msg.rid, None)
+                self._deadlines.pop(msg.rid, None)
                 if fut is None:
                     if isinstance(msg, Nack) and msg.rid == 0:
                         self.error = error_from_code(msg.code, msg.message)
@@ -64,12 +73,17 @@ class Connection(asyncio.Protocol):
     def next_rid(self) -> int:
         return next(self._rids)
 
-    def send(self, rid: int, msg: Any) -> asyncio.Future[Response]:
-        """Queue ``msg``; all sends of one loop tick leave in one write."""
+    def send(self, rid: int, msg: Any, timeout_s: float = 30.0) -> asyncio.Future[Response]:
+        """Queue ``msg``; all sends of one loop tick leave in one write. The future fails with
+        ``TimeoutError`` if no reply comes within ``timeout_s`` (checked about every 0.25 s)."""
         if self.error is not None or self.transport is None or self.transport.is_closing():
             raise self.error or BrokerUnavailable("not connected to the broker")
-        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Response] = loop.create_future()
         self._pending[rid] = fut
+        self._deadlines[rid] = loop.time() + timeout_s
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(SWEEP_S, self._sweep)
         self._out.append(encode(msg))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -82,8 +96,20 @@ class Connection(asyncio.Protocol):
             out, self._out = self._out, []
             self.transport.write(b"".join(out))
 
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        expired = [rid for rid, deadline in self._deadlines.items() if deadline <= now]
+        for rid in expired:
+            del self._deadlines[rid]
+            fut = self._pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(TimeoutError())
+        self._sweeper = loop.call_later(SWEEP_S, self._sweep) if self._deadlines else None
+
     def forget(self, rid: int) -> None:
         self._pending.pop(rid, None)
+        self._deadlines.pop(rid, None)
 
     def close(self) -> None:
         if self.transport is not None:

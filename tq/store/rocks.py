@@ -112,7 +112,10 @@ class Store:
 
     def exists_many(self, cf: CF, keys: list[bytes], batch: Batch | None = None) -> list[bool]:
         """One multi-get for a whole batch (dedup on submit): far cheaper than a get per key."""
-        found = [v is not None for v in self._cfs[cf].get(keys)]
+        if len(keys) == 1:  # a multi-get costs more than a get for one key
+            found = [self._cfs[cf].get(keys[0]) is not None]
+        else:
+            found = [v is not None for v in self._cfs[cf].get(keys)]
         if batch is not None and batch.touched:
             for i, key in enumerate(keys):
                 hit = batch.lookup(cf, key)
