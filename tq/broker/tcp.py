@@ -296,10 +296,10 @@ class Connection(asyncio.Protocol):
             return
         if self.hello is not None:
             raise BadRequest("hello was already received on this connection")
+        if msg.role == "worker" and not valid_task_id(msg.client_id):
+            raise BadRequest("a worker must send a client_id of 1-64 of [A-Za-z0-9_.:-]")
         self.hello = msg
         if msg.role == "worker":
-            if not valid_task_id(msg.client_id):
-                raise BadRequest("a worker must send a client_id of 1-64 of [A-Za-z0-9_.:-]")
             self.worker_id = msg.client_id
             log.info("worker.connected worker=%s host=%s pid=%d", msg.client_id, msg.host, msg.pid)
             self.core.submit(

@@ -30,7 +30,7 @@ def guess_rid(body: bytes) -> int:
         raw = msgspec.msgpack.decode(body)
     except msgspec.DecodeError:
         return 0
-    if isinstance(raw, list) and len(raw) > 1 and isinstance(raw[1], int):
+    if isinstance(raw, list) and len(raw) > 1 and type(raw[1]) is int:  # not a bool
         return raw[1] if 0 <= raw[1] < 2**63 else 0
     return 0
 

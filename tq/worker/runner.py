@@ -15,7 +15,6 @@ import os
 import socket
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
@@ -37,6 +36,7 @@ from tq.protocol.messages import (
 )
 from tq.worker.builtin import register_builtins
 from tq.worker.registry import Registry, registry
+from tq.worker.threads import DaemonThreadPool
 
 log = logging.getLogger("tq.worker")
 
@@ -78,7 +78,7 @@ class Worker:
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self._client: AsyncClient | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: DaemonThreadPool | None = None
         self._proc = psutil.Process()
         self._inflight_reports: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
@@ -103,7 +103,7 @@ class Worker:
         )
         self._client = client
         # Sync handlers may outlive their timeout (Python cannot kill a thread): leave headroom.
-        self._pool = ThreadPoolExecutor(self.concurrency * 2, thread_name_prefix="tq-handler")
+        self._pool = DaemonThreadPool(self.concurrency * 2)
         self._proc.cpu_percent()
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         try:

@@ -1,0 +1,277 @@
+"""Crashes and signals: what the broker acknowledged survives, and no task is lost or run twice
+when it should not be."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tq import AsyncClient, Client, TaskInfo
+
+from tests.apps.handlers import read_runs
+from tests.conftest import HANDLERS_APP, BrokerProcess, WorkerProcess, wait_until
+
+StartWorker = Callable[..., WorkerProcess]
+
+FAST_DETECTION = ("--heartbeat-timeout", "1")
+FAST_HEARTBEAT = ("--heartbeat", "0.3")
+
+
+def all_pending_ids(url: str, page: int = 1000) -> list[str]:
+    """Every pending task id, read page by page with the list cursor."""
+
+    async def go() -> list[str]:
+        out: list[str] = []
+        async with AsyncClient(url) as c:
+            cursor: str | None = None
+            while True:
+                tasks, cursor = await c.list_page("pending", limit=page, after=cursor)
+                out += [t.id for t in tasks]
+                if cursor is None:
+                    return out
+
+    return asyncio.run(go())
+
+
+def snapshot(c: Client, ids: list[str]) -> dict[str, tuple[str, int, object]]:
+    out = {}
+    for tid in ids:
+        info: TaskInfo = c.status(tid)
+        out[tid] = (info.state, info.attempt, info.result)
+    return out
+
+
+def test_worker_sigkilled_mid_task_is_redelivered_to_another_worker(
+    broker_factory: Callable[..., BrokerProcess], start_worker: StartWorker, tmp_path: Path
+) -> None:
+    broker = broker_factory(*FAST_DETECTION)
+    record = tmp_path / "runs.jsonl"
+    first = start_worker(broker.url, *FAST_HEARTBEAT, app=HANDLERS_APP)
+    with Client(broker.url) as c:
+        # The first run blocks for a minute; a redelivered run finishes at once.
+        tid = c.submit("test.record", {"file": str(record), "sleep_first": 60})
+        wait_until(lambda: len(read_runs(record)) == 1, what="first worker started the task")
+        running = c.status(tid)
+        assert running.state == "running"
+        assert running.worker_id == first.worker_id
+
+        second = start_worker(broker.url, *FAST_HEARTBEAT, app=HANDLERS_APP)
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+
+        info = c.wait(tid, timeout_s=15)
+        assert info.state == "completed"
+        assert info.attempt == 2
+        assert info.worker_id == second.worker_id
+        assert info.result == {"runs": 2, "tag": None}
+        runs = read_runs(record)
+        assert [r["pid"] for r in runs] == [first.pid, second.pid]
+        stats = c.stats()
+        assert stats["states"]["completed"] == 1
+        assert stats["states"]["running"] == 0
+        assert [w["id"] for w in stats["workers"]] == [second.worker_id]
+
+
+def test_acknowledged_submits_survive_broker_sigkill(
+    broker: BrokerProcess, start_worker: StartWorker
+) -> None:
+    batches = [1000, 1500, 2000, 400]
+    singles = 100
+    total = sum(batches) + singles
+    assert total == 5000
+    ids: list[str] = []
+    with Client(broker.url) as c:
+        for b, size in enumerate(batches):
+            ids += c.submit_batch("echo", [{"b": b, "i": i} for i in range(size)])
+            for i in range(singles // len(batches)):
+                ids.append(c.submit("echo", {"single": i, "after_batch": b}, priority="high"))
+    assert len(set(ids)) == total
+    # Every id above was acknowledged; crash right now.
+    broker.kill()
+    broker.restart()
+
+    with Client(broker.url) as c:
+        stats = c.stats()
+        assert stats["states"]["pending"] == total
+        assert stats["queues"]["default"]["pending"] == {
+            "high": singles,
+            "normal": total - singles,
+            "low": 0,
+        }
+        assert sorted(all_pending_ids(broker.url)) == sorted(ids)
+        for tid in ids[:: len(ids) // 50]:  # spot-check records, not just the index
+            info = c.status(tid)
+            assert info.state == "pending"
+            assert info.attempt == 0
+            assert info.payload is not None
+
+        worker = start_worker(broker.url, "--burst", "--concurrency", "64")
+        assert worker.wait(120) == 0, worker.describe()
+
+        stats = c.stats()
+        assert stats["states"]["completed"] == total
+        assert stats["states"]["pending"] == 0
+        assert c.status(ids[0]).result == {"b": 0, "i": 0}
+        assert c.status(ids[-1]).result == {"single": singles // len(batches) - 1, "after_batch": 3}
+
+
+def test_broker_sigkill_requeues_running_task_on_restart(
+    broker_factory: Callable[..., BrokerProcess], start_worker: StartWorker, tmp_path: Path
+) -> None:
+    broker = broker_factory(*FAST_DETECTION)
+    record = tmp_path / "runs.jsonl"
+    worker = start_worker(broker.url, *FAST_HEARTBEAT, app=HANDLERS_APP)
+    with Client(broker.url) as c:
+        tid = c.submit("test.record", {"file": str(record), "sleep_first": 60})
+        wait_until(lambda: len(read_runs(record)) == 1, what="task started")
+    broker.kill()
+    worker.kill()
+    worker.wait(10)
+    broker.restart()
+    with Client(broker.url) as c:
+        wait_until(lambda: c.status(tid).state == "pending", what="running task requeued")
+        assert c.stats()["states"]["running"] == 0
+        assert start_worker(broker.url, "--burst", app=HANDLERS_APP).wait(30) == 0
+        info = c.status(tid)
+        assert info.state == "completed"
+        assert info.result == {"runs": 2, "tag": None}
+
+
+def test_worker_sigterm_finishes_running_task_then_exits_zero(
+    broker: BrokerProcess, start_worker: StartWorker
+) -> None:
+    worker = start_worker(broker.url, "--grace", "10")
+    with Client(broker.url) as c:
+        tid = c.submit("sleep", 1.5)
+        wait_until(lambda: c.status(tid).state == "running", what="task running")
+        worker.send_signal(signal.SIGTERM)
+        signalled = time.time()
+        assert worker.wait(15) == 0, worker.describe()
+
+        # No waiting here: the result must be in before the worker left.
+        info = c.status(tid)
+        assert info.state == "completed", info
+        assert info.attempt == 1  # finished by its first worker, not redelivered
+        assert info.result == 1.5
+        assert info.worker_id == worker.worker_id
+        assert info.finished_at_ms >= info.started_at_ms + 1400
+        assert info.finished_at_ms / 1000 >= signalled - 0.05
+        assert c.stats()["states"]["completed"] == 1
+
+
+def test_worker_sigterm_does_not_claim_new_work(
+    broker: BrokerProcess, start_worker: StartWorker
+) -> None:
+    worker = start_worker(broker.url, "--grace", "10", "--concurrency", "1")
+    with Client(broker.url) as c:
+        first = c.submit("sleep", 1.0)
+        wait_until(lambda: c.status(first).state == "running", what="first task running")
+        second = c.submit("echo", "later")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0, worker.describe()
+        assert c.status(first).state == "completed"
+        assert c.status(second).state == "pending"
+        assert c.status(second).attempt == 0
+
+
+def test_worker_sigterm_past_grace_with_async_handler_leaves_and_task_is_requeued(
+    broker: BrokerProcess, start_worker: StartWorker
+) -> None:
+    worker = start_worker(broker.url, "--grace", "0.5")
+    with Client(broker.url) as c:
+        tid = c.submit("sleep", 60)
+        wait_until(lambda: c.status(tid).state == "running", what="task running")
+        t0 = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0, worker.describe()
+        assert time.monotonic() - t0 < 5
+        info = wait_until(
+            lambda: (i := c.status(tid)).state == "pending" and i, what="task requeued"
+        )
+        assert info.attempt == 1
+
+
+def test_worker_sigterm_past_grace_with_blocking_handler_leaves_within_grace(
+    broker: BrokerProcess, start_worker: StartWorker
+) -> None:
+    """--grace bounds how long a SIGTERMed worker stays, even if a sync handler blocks."""
+    worker = start_worker(broker.url, "--grace", "0.2", app=HANDLERS_APP)
+    with Client(broker.url) as c:
+        tid = c.submit("test.slow_sync", 3.5)
+        wait_until(lambda: c.status(tid).state == "running", what="task running")
+        t0 = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+        elapsed = time.monotonic() - t0
+        # grace 0.2 s + up to 1 s for cancelled tasks to unwind + process exit
+        assert elapsed < 2.8, f"worker took {elapsed:.1f}s to leave with --grace 0.2"
+
+
+def test_worker_sigterm_shutdown_logs_no_error(
+    broker: BrokerProcess, start_worker: StartWorker
+) -> None:
+    """A clean stop while a claim is parked at the broker must not log an error or traceback
+    (it used to: asyncio.run() cancelled the parked claim and logged BrokerUnavailable)."""
+    worker = start_worker(broker.url, "--grace", "10")  # 8 slots: a claim is parked meanwhile
+    with Client(broker.url) as c:
+        tid = c.submit("sleep", 0.5)
+        wait_until(lambda: c.status(tid).state == "running", what="task running")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+        assert c.status(tid).state == "completed"
+    stderr = worker.stderr_path.read_text()
+    assert "Traceback" not in stderr, stderr
+    assert " ERROR " not in stderr, stderr
+
+
+def test_broker_sigterm_exits_zero_and_restart_keeps_everything(
+    broker_factory: Callable[..., BrokerProcess], start_worker: StartWorker
+) -> None:
+    broker = broker_factory()
+    with Client(broker.url) as c:
+        done = c.submit_batch("echo", [{"i": i} for i in range(20)])
+        dead = c.submit("fail", {"message": "nope"}, max_retries=0)
+        assert start_worker(broker.url, "--burst").wait(30) == 0
+        assert c.status(dead).state == "dead"
+        pending = c.submit_batch("echo", [{"p": i} for i in range(30)], priority="low")
+        cancelled = c.submit("echo", "x")
+        c.cancel(cancelled)
+        before_stats = c.stats()
+        ids = [*done, dead, *pending, cancelled]
+        before = snapshot(c, ids)
+
+    assert broker.terminate() == 0
+    assert "Traceback" not in broker.logs[-1].read_text()
+    broker.restart()
+
+    with Client(broker.url) as c:
+        after_stats = c.stats()
+        assert after_stats["states"] == before_stats["states"]
+        assert after_stats["states"] == {
+            "pending": 30,
+            "running": 0,
+            "completed": 20,
+            "failed": 0,
+            "dead": 1,
+            "cancelled": 1,
+        }
+        assert after_stats["queues"]["default"]["pending"] == {"high": 0, "normal": 0, "low": 30}
+        assert snapshot(c, ids) == before
+        for key in ("submitted", "completed", "dead_lettered", "cancelled"):
+            assert after_stats["counters"][key] == before_stats["counters"][key], key
+        # Still a working broker: the pending ones run now.
+        assert start_worker(broker.url, "--burst").wait(30) == 0
+        assert c.stats()["states"]["completed"] == 50
+
+
+def test_client_reconnects_to_restarted_broker(broker: BrokerProcess) -> None:
+    with Client(broker.url) as c:
+        before = c.submit("echo", 1)
+        broker.kill()
+        broker.restart()
+        after = c.submit("echo", 2)  # the same client object, a new connection
+        assert {t.id for t in c.list("pending")} == {before, after}
