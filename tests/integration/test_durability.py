@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from tq import AsyncClient, Client, TaskInfo
 
 from tests.apps.handlers import read_runs
