@@ -1,0 +1,43 @@
+"""``tq bench --quick`` runs every scenario at tiny sizes, so the harness itself cannot rot.
+
+Its numbers mean nothing and are not checked: targets live in the benchmark, not in tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCENARIOS = {
+    "submit-batch",
+    "submit-pipelined",
+    "submit-latency-p50",
+    "submit-latency-p99",
+    "open-loop-p99",
+    "end-to-end",
+    "dispatch-latency-p99",
+    "memory-100k",
+    "memory-1m",
+    "recovery-1m",
+}
+
+
+def test_bench_quick_writes_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tq", "bench", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    scenarios = json.loads(out.read_text())["scenarios"]
+    assert SCENARIOS <= set(scenarios)
+    for name in SCENARIOS:
+        figure = scenarios[name]
+        assert set(figure) == {"median", "min", "max", "unit"}
+        assert figure["min"] <= figure["median"] <= figure["max"]
+        assert figure["unit"] in {"tasks/s", "ms", "MB", "s"}
+    assert "submit-batch" in proc.stdout  # the table is printed too
