@@ -349,17 +349,14 @@ class StateMachine:
         if task.state in _FINAL_STATES:
             self._finished.append(task)
 
-    def _pend(self, task: Task, key: bytes | None = None) -> None:
-        """Make ``task`` pending: under a fresh sequence number, or back under ``key``."""
+    def _pend(self, task: Task) -> None:
+        """Make ``task`` pending again, under a fresh sequence number (the back of its line)."""
         batch = self._batch
         assert batch is not None
-        if key is None:
-            seq = self.next_seq
-            self.next_seq += 1
-            key = pending_key(task.queue, task.priority, seq)
-            batch.put(CF_IDS, task.id.encode(), key)
-        else:
-            seq = split_pending_key(key)[2]
+        seq = self.next_seq
+        self.next_seq += 1
+        key = pending_key(task.queue, task.priority, seq)
+        batch.put(CF_IDS, task.id.encode(), key)
         task = msgspec.structs.replace(
             task, state=PENDING, seq=seq, worker_id="", eta_ms=0, started_at_ms=0
         )
@@ -506,9 +503,9 @@ class StateMachine:
             self._count("claimed", len(out))
         return out
 
-    def _take_lease(self, task_id: str, token: int) -> Lease:
+    def _take_lease(self, worker_id: str, task_id: str, token: int) -> Lease:
         lease = self.leases.get(task_id)
-        if lease is None or lease.token != token:
+        if lease is None or lease.token != token or lease.worker_id != worker_id:
             raise LeaseLost(f"lease on {task_id} expired or was superseded")
         self._drop_lease(task_id)
         return lease
@@ -525,7 +522,7 @@ class StateMachine:
         completed = 0
         for outcome in outcomes:
             try:
-                lease = self._take_lease(outcome.task_id, outcome.token)
+                lease = self._take_lease(worker_id, outcome.task_id, outcome.token)
             except LeaseLost as exc:
                 rejected.append((outcome.task_id, exc.code))
                 continue
@@ -573,7 +570,7 @@ class StateMachine:
         deadline = now + self.lease_ms
         for ref in leases:
             lease = self.leases.get(ref.task_id)
-            if lease is None or lease.token != ref.token:
+            if lease is None or lease.token != ref.token or lease.worker_id != worker_id:
                 rejected.append((ref.task_id, LeaseLost.code))
             else:
                 lease.deadline_ms = deadline
@@ -588,8 +585,8 @@ class StateMachine:
         worker.last_seen_ms = now
 
     def _requeue(self, now: int, lease: Lease, reason: str, counts_attempt: bool = True) -> None:
-        """A lease ended without a result: back to pending at once (under its old key, so it
-        keeps its place on recovery), or to the dead-letter queue once out of attempts."""
+        """A lease ended without a result: back to pending at once, or to the dead-letter queue
+        once out of attempts."""
         batch = self._batch
         assert batch is not None
         task = lease.task
@@ -606,8 +603,11 @@ class StateMachine:
             self._count("dead_lettered")
             return
         batch.delete(CF_IN_PROGRESS, task.id.encode())
+        batch.delete(CF_PENDING, lease.key)
         self.counts[RUNNING] -= 1
-        self._pend(task, lease.key)
+        # A fresh sequence number puts it at the back of its priority both in memory and in key
+        # order, so a restarted broker claims in exactly the order the live one would.
+        self._pend(task)
 
     def _worker_lost(self, now: int, worker_id: str) -> int:
         worker = self.workers.pop(worker_id, None)
@@ -628,7 +628,7 @@ class StateMachine:
         rejected: list[tuple[str, str]] = []
         for ref in leases:
             try:
-                lease = self._take_lease(ref.task_id, ref.token)
+                lease = self._take_lease(worker_id, ref.task_id, ref.token)
             except LeaseLost as exc:
                 rejected.append((ref.task_id, exc.code))
                 continue

@@ -137,6 +137,11 @@ class Connection(asyncio.Protocol):
             self._send(Nack(0, exc.code, exc.message))
             self._close_after_flush()
             return
+        self._handle_frames(frames)
+        if self.decoder.failed and not self.closed:
+            self.data_received(b"")  # the oversized frame that followed them: NACK and close
+
+    def _handle_frames(self, frames: list[bytes]) -> None:
         for body in frames:
             if self.closed:
                 return

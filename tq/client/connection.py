@@ -65,6 +65,8 @@ class Connection(asyncio.Protocol):
                     continue
                 if not fut.done():
                     fut.set_result(msg)
+            if self._decoder.failed:
+                self._decoder.feed(b"")  # raises the FrameTooLarge that followed these frames
         except TqError as exc:
             self.error = exc
             if self.transport is not None:

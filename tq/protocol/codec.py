@@ -28,7 +28,7 @@ def guess_rid(body: bytes) -> int:
     """Best effort: the request id of a message we could not decode, so the NACK can name it."""
     try:
         raw = msgspec.msgpack.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return 0
     if isinstance(raw, list) and len(raw) > 1 and type(raw[1]) is int:  # not a bool
         return raw[1] if 0 <= raw[1] < 2**63 else 0
@@ -43,14 +43,15 @@ def decode_request(body: bytes) -> Request:
         if "`$[0]`" in text or "tag" in text.lower():
             raise UnknownMessage(f"unknown message type: {text}") from None
         raise BadRequest(f"malformed message: {text}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec reports bad UTF-8 in a string as UnicodeDecodeError, not DecodeError.
         raise ProtocolError(f"frame is not a msgpack message: {exc}") from None
 
 
 def decode_response(body: bytes) -> Response:
     try:
         return _response_decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"bad response from broker: {exc}") from None
 
 
