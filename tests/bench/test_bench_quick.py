@@ -40,4 +40,4 @@ def test_bench_quick_writes_every_scenario(tmp_path: Path) -> None:
         assert set(figure) == {"median", "min", "max", "unit"}
         assert figure["min"] <= figure["median"] <= figure["max"]
         assert figure["unit"] in {"tasks/s", "ms", "MB", "s"}
-    assert "submit-batch" in proc.stdout  # the table is printed too
+    assert "tq bench (quick" in proc.stdout  # the table is printed too
