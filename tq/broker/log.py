@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -19,7 +18,6 @@ from tq.broker.state import ApplyResult, StateMachine
 from tq.store import Store
 
 log = logging.getLogger("tq.broker.log")
-INLINE = os.environ.get("TQ_FLUSH_INLINE") == "1"
 
 DurableCallback = Callable[[BaseException | None], None]
 
@@ -98,15 +96,6 @@ class LocalLog:
         self._running_upto = self._written
         self._running_cbs, self._next_cbs = self._next_cbs, []
         loop = self._loop
-        if INLINE:
-            done: Future[None] = Future()
-            try:
-                self._store.flush_wal()
-                done.set_result(None)
-            except Exception as exc:
-                done.set_exception(exc)
-            self._flush_done(done)
-            return
         fut = self._executor.submit(self._store.flush_wal)
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._flush_done, f))
 
