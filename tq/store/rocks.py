@@ -18,6 +18,16 @@ from tq.errors import TqError
 from tq.store.keys import CF
 
 _MISSING: Any = object()
+CF_WRITE_BUFFER_BYTES = 8 * 1024 * 1024
+DB_WRITE_BUFFER_BYTES = 48 * 1024 * 1024
+MAX_WAL_BYTES = 64 * 1024 * 1024
+
+
+def _cf_options() -> Any:
+    opts = rocksdict.Options(raw_mode=True)
+    opts.set_write_buffer_size(CF_WRITE_BUFFER_BYTES)
+    opts.set_max_write_buffer_number(3)
+    return opts
 
 
 class StoreError(TqError):
@@ -75,7 +85,11 @@ class Store:
         opts.create_missing_column_families(True)
         opts.set_wal_recovery_mode(rocksdict.DBRecoveryMode.point_in_time())
         opts.increase_parallelism(2)
-        cf_opts = {cf.value: rocksdict.Options(raw_mode=True) for cf in CF}
+        # Small memtables under one shared cap: bounded broker RSS (1M pending tasks fit in
+        # well under 250 MB), and little WAL to replay after a crash (fast recovery).
+        opts.set_db_write_buffer_size(DB_WRITE_BUFFER_BYTES)
+        opts.set_max_total_wal_size(MAX_WAL_BYTES)
+        cf_opts = {cf.value: _cf_options() for cf in CF}
         try:
             self._db = rocksdict.Rdict(self.path, opts, column_families=cf_opts)
         except Exception as exc:
