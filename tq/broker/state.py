@@ -399,7 +399,8 @@ class StateMachine:
         ids_cf = CF_IDS
         pending_cf = CF_PENDING
         encode = _enc.encode
-        put = batch.put
+        put, pending_h, pending_ov = batch.writer(pending_cf)
+        _, ids_h, ids_ov = batch.writer(ids_cf)
         seq = self.next_seq
         pending = PENDING
         tids = [spec.id.encode() for spec in specs]
@@ -426,8 +427,11 @@ class StateMachine:
                 backoff_s=spec.backoff_s,
             )
             key = spec.queue.encode() + b"\x00" + _SEQ.pack(spec.priority, seq)
-            put(pending_cf, key, encode(task))
-            put(ids_cf, tid, key)
+            value = encode(task)
+            put(key, value, pending_h)
+            pending_ov[key] = value
+            put(tid, key, ids_h)
+            ids_ov[tid] = key
             rq = ready.get(spec.queue)
             if rq is None:
                 rq = self._ready(spec.queue)
@@ -435,6 +439,7 @@ class StateMachine:
             seq += 1
             ids.append(spec.id)
         added = seq - self.next_seq
+        batch.count(2 * added)
         self.next_seq = seq
         if added:
             self.counts[PENDING] += added
