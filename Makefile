@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 RUNSTAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint typecheck bench clean venv
+.PHONY: run test test-fast lint typecheck bench cluster clean venv
 
 $(RUNSTAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,16 @@ venv: $(STAMP)
 
 run: $(RUNSTAMP)
 	$(BIN)/tq up --data-dir ./.tq-data
+
+# A 3-node Raft cluster on loopback (data in ./.tq-cluster); Ctrl-C stops all three.
+cluster: $(RUNSTAMP)
+	mkdir -p .tq-cluster
+	test -s .tq-cluster/secret || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > .tq-cluster/secret
+	trap 'kill 0' INT TERM; \
+	$(BIN)/tq broker --node-id n1 --port 7700 --raft-port 7800 --peers 127.0.0.1:7801,127.0.0.1:7802 --data-dir .tq-cluster/n1 --raft-secret-file .tq-cluster/secret & \
+	$(BIN)/tq broker --node-id n2 --port 7710 --raft-port 7801 --peers 127.0.0.1:7800,127.0.0.1:7802 --data-dir .tq-cluster/n2 --raft-secret-file .tq-cluster/secret & \
+	$(BIN)/tq broker --node-id n3 --port 7720 --raft-port 7802 --peers 127.0.0.1:7800,127.0.0.1:7801 --data-dir .tq-cluster/n3 --raft-secret-file .tq-cluster/secret & \
+	wait
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -42,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/tq bench --json bench.json
 
 clean:
-	rm -rf $(VENV) .tq-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tq-data .tq-cluster .pytest_cache .mypy_cache .ruff_cache

@@ -26,6 +26,18 @@ class BrokerConfig:
     retention_s: float = 7 * 24 * 3600.0
     retention_interval_s: float = 60.0
     auth_token: str | None = None
+    # cluster mode (a Raft port given): this node's id, its Raft port, the other members' Raft
+    # addresses, where the Raft port really listens (default: host:raft_port) and the secret
+    raft_port: int | None = None
+    node_id: str = ""
+    peers: tuple[str, ...] = ()
+    raft_bind: str | None = None
+    raft_secret: str | None = None
+    compaction_min_entries: int = 5000
+
+    @property
+    def clustered(self) -> bool:
+        return self.raft_port is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ class BrokerApp:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         self.port = await self.tcp.start(self.config.host, self.config.port)
+        self.core.start_replication(self.port)
         return self.port
 
     async def stop(self) -> None:

@@ -72,6 +72,14 @@ class Retention(_Cmd, tag="retention", frozen=True):
     task_ids: list[str]
 
 
+class Announce(_Cmd, tag="announce", frozen=True):
+    """A node that became leader tells every node its client address (for NOT_LEADER hints)."""
+
+    raft_address: str
+    client_address: str
+    node_id: str = ""
+
+
 Command = (
     Submit
     | Claim
@@ -83,6 +91,7 @@ Command = (
     | Cancel
     | Tick
     | Retention
+    | Announce
 )
 
 

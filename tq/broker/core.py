@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tq._version import __version__
 from tq.broker.commands import Claim, Command, Retention, Submit, Tick
 from tq.broker.log import LocalLog
+
+if TYPE_CHECKING:
+    from tq.broker.cluster import ClusterLog
 from tq.broker.state import ApplyResult, StateMachine
 from tq.config import BrokerConfig
-from tq.errors import ShuttingDown, TaskNotFound, TqError, WaitTimeout
+from tq.errors import BadRequest, ShuttingDown, TaskNotFound, TqError, WaitTimeout
 from tq.model import RetryPolicy, Task
 from tq.protocol.messages import Stats
 from tq.store import Store
@@ -93,15 +97,38 @@ class BrokerCore:
     def __init__(self, config: BrokerConfig, clock: Callable[[], int] = wall_ms) -> None:
         self.config = config
         self.clock = clock
-        self.store = Store(config.data_dir)
+        self.store = Store(
+            os.path.join(config.data_dir, "store") if config.clustered else config.data_dir
+        )
         self.sm = StateMachine(
             self.store,
             lease_ms=int(config.lease_s * 1000),
             heartbeat_timeout_ms=int(config.heartbeat_timeout_s * 1000),
             retry=RetryPolicy(base_s=config.retry_base_s, max_s=config.retry_max_s),
         )
-        self.log = LocalLog(self.store, self.sm, self._fatal, self._on_applied)
-        self.node_id = "single"
+        self.log: LocalLog | ClusterLog
+        if config.clustered:
+            from tq.broker.cluster import ClusterLog  # pysyncobj only when clustering
+
+            self.node_id = config.node_id or f"{config.host}:{config.raft_port}"
+            self.log = ClusterLog(
+                self.store,
+                self.sm,
+                self._fatal,
+                self._on_applied,
+                node_id=self.node_id,
+                raft_address=f"{config.host}:{config.raft_port}",
+                peers=list(config.peers),
+                client_address=f"tcp://{config.host}:{config.port}",
+                data_dir=config.data_dir,
+                password=config.raft_secret,
+                bind_address=config.raft_bind,
+                compaction_min_entries=config.compaction_min_entries,
+                on_role_change=self._role_changed,
+            )
+        else:
+            self.node_id = "single"
+            self.log = LocalLog(self.store, self.sm, self._fatal, self._on_applied)
         self.started_at = time.monotonic()
         self.fatal: BaseException | None = None
         self.closing = False
@@ -131,9 +158,18 @@ class BrokerCore:
             self.sm.counts["running"],
             time.monotonic() - t0,
         )
-        self.log.start(self._loop)
+        if isinstance(self.log, LocalLog):
+            self.log.start(self._loop)
         self._arm_timer()
         self._schedule_retention()
+
+    def start_replication(self, client_port: int) -> None:
+        """Cluster mode, once the client port is bound: join the Raft group (the address this
+        node announces when it leads must be the real one, even with ``--port 0``)."""
+        if not isinstance(self.log, LocalLog):
+            assert self._loop is not None
+            self.log.client_address = f"tcp://{self.config.host}:{client_port}"
+            self.log.start(self._loop)
 
     async def drain(self) -> None:
         """Stop taking commands, let the in-flight log write finish, close the store."""
@@ -159,11 +195,21 @@ class BrokerCore:
 
     # --- commands --------------------------------------------------------------------------------
 
+    @property
+    def serving(self) -> bool:
+        """Only the leader serves (always true for a single node)."""
+        return self.log.is_leader and not self.closing
+
+    def refusal(self) -> TqError:
+        if self.closing:
+            return ShuttingDown("broker is shutting down")
+        return self.log.not_leader()
+
     def submit(self, cmd: Command, reply: Reply | None) -> None:
         """Queue a command for this tick; ``reply`` gets its result once it is durable."""
-        if self.closing:
+        if not self.serving:
             if reply is not None:
-                reply(ShuttingDown("broker is shutting down"))
+                reply(self.refusal())
             return
         self._queue.append((cmd, reply))
         if not self._tick_scheduled:
@@ -239,6 +285,9 @@ class BrokerCore:
         owner: object,
     ) -> None:
         """Lease up to ``n`` tasks now, or park the claim until one is ready (long poll)."""
+        if not self.serving:
+            reply(self.refusal())
+            return
         if wait_ms <= 0 or self.sm.has_ready(queues):
             self.submit(Claim(worker_id, queues, n), reply)
             return
@@ -288,6 +337,9 @@ class BrokerCore:
     # --- waiting for a result --------------------------------------------------------------------
 
     def wait(self, task_id: str, timeout_ms: int, reply: Reply) -> None:
+        if not self.serving:
+            reply(self.refusal())
+            return
         task = self.sm.get_task(task_id)
         if task is None:
             self.after_durable(lambda: reply(TaskNotFound(f"no task {task_id}")))
@@ -336,6 +388,40 @@ class BrokerCore:
         self._timer_at = due
         self._timer = self._loop.call_later(delay_s, self._on_timer)
 
+    def cluster_change(self, op: str, address: str, reply: Reply) -> None:
+        if not self.config.clustered:
+            reply(BadRequest("this broker runs single-node: there is no cluster to change"))
+            return
+        if not self.serving:
+            reply(self.refusal())
+            return
+        assert not isinstance(self.log, LocalLog)
+        fut = self.log.add_node(address) if op == "add" else self.log.remove_node(address)
+
+        def done(f: asyncio.Future[None]) -> None:
+            exc = f.exception()
+            if exc is None:
+                log.info("cluster.membership_changed op=%s address=%s", op, address)
+                reply(None)
+            else:
+                reply(self.refusal() if not self.serving else TqError(f"{op} {address}: {exc}"))
+
+        fut.add_done_callback(done)
+
+    def _role_changed(self, role: str) -> None:
+        """Cluster mode: a new leader drives the timers; a node that stopped leading lets go of
+        the claims and waits it was holding (clients retry at the new leader)."""
+        if role == "leader":
+            self._arm_timer()
+            return
+        for parked in list(self._parked.values()):
+            self._unpark(parked)
+            parked.reply(self.refusal())
+        waiters, self._waiters = self._waiters, {}
+        for lst in waiters.values():
+            for waiter in lst:
+                waiter(self.refusal())
+
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = 0
@@ -349,6 +435,9 @@ class BrokerCore:
         assert self._loop is not None
 
         def run() -> None:
+            if not self.serving:  # followers apply the leader's Retention commands instead
+                self._schedule_retention()
+                return
             cutoff = self.clock() - int(self.config.retention_s * 1000)
             ids, self._retention_cursor = self.sm.retention_candidates(
                 cutoff, self._retention_cursor, RETENTION_SCAN
@@ -371,4 +460,5 @@ class BrokerCore:
             uptime_s=round(time.monotonic() - self.started_at, 3),
             counters=dict(self.sm.counters)
             | {"wal_flushes": self.log.flushes, "wal_commits": self.log.flushed_commits},
+            cluster=self.log.status(),
         )

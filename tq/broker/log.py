@@ -12,9 +12,11 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from tq.broker.commands import Command
 from tq.broker.state import ApplyResult, StateMachine
+from tq.errors import NotLeader
 from tq.store import Store
 
 log = logging.getLogger("tq.broker.log")
@@ -45,6 +47,17 @@ class LocalLog:
         self.failed: BaseException | None = None
         self.flushes = 0
         self.flushed_commits = 0
+
+    is_leader = True  # a single node always serves
+
+    def leader_client(self) -> str | None:
+        return None
+
+    def not_leader(self) -> NotLeader:  # unreachable for a single node, which always leads
+        return NotLeader("this node does not lead")
+
+    def status(self) -> dict[str, Any]:
+        return {"role": "single"}
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

@@ -28,6 +28,7 @@ from typing import Any, Final
 import msgspec
 
 from tq.broker.commands import (
+    Announce,
     Cancel,
     Claim,
     Command,
@@ -197,12 +198,29 @@ class StateMachine:
         self.counters: dict[str, int] = {}
         self.next_seq = 1
         self.next_token = 1
+        self.applied_index = 0  # the last replicated log entry applied (cluster mode)
+        self.nodes: dict[str, str] = {}  # raft address -> client address, from Announce
         # per-apply scratch
         self._batch: Batch | None = None
         self._finished: list[Task] = []
         self._readied = False
         self._lost: list[str] = []
         self.delayed: dict[str, int] = {}  # queue -> tasks in `failed` waiting for a retry
+
+    def reset(self) -> None:
+        """Forget every in-memory index (before ``recover()`` from a store replaced by a
+        snapshot)."""
+        self.ready.clear()
+        self.leases.clear()
+        self.workers.clear()
+        self.timers.clear()
+        self.delayed.clear()
+        self.counts = {s.value: 0 for s in TaskState}
+        self.counters.clear()
+        self.nodes.clear()
+        self.next_seq = 1
+        self.next_token = 1
+        self.applied_index = 0
 
     # --- recovery --------------------------------------------------------------------------------
 
@@ -253,12 +271,20 @@ class StateMachine:
                 self.counts[name[6:]] = number
             elif name.startswith("counter:"):
                 self.counters[name[8:]] = number
+            elif name == "applied_index":
+                self.applied_index = number
+            elif name.startswith("node:"):
+                self.nodes[name[5:]] = value.decode()
         self.counts[TaskState.FAILED] = len(self.timers)
         self.next_seq = max(self.next_seq, max_seq + 1)
 
     # --- apply -----------------------------------------------------------------------------------
 
-    def apply(self, now_ms: int, commands: Iterable[Command]) -> ApplyResult:
+    def apply(
+        self, now_ms: int, commands: Iterable[Command], applied_index: int | None = None
+    ) -> ApplyResult:
+        """Apply one batch. With ``applied_index`` (a replicated log entry) the index is recorded
+        in the same write, so a replay after a restart skips exactly what is already applied."""
         batch = self.store.batch()
         self._batch = batch
         self._finished = []
@@ -277,6 +303,9 @@ class StateMachine:
                 log.exception("state.apply_failed command=%s", type(cmd).__name__)
                 results.append(TqError(f"internal error applying {type(cmd).__name__}: {exc}"))
         self._write_meta(batch, counts_before, counters_before, seq_before, token_before)
+        if applied_index is not None:
+            self.applied_index = applied_index
+            batch.put(CF.META, b"applied_index", applied_index.to_bytes(8, "big"))
         self.store.write(batch)
         self._batch = None
         return ApplyResult(results, self._finished, self._readied, self._lost)
@@ -303,6 +332,11 @@ class StateMachine:
                 return self._tick(now)
             case Retention(cutoff_ms, task_ids):
                 return self._retention(cutoff_ms, task_ids)
+            case Announce(raft_address, client_address):
+                self.nodes[raft_address] = client_address
+                assert self._batch is not None
+                self._batch.put(CF.META, f"node:{raft_address}".encode(), client_address.encode())
+                return None
         raise TqError(f"unknown command {type(cmd).__name__}")
 
     def _write_meta(

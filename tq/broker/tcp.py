@@ -18,6 +18,7 @@ from tq.broker.core import BrokerCore
 from tq.errors import (
     BadRequest,
     FrameTooLarge,
+    NotLeader,
     PayloadTooLarge,
     ProtocolError,
     TaskNotFound,
@@ -33,6 +34,7 @@ from tq.protocol.messages import (
     Ack,
     CancelTask,
     ClaimTask,
+    ClusterChange,
     GetStats,
     Heartbeat,
     Hello,
@@ -156,7 +158,7 @@ class Connection(asyncio.Protocol):
             try:
                 self._dispatch(msg)
             except TqError as exc:
-                self._send(Nack(msg.rid, exc.code, exc.message))
+                self._send(_nack(msg.rid, exc))
             except Exception as exc:  # a bug must cost one request, never the broker
                 log.exception("tcp.handler_failed")
                 self._send(Nack(msg.rid, "INTERNAL", f"internal error: {type(exc).__name__}"))
@@ -190,7 +192,7 @@ class Connection(asyncio.Protocol):
 
         def reply(value: Any) -> None:
             if isinstance(value, TqError):
-                self._send(Nack(rid, value.code, value.message))
+                self._send(_nack(rid, value))
             else:
                 self._send(build(value))
 
@@ -261,7 +263,12 @@ class Connection(asyncio.Protocol):
             Release(worker_id, msg.leases), self._replier(rid, lambda r: Ack(rid, [], r))
         )
 
+    def _require_serving(self) -> None:
+        if not self.core.serving:
+            raise self.core.refusal()
+
     def _on_status(self, msg: QueryStatus) -> None:
+        self._require_serving()
         self.core.after_durable(lambda: self._status(msg.rid, msg.task_id))
 
     def _on_wait(self, msg: WaitTask) -> None:
@@ -271,6 +278,7 @@ class Connection(asyncio.Protocol):
         )
 
     def _on_list(self, msg: ListTasks) -> None:
+        self._require_serving()
         self.core.after_durable(lambda: self._list(msg))
 
     def _on_cancel(self, msg: CancelTask) -> None:
@@ -278,7 +286,17 @@ class Connection(asyncio.Protocol):
         self.core.submit(Cancel(msg.task_id), self._replier(rid, lambda t: TaskInfoReply(rid, t)))
 
     def _on_stats(self, msg: GetStats) -> None:
+        # Any node answers (a follower from its local state): `tq cluster status` needs it.
         self.core.after_durable(lambda: self._send(StatsReply(msg.rid, self.core.stats())))
+
+    def _on_cluster_change(self, msg: ClusterChange) -> None:
+        if msg.op not in ("add", "remove"):
+            raise BadRequest("op must be add or remove")
+        host, sep, port = msg.address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise BadRequest(f"{msg.address[:80]!r} is not host:port")
+        rid = msg.rid
+        self.core.cluster_change(msg.op, msg.address, self._replier(rid, lambda _: Ack(rid)))
 
     def _on_hello(self, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION:
@@ -367,7 +385,12 @@ _HANDLERS: dict[type[Any], Callable[[Connection, Any], None]] = {
     ListTasks: Connection._on_list,
     CancelTask: Connection._on_cancel,
     GetStats: Connection._on_stats,
+    ClusterChange: Connection._on_cluster_change,
 }
+
+
+def _nack(rid: int, exc: TqError) -> Nack:
+    return Nack(rid, exc.code, exc.message, exc.leader if isinstance(exc, NotLeader) else None)
 
 
 class TcpServer:

@@ -89,6 +89,7 @@ def _broker_config(
     retry_base_s: float,
     heartbeat_timeout_s: float,
     max_frame_bytes: int,
+    **cluster: Any,
 ) -> BrokerConfig:
     return BrokerConfig(
         host=host,
@@ -100,7 +101,47 @@ def _broker_config(
         heartbeat_timeout_s=heartbeat_timeout_s,
         max_frame_bytes=max_frame_bytes,
         auth_token=auth_token_from_env(),
+        **cluster,
     )
+
+
+def _cluster_options(
+    node_id: str | None,
+    raft_port: int | None,
+    peers: str | None,
+    raft_bind: str | None,
+    raft_secret_file: str | None,
+) -> dict[str, Any]:
+    if raft_port is None:
+        if peers or raft_bind or raft_secret_file:
+            fail("--peers, --raft-bind and --raft-secret-file need --raft-port", code=2)
+        return {}
+    secret = None
+    if raft_secret_file:
+        try:
+            with open(raft_secret_file) as fh:
+                secret = fh.read().strip()
+        except OSError as exc:
+            fail(f"cannot read --raft-secret-file: {exc.strerror}", code=2)
+        if not secret:
+            fail("--raft-secret-file is empty", code=2)
+    else:
+        logging.getLogger("tq.cli").warning(
+            "cluster.no_secret: Raft traffic is not encrypted; keep the Raft port private "
+            "or pass --raft-secret-file"
+        )
+    peer_list = tuple(p.strip() for p in (peers or "").split(",") if p.strip())
+    for peer in peer_list:
+        host, sep, port = peer.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            fail(f"--peers entry {peer!r} is not host:port", code=2)
+    return {
+        "raft_port": raft_port,
+        "node_id": node_id or "",
+        "peers": peer_list,
+        "raft_bind": raft_bind,
+        "raft_secret": secret,
+    }
 
 
 @app.command()
@@ -115,15 +156,36 @@ def broker(
         10.0, "--heartbeat-timeout", help="a worker silent this long (s) is declared dead"
     ),
     max_frame: int = typer.Option(16 * 1024 * 1024, "--max-frame", help="largest frame (bytes)"),
+    node_id: str | None = typer.Option(None, "--node-id", help="cluster: this node's name"),
+    raft_port: int | None = typer.Option(
+        None, "--raft-port", help="cluster: Raft port (turns clustering on)"
+    ),
+    peers: str | None = typer.Option(
+        None, "--peers", help="cluster: the other members' Raft host:port, comma-separated"
+    ),
+    raft_bind: str | None = typer.Option(
+        None, "--raft-bind", help="cluster: where the Raft port listens (default host:raft-port)"
+    ),
+    raft_secret_file: str | None = typer.Option(
+        None, "--raft-secret-file", help="cluster: shared secret encrypting Raft traffic"
+    ),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
-    """Run the broker: TCP protocol + embedded durable store."""
+    """Run the broker: TCP protocol + embedded durable store (+ Raft with --raft-port)."""
     _setup_logging(log_level)
     _use_uvloop()
     from tq.broker.app import BrokerApp
 
     config = _broker_config(
-        host, port, data_dir, lease, retention, retry_base, heartbeat_timeout, max_frame
+        host,
+        port,
+        data_dir,
+        lease,
+        retention,
+        retry_base,
+        heartbeat_timeout,
+        max_frame,
+        **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
     )
     try:
         code = asyncio.run(BrokerApp(config).serve_forever())
@@ -487,6 +549,98 @@ def bench(
     if json_out:
         with open(json_out, "w") as fh:
             json.dump({"scenarios": summary}, fh, indent=2)
+
+
+cluster_app = typer.Typer(help="Raft cluster: status and membership.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+async def _node_status(url: str) -> dict[str, Any]:
+    from tq.client import AsyncClient
+    from tq.errors import TqError
+
+    try:
+        async with AsyncClient(url, connect_timeout_s=1.0, timeout_s=3.0) as client:
+            stats = await client.stats()
+    except TqError as exc:
+        return {"address": url, "reachable": False, "role": "down", "error": exc.message}
+    info = dict(stats.get("cluster") or {})
+    info.pop("journal", None)
+    return {"address": url, "reachable": True, **info}
+
+
+@cluster_app.command("status")
+def cluster_status(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
+    """Every node given: role, leader, term, commit/apply index, lag. Exit 1 without a leader."""
+    from tq.config import parse_broker_url
+
+    try:
+        urls = [f"tcp://{h}:{p}" for h, p in parse_broker_url(broker_url_from_env(broker))]
+    except ValueError as exc:
+        fail(str(exc), code=2)
+
+    async def gather() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(_node_status(u) for u in urls)))
+
+    nodes = asyncio.run(gather())
+    leaders = [n for n in nodes if n.get("role") == "leader"]
+    leader_commit = max((n.get("commit_index") or 0 for n in leaders), default=None)
+    for n in nodes:
+        if leader_commit is not None and n.get("applied_index") is not None:
+            n["lag"] = max(0, leader_commit - n["applied_index"])
+    hinted = next((n.get("leader_client") for n in nodes if n.get("leader_client")), None)
+    leader = leaders[0]["address"] if leaders else hinted
+    data = {"leader": leader, "nodes": nodes}
+    if output is not Format.table:
+        emit_data(data, output)
+    else:
+        emit_table(
+            f"cluster (leader: {leader or 'none'})",
+            ["address", "node", "role", "term", "commit", "applied", "lag", "raft address"],
+            [
+                [
+                    n["address"],
+                    n.get("node_id", ""),
+                    n.get("role"),
+                    n.get("term"),
+                    n.get("commit_index"),
+                    n.get("applied_index"),
+                    n.get("lag"),
+                    n.get("raft_address", ""),
+                ]
+                for n in nodes
+            ],
+        )
+    if leader is None:
+        raise typer.Exit(1)
+
+
+def _membership(op: str, address: str, broker: str | None) -> None:
+    from tq.protocol.messages import Ack, ClusterChange
+
+    async def go(c: Any) -> None:
+        await c.call(lambda rid: ClusterChange(rid, op, address), Ack, retry=False, timeout_s=30)
+
+    _run_client(go, broker)
+    print(f"{'added' if op == 'add' else 'removed'} {address}")
+
+
+@cluster_app.command("add")
+def cluster_add(
+    address: str = typer.Argument(..., help="the new node's Raft host:port"),
+    broker: str | None = BrokerOpt,
+) -> None:
+    """Add a member (start it with --peers listing the current members)."""
+    _membership("add", address, broker)
+
+
+@cluster_app.command("remove")
+def cluster_remove(
+    address: str = typer.Argument(..., help="the member's Raft host:port"),
+    broker: str | None = BrokerOpt,
+) -> None:
+    """Remove a member."""
+    _membership("remove", address, broker)
 
 
 def main() -> None:

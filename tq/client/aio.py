@@ -252,6 +252,10 @@ class AsyncClient:
         With ``retry`` the request is resent after a lost connection or a leader change: only for
         requests that are safe to repeat."""
         attempts = 0
+        loop = asyncio.get_running_loop()
+        # Redirects and reconnects are retried for a while: a cluster elects a new leader in
+        # about a second, during which nodes answer NOT_LEADER without naming one.
+        deadline = loop.time() + max(self.connect_timeout_s, 5.0)
         while True:
             conn = await self.connect()
             rid = conn.next_rid()
@@ -260,14 +264,17 @@ class AsyncClient:
                 raise_for(reply)
             except NotLeader as exc:
                 attempts += 1
-                if attempts > 10:
+                if loop.time() > deadline:
                     raise
                 self._follow(exc.leader)
+                if exc.leader is None:
+                    await asyncio.sleep(min(0.05 * attempts, 0.3))
                 continue
             except BrokerUnavailable:
                 attempts += 1
-                if not retry or attempts > 3:
+                if not retry or loop.time() > deadline:
                     raise
+                await asyncio.sleep(min(0.02 * attempts, 0.2))
                 continue
             except TimeoutError:
                 raise BrokerUnavailable("the broker did not answer in time") from None

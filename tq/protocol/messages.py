@@ -85,6 +85,7 @@ class Stats(msgspec.Struct, frozen=True):
     node_id: str = ""
     uptime_s: float = 0.0
     counters: dict[str, int] = msgspec.field(default_factory=dict)
+    cluster: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 # --- requests ------------------------------------------------------------------------------------
@@ -180,6 +181,14 @@ class GetStats(_Msg, tag="stats", frozen=True):
     rid: int
 
 
+class ClusterChange(_Msg, tag="cluster_change", frozen=True):
+    """Add or remove a member (``op`` is "add" or "remove"; ``address`` its Raft host:port)."""
+
+    rid: int
+    op: str
+    address: str
+
+
 Request = (
     Hello
     | SubmitTask
@@ -194,6 +203,7 @@ Request = (
     | ListTasks
     | CancelTask
     | GetStats
+    | ClusterChange
 )
 
 

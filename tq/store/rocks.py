@@ -9,6 +9,7 @@ thread and acknowledges only after it returns.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -168,6 +169,22 @@ class Store:
 
     def checkpoint(self, dest: str) -> None:
         rocksdict.Checkpoint(self._db).create_checkpoint(dest)
+
+    @property
+    def parent(self) -> str:
+        """The directory holding the store's directory (same filesystem: renames are atomic)."""
+        return os.path.dirname(os.path.abspath(self.path))
+
+    def replace_with(self, checkpoint_dir: str) -> None:
+        """Swap in a checkpoint (a snapshot from the Raft leader) for the whole store."""
+        self.close()
+        old = self.path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(self.path):
+            os.rename(self.path, old)
+        os.rename(checkpoint_dir, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        self.open()
 
     def close(self) -> None:
         """Flush every column family: ``close()`` alone flushes only the default one."""

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 
 from tq.client import AsyncClient, decode_value, encode_payload
-from tq.errors import BrokerUnavailable, TqError
+from tq.errors import TqError
 from tq.model import ErrorInfo
 from tq.protocol.messages import (
     Ack,
@@ -129,7 +129,7 @@ class Worker:
                 self.connected.set()
                 leased = await self._claim(client, free)
                 delay = 0.05
-            except BrokerUnavailable as exc:
+            except TqError as exc:  # unreachable, or a cluster between leaders
                 if self._stopping.is_set():
                     return
                 log.warning("worker.broker_unavailable error=%s retry_in=%.2fs", exc, delay)

@@ -1,0 +1,1188 @@
+"""The replicated command log: PySyncObj 0.3.17 wrapped for tq. The only importer of pysyncobj.
+
+What this closes around PySyncObj (see REPORT.md for the file:line facts behind each point):
+
+* Durable journal. ``DurableJournal`` replaces pysyncobj's mmap ``FileJournal`` (never fsync'd).
+  It is plugged in by passing the journal *object* as ``SyncObjConf.journalFile`` and patching
+  ``pysyncobj.syncobj.createJournal`` (the name syncobj.py imported at load time; patching
+  ``pysyncobj.journal.createJournal`` has no effect) to return it.
+* Group commit. ``add()`` only buffers. One ``fdatasync`` per Raft tick covers everything appended
+  in that tick: at the end of the tick (after the leader queued this tick's commands) and at the
+  start of the next one (after the poll in which a follower appended entries). A follower's
+  acknowledgement (``next_node_idx``) is sent synchronously by pysyncobj right after it appends,
+  so ``_TqTransport`` holds outgoing messages while the journal has unsynced entries and releases
+  them right after the fsync: nothing is acknowledged before it is on disk. The leader counts its
+  own log in the commit index; the fsync at the start of each tick runs before that count.
+* Term and vote are written with fsync + rename + dir fsync before any message depending on them.
+* The Raft thread never runs the state machine: the ``@replicated apply_entry`` hands the entry to
+  the asyncio loop with ``call_soon_threadsafe``; the loop applies strictly in log order (FIFO of
+  ``call_soon_threadsafe``), skips indexes it already has (pysyncobj replays its journal from the
+  start or from the snapshot on every restart), and never raises.
+* Snapshots (log compaction) go through a custom ``serializer``/``deserializer``: the Raft thread
+  waits until the loop has applied exactly up to the snapshot index, the state machine serializes
+  itself in the loop thread. No fork, no pickling of our objects.
+* ``password`` for peer traffic, ``bindAddress`` so the Raft port does not listen on 0.0.0.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import json
+import logging
+import os
+import pickle
+import struct
+import tarfile
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+import pysyncobj.syncobj as _pso
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.journal import Journal
+from pysyncobj.transport import TCPTransport
+
+from tq.broker.commands import Announce, Command, CommandBatch
+from tq.broker.state import ApplyResult
+from tq.broker.state import StateMachine as TqStateMachine
+from tq.errors import InternalError, NotLeader, TqError
+from tq.store import Store
+
+log = logging.getLogger("tq.broker.cluster")
+
+ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if isinstance(v, int)}
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class RaftError(Exception):
+    code = "RAFT"
+
+    def __init__(self, message: str, *, leader: str | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.leader = leader
+        self.reason = reason
+
+
+class RaftNotLeader(RaftError):
+    """Not accepted here. ``leader`` is the last known leader's Raft address (None during an
+    election). ``reason`` is pysyncobj's FAIL_REASON name; for LEADER_CHANGED / UNKNOWN_OUTCOME
+    the entry may still have been committed, so retries must be deduplicated (by task id)."""
+
+    code = "NOT_LEADER"
+
+
+class ProposalTimeout(RaftError):
+    code = "TIMEOUT"  # outcome unknown
+
+
+class Overloaded(RaftError):
+    code = "OVERLOADED"  # pysyncobj's commands queue is full
+
+
+class Closed(RaftError):
+    code = "CLOSED"
+
+
+class JournalError(RaftError):
+    code = "JOURNAL"
+
+
+# --------------------------------------------------------------------------------------------
+# Durable journal
+# --------------------------------------------------------------------------------------------
+
+_MAGIC = b"TQRAFTJ1"
+_REC = struct.Struct("<IIQQ")  # payload length, crc32(idx, term, payload), idx, term
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    """Write a small file atomically and durably: tmp, fsync, rename, fsync dir."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+class DurableJournal(Journal):
+    """pysyncobj's Journal interface (journal.py:9-48) backed by an append-only file.
+
+    Entries are ``(command: bytes, idx: int, term: int)`` kept in memory (as pysyncobj's own
+    journals do) and appended as ``[len][crc][idx][term][payload]`` records. ``add`` buffers;
+    ``sync`` writes the buffer and fdatasyncs once. A torn or corrupt tail found at open is cut
+    off (it was never acknowledged).
+
+    ``deleteEntriesFrom`` never touches the file at once: the dropped records stay on disk as
+    "stale" until the next ``sync``, and if pysyncobj re-adds the very same entries (it does so
+    whenever a leader re-sends entries a follower already has, syncobj.py:991-1006) they are
+    re-adopted without a write. So a crash between the truncation and the re-append can never
+    lose entries this node already acknowledged.
+
+    Compaction (``deleteEntriesTo``) writes the kept entries to a temp file and renames it, so a
+    crash in the middle never loses the tail (pysyncobj's FileJournal rewrites in place,
+    journal.py:252-256).
+
+    Every method runs in the Raft thread, except the constructor and the read-only counters.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.meta_path = path + ".meta"
+        self._entries: list[tuple[bytes, int, int]] = []
+        self._offsets: list[int] = []
+        self._pending = bytearray()  # records to write at self._end
+        self._stale: list[tuple[bytes, int, int]] = []  # on disk in [_end, _phys_end), dropped
+        self._end = 0  # logical end of the records in the file
+        self._phys_end = 0  # physical end of the file
+        self.failed: BaseException | None = None
+        # counters
+        self.syncs = 0
+        self.synced_entries = 0
+        self._unsynced_entries = 0
+        self.sync_seconds = 0.0
+        self.opened_entries = 0
+        self.truncated_tail_bytes = 0
+        self.readopted_entries = 0
+        self._meta: dict[str, Any] = {}
+        self._meta_dirty = False
+        self._load_meta()
+        self._fd = self._open()
+
+    # --- files -------------------------------------------------------------------------------
+
+    def _load_meta(self) -> None:
+        try:
+            with open(self.meta_path, "rb") as f:
+                self._meta = json.loads(f.read())
+        except FileNotFoundError:
+            self._meta = {}
+
+    def _store_meta(self) -> None:
+        _write_durably(self.meta_path, json.dumps(self._meta).encode())
+        self._meta_dirty = False
+
+    def _open(self) -> int:
+        d = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(d, exist_ok=True)
+        if not os.path.exists(self.path):
+            _write_durably(self.path, _MAGIC)
+        fd = os.open(self.path, os.O_RDWR)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+        if data[: len(_MAGIC)] != _MAGIC:
+            os.close(fd)
+            raise JournalError(f"{self.path}: not a tq raft journal")
+        off = len(_MAGIC)
+        entries, offsets = [], []
+        end = len(data)
+        prev_idx = None
+        while off + _REC.size <= end:
+            ln, crc, idx, term = _REC.unpack_from(data, off)
+            start = off + _REC.size
+            if start + ln > end:
+                break
+            payload = bytes(data[start : start + ln])
+            if zlib.crc32(payload, zlib.crc32(data[off + 8 : off + 24])) != crc:
+                break
+            if prev_idx is not None and idx != prev_idx + 1:
+                break
+            entries.append((payload, idx, term))
+            offsets.append(off)
+            prev_idx = idx
+            off = start + ln
+        if off != end:
+            self.truncated_tail_bytes = end - off
+            log.warning("journal %s: cutting %d bytes of torn tail", self.path, end - off)
+            os.ftruncate(fd, off)
+            os.fsync(fd)
+        self._entries, self._offsets = entries, offsets
+        self._end = self._phys_end = off
+        self.opened_entries = len(entries)
+        return fd
+
+    @staticmethod
+    def _record(command: bytes, idx: int, term: int) -> bytes:
+        it = struct.pack("<QQ", idx, term)
+        crc = zlib.crc32(command, zlib.crc32(it))
+        return struct.pack("<II", len(command), crc) + it + command
+
+    def _rewrite(self, keep: list[tuple[bytes, int, int]]) -> None:
+        """Replace the file by one holding ``keep`` (durably), then reopen it."""
+        tmp = self.path + ".rewrite"
+        buf = bytearray(_MAGIC)
+        offsets = []
+        for cmd, idx, term in keep:
+            offsets.append(len(buf))
+            buf += self._record(cmd, idx, term)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, buf)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_RDWR)
+        self._entries = list(keep)
+        self._offsets = offsets
+        self._end = self._phys_end = len(buf)
+        self._pending.clear()
+        self._stale.clear()
+        self.synced_entries += self._unsynced_entries
+        self._unsynced_entries = 0
+
+    # --- group commit --------------------------------------------------------------------------
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._pending) or self._end != self._phys_end
+
+    def sync(self) -> None:
+        """Make everything appended so far durable with one fdatasync. Raises JournalError
+        forever after a failure: a failed fsync is never retried (the page cache may have
+        dropped the dirty pages), the node stops acknowledging instead."""
+        if self.failed is not None:
+            raise JournalError(f"journal failed: {self.failed}") from self.failed
+        if not self._pending and self._end == self._phys_end:
+            return
+        t0 = time.perf_counter()
+        try:
+            if self._end < self._phys_end:  # drop stale records for good
+                os.ftruncate(self._fd, self._end)
+                self._phys_end = self._end
+                self._stale.clear()
+            while self._pending:
+                n = os.pwrite(self._fd, self._pending, self._end)
+                self._end += n
+                del self._pending[:n]
+            self._phys_end = self._end
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self.failed = exc
+            log.critical("journal.sync_failed %s: %s", self.path, exc)
+            raise JournalError(f"journal sync failed: {exc}") from exc
+        self.syncs += 1
+        self.synced_entries += self._unsynced_entries
+        self._unsynced_entries = 0
+        self.sync_seconds += time.perf_counter() - t0
+
+    # --- Journal interface (journal.py:9-48) ---------------------------------------------------
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        if isinstance(command, str):  # pysyncobj's to_bytes (pickle.py)
+            command = command.encode("utf-8")
+        entry = (command, idx, term)
+        if self._stale and not self._pending:
+            if self._stale[0] == entry:  # re-sent entry already on disk: re-adopt it
+                self._stale.pop(0)
+                self._entries.append(entry)
+                self._offsets.append(self._end)
+                self._end += _REC.size + len(command)
+                self.readopted_entries += 1
+                return
+            self._stale.clear()  # a real conflict: truncated at the next sync
+        self._entries.append(entry)
+        self._offsets.append(self._end + len(self._pending))
+        self._pending += self._record(command, idx, term)
+        self._unsynced_entries += 1
+
+    def clear(self) -> None:
+        self._rewrite([])
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        """Drop entries at list positions >= entryFrom (conflicting suffix from an old term)."""
+        if entryFrom >= len(self._entries):
+            return
+        off = self._offsets[entryFrom]
+        dropped = len(self._entries) - entryFrom
+        if off >= self._end:  # only buffered records go
+            del self._pending[off - self._end :]
+            self._unsynced_entries = max(0, self._unsynced_entries - dropped)
+        else:  # records on disk become stale (cut at the next sync unless re-added)
+            on_disk = [
+                e
+                for e, o in zip(self._entries[entryFrom:], self._offsets[entryFrom:], strict=True)
+                if o < self._end
+            ]
+            self._unsynced_entries = max(0, self._unsynced_entries - (dropped - len(on_disk)))
+            self._stale = on_disk + self._stale
+            self._pending.clear()
+            self._end = off
+        del self._entries[entryFrom:]
+        del self._offsets[entryFrom:]
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        """Drop entries at list positions < entryTo (after a snapshot covers them)."""
+        self._rewrite(self._entries[entryTo:])
+
+    def __getitem__(self, item: int | slice) -> Any:
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _destroy(self) -> None:
+        try:
+            if self.failed is None:
+                self.sync()
+                if self._meta_dirty:
+                    self._store_meta()
+        finally:
+            os.close(self._fd)
+
+    def flush(self) -> None:
+        self.sync()
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
+        # Only a hint (restart applies the local journal up to it); saved once a second.
+        if self._meta.get("commit") != raftCommitIndex:
+            self._meta["commit"] = raftCommitIndex
+            self._meta_dirty = True
+
+    def getRaftCommitIndex(self) -> int:
+        return int(self._meta.get("commit", 1))
+
+    def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
+        # Raft: term and vote must be durable before any message reflecting them is sent.
+        self._meta["term"] = term
+        self._meta["voted"] = votedForNodeId
+        self._store_meta()
+
+    def getCurrentTerm(self) -> int:
+        return int(self._meta.get("term", 0))
+
+    def getVotedForNodeId(self) -> Any:
+        return self._meta.get("voted")
+
+    def onOneSecondTimer(self) -> None:
+        if self._meta_dirty:
+            self.sync()  # the commit index saved never points past the durable journal
+            self._store_meta()
+
+
+# createJournal plug: syncobj.py:41 did `from .journal import createJournal` and calls it at
+# syncobj.py:166 as createJournal(conf.journalFile). Patch *that* name; pass a Journal instance
+# as journalFile and it is used as is, anything else keeps the stock behaviour.
+_stock_create_journal = _pso.createJournal
+
+
+def _create_journal(journal_file: Any) -> Journal:
+    if isinstance(journal_file, Journal):
+        return journal_file
+    return _stock_create_journal(journal_file)
+
+
+_pso.createJournal = _create_journal
+
+
+# --------------------------------------------------------------------------------------------
+# SyncObj / transport subclasses: the group-commit hooks
+# --------------------------------------------------------------------------------------------
+
+
+class _TqTransport(TCPTransport):
+    """Holds outgoing messages while the journal has unsynced entries, once an ack is among
+    them (order to a node is kept by holding everything after the first held message)."""
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
+        self._tq_held: list[tuple[Any, Any]] = []
+        self._tq_journal: DurableJournal = syncObj._tq_journal
+        self._tq_keep_next_index: bool = syncObj._tq_keep_next_index
+        # name-mangled private dict of SyncObj (syncobj.py:178), pinned to 0.3.17
+        self._tq_next_index: dict[Any, int] = syncObj._SyncObj__raftNextIndex
+        syncObj._tq_transport = self
+        super().__init__(syncObj, selfNode, otherNodes)
+
+    def send(self, node: Any, message: Any) -> bool:
+        if self._tq_held or (
+            self._tq_journal.dirty
+            and isinstance(message, dict)
+            and message.get("type") == "next_node_idx"
+        ):
+            self._tq_held.append((node, message))
+            return True
+        return bool(super().send(node, message))
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:
+        # pysyncobj's leader sets nextIndex back to the acknowledged position on every
+        # successful ack (syncobj.py:1079-1082) although it already sent further entries
+        # (:1273): with several entries in flight every ack makes it re-send entries the
+        # follower has, and the follower truncates and re-appends them (:991-1006, logging
+        # "truncating already-applied log entries"). Keep the optimistic nextIndex; a real
+        # gap is answered with reset=True (:985-990), which still rewinds it.
+        if (
+            self._tq_keep_next_index
+            and isinstance(message, dict)
+            and message.get("type") == "next_node_idx"
+            and message.get("success")
+            and not message.get("reset")
+        ):
+            nxt = self._tq_next_index
+            before = nxt.get(node)
+            super()._onMessageReceived(node, message)
+            after = nxt.get(node)
+            if before is not None and after is not None and after < before:
+                nxt[node] = before
+            return
+        super()._onMessageReceived(node, message)
+
+    def tq_release(self) -> None:
+        held, self._tq_held = self._tq_held, []
+        for node, message in held:
+            super().send(node, message)
+
+
+class _TqSyncObj(SyncObj):
+    """SyncObj with a journal fsync at the start and at the end of every tick.
+
+    Attributes are set before ``SyncObj.__init__`` (which starts the Raft thread)."""
+
+    def __init__(self, journal: DurableJournal, *args: Any, **kwargs: Any) -> None:
+        self._tq_journal = journal
+        self._tq_transport: _TqTransport | None = None
+        self._tq_on_fatal: Callable[[BaseException], None] | None = kwargs.pop("on_fatal", None)
+        self._tq_keep_next_index: bool = kwargs.pop("keep_next_index", True)
+        self._tq_fatal_reported = False
+        self._tq_last_tick = 0.0
+        self._tq_max_gap = 0.0
+        self._tq_next_ping = 0.0
+        super().__init__(*args, transportClass=_TqTransport, **kwargs)
+        self.addOnTickCallback(self._tq_flush)  # end of tick: after this tick's commands
+        self.addOnTickCallback(self._tq_keepalive)
+
+    def _tq_keepalive(self) -> None:
+        # Followers never send each other anything, and a TcpConnection that read nothing for
+        # connectionTimeout is dropped on the next send (tcp_connection.py:141-149, 227-236):
+        # after a leader dies the first request_vote between the survivors is silently lost
+        # and the failover waits for another election timeout. A message type SyncObj ignores
+        # (syncobj.py:909-1083 match none) keeps every link read. Also catches dead links.
+        now = time.monotonic()
+        if now < self._tq_next_ping or self._tq_transport is None:
+            return
+        self._tq_next_ping = now + self.conf.connectionTimeout / 4
+        for node in self.otherNodes:
+            if self.isNodeConnected(node):
+                self._tq_transport.send(node, {"type": "tq_ping"})
+
+    def _tq_flush(self) -> None:
+        try:
+            self._tq_journal.sync()
+        except JournalError as exc:
+            if not self._tq_fatal_reported and self._tq_on_fatal is not None:
+                self._tq_fatal_reported = True
+                self._tq_on_fatal(exc)
+            raise
+        if self._tq_transport is not None and self._tq_transport._tq_held:
+            self._tq_transport.tq_release()
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        # Start of tick: entries a follower appended during the last poll become durable and
+        # their held acks leave; the leader's own entries are durable before the commit count.
+        now = time.monotonic()
+        if self._tq_last_tick:
+            gap = now - self._tq_last_tick
+            self._tq_max_gap = max(self._tq_max_gap, gap)
+            if gap > 0.3:
+                log.warning("raft.tick_stall %.3fs", gap)
+        self._tq_last_tick = now
+        self._tq_flush()
+        super()._onTick(timeToWait)
+
+
+# --------------------------------------------------------------------------------------------
+# State machine contract and the consumer
+# --------------------------------------------------------------------------------------------
+
+
+class ReplicatedMachine(Protocol):
+    """What RaftLog drives. Every method runs in the asyncio loop thread."""
+
+    def applied_index(self) -> int:
+        """Highest Raft index already reflected in the state (0 for a fresh/in-memory one)."""
+        ...
+
+    def apply(self, index: int, entry: bytes) -> Any:
+        """Apply one committed entry. Should not raise (RaftLog catches and records it)."""
+        ...
+
+    def snapshot(self) -> bytes:
+        """State as of ``applied_index()`` (which RaftLog guarantees is the snapshot index)."""
+        ...
+
+    def restore(self, blob: bytes) -> None:
+        """Replace the state by a snapshot; ``applied_index()`` then reports its index."""
+        ...
+
+
+class ApplyFailed(RaftError):
+    code = "APPLY"
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    index: int
+    result: Any
+
+
+class _Consumer(SyncObjConsumer):
+    def __init__(self, owner: RaftLog) -> None:
+        self._owner = owner  # set before SyncObjConsumer.__init__: never serialized
+        super().__init__()
+
+    @replicated
+    def apply_entry(self, entry: bytes) -> int:
+        """Runs in the Raft thread (syncobj.py:718 -> :907): hand over, never apply here."""
+        return self._owner._committed_in_raft_thread(entry)
+
+
+# --------------------------------------------------------------------------------------------
+# RaftLog
+# --------------------------------------------------------------------------------------------
+
+
+class RaftLog:
+    def __init__(
+        self,
+        self_addr: str,
+        peers: list[str],
+        data_dir: str,
+        sm: ReplicatedMachine,
+        *,
+        password: str | None,
+        election_timeout: tuple[float, float] = (0.4, 1.2),
+        compaction_min_entries: int = 5000,
+        compaction_min_time: float = 300.0,
+        append_entries_batch_bytes: int = 2**16,
+        leader_fallback_timeout: float = 1.2,
+        dynamic_membership: bool = True,
+        bind_address: str | None = None,
+        keep_next_index: bool = True,
+        connection_retry: float = 0.5,
+        snapshot_timeout: float = 30.0,
+        on_role_change: Callable[[str], None] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.self_addr = self_addr
+        self.peers = [p for p in peers if p != self_addr]
+        self.data_dir = data_dir
+        self.sm = sm
+        self._password = password
+        self._election_timeout = election_timeout
+        self._compaction = (compaction_min_entries, compaction_min_time)
+        self._ae_batch = append_entries_batch_bytes
+        self._leader_fallback = leader_fallback_timeout
+        self._dynamic = dynamic_membership
+        self._bind_address = bind_address or self_addr
+        self._snapshot_timeout = snapshot_timeout
+        self._keep_next_index = keep_next_index
+        self._connection_retry = connection_retry
+        self._on_role_change = on_role_change
+        self._on_fatal_cb = on_fatal
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._obj: _TqSyncObj | None = None
+        self.journal: DurableJournal | None = None
+        self._consumer = _Consumer(self)
+        self._applied = 0  # loop thread: last index reflected in sm
+        self._last: tuple[int, Any] = (0, None)  # loop thread: (index, result) of last apply
+        self._pending: set[asyncio.Future[Committed]] = set()
+        self._closed = False
+        self.fatal: BaseException | None = None
+        self.ready = asyncio.Event()
+        # counters
+        self.applied_entries = 0
+        self.skipped_entries = 0
+        self.apply_errors = 0
+        self.snapshots_taken = 0
+        self.snapshots_restored = 0
+        self.snapshot_max_s = 0.0  # longest time the Raft thread spent in the serializer
+        self.role_changes: list[tuple[float, str]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Call from the running loop. Binds the Raft port and starts the Raft thread."""
+        self._loop = asyncio.get_running_loop()
+        self._applied = self.sm.applied_index()
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.journal = DurableJournal(os.path.join(self.data_dir, "raft.journal"))
+        lo, hi = self._election_timeout
+        conf = SyncObjConf(
+            password=self._password,
+            journalFile=self.journal,  # picked up by the patched createJournal
+            fullDumpFile=os.path.join(self.data_dir, "raft.snapshot"),
+            serializer=self._serialize_in_raft_thread,
+            deserializer=self._deserialize_in_raft_thread,
+            appendEntriesUseBatch=False,
+            appendEntriesBatchSizeBytes=self._ae_batch,
+            raftMinTimeout=lo,
+            raftMaxTimeout=hi,
+            appendEntriesPeriod=min(0.1, lo / 4),
+            connectionTimeout=max(3.5, hi),
+            # default 5 s: a peer that came back stays unconnected to the node that should
+            # dial it for up to 5 s, and with no link between the two survivors a failover
+            # waits for it (elections need a connected peer, syncobj.py:635).
+            connectionRetryTime=self._connection_retry,
+            leaderFallbackTimeout=self._leader_fallback,
+            commandsWaitLeader=False,
+            logCompactionMinEntries=self._compaction[0],
+            logCompactionMinTime=self._compaction[1],
+            dynamicMembershipChange=self._dynamic,
+            bindAddress=self._bind_address,
+            onStateChanged=self._state_changed_in_raft_thread,
+            onReady=self._ready_in_raft_thread,
+        )
+        self._obj = _TqSyncObj(
+            self.journal,
+            self.self_addr,
+            self.peers,
+            conf=conf,
+            consumers=[self._consumer],
+            on_fatal=self._fatal_in_raft_thread,
+            keep_next_index=self._keep_next_index,
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fut in list(self._pending):
+            if not fut.done():
+                fut.set_exception(Closed("raft log closed"))
+        self._pending.clear()
+        if self._obj is not None:
+            await asyncio.to_thread(self._obj.destroy_synchronous)
+
+    # --- Raft thread -> loop -----------------------------------------------------------------
+
+    def _call_in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed: the process is going away
+            pass
+
+    def _committed_in_raft_thread(self, entry: bytes) -> int:
+        # syncobj.py:711-725: raftLastApplied is bumped right after this returns, so the index
+        # of the entry being applied is raftLastApplied + 1.
+        # _consumer._syncObj is set inside SyncObj.__init__ (syncobj.py:246) before the Raft
+        # thread starts; self._obj only after the constructor returns, which can be after the
+        # first tick replays the journal.
+        index = int(self._consumer._syncObj.raftLastApplied) + 1
+        self._call_in_loop(self._apply, index, entry)
+        return index
+
+    def _state_changed_in_raft_thread(self, old: int, new: int) -> None:
+        self._call_in_loop(self._role_changed, time.monotonic(), ROLES.get(new, str(new)))
+
+    def _ready_in_raft_thread(self) -> None:
+        self._call_in_loop(self.ready.set)
+
+    def _fatal_in_raft_thread(self, exc: BaseException) -> None:
+        self._call_in_loop(self._fatal, exc)
+
+    # --- loop thread -------------------------------------------------------------------------
+
+    def _apply(self, index: int, entry: bytes) -> None:
+        if index <= self._applied:
+            self.skipped_entries += 1
+            return
+        # (No contiguity check: no-op and membership entries never reach apply_entry.)
+        try:
+            result = self.sm.apply(index, entry)
+        except Exception as exc:  # apply never raises into the log
+            self.apply_errors += 1
+            log.exception("raft.apply_failed index=%d", index)
+            result = ApplyFailed(f"apply failed at {index}: {exc!r}")
+        self._applied = index
+        self._last = (index, result)
+        self.applied_entries += 1
+
+    def _role_changed(self, at: float, role: str) -> None:
+        self.role_changes.append((at, role))
+        if role != "leader" and self._pending:
+            # Lost leadership (a higher term, or no quorum for leaderFallbackTimeout): without
+            # this the proposals would wait for their timeout, or forever. The outcome is
+            # unknown (a later leader may still commit them): clients retry, deduplicated.
+            for fut in list(self._pending):
+                if not fut.done():
+                    fut.set_exception(
+                        RaftNotLeader(
+                            "leadership lost, outcome unknown",
+                            leader=self.leader(),
+                            reason="STEPPED_DOWN",
+                        )
+                    )
+            self._pending.clear()
+        if self._on_role_change is not None:
+            self._on_role_change(role)
+
+    def _fatal(self, exc: BaseException) -> None:
+        self.fatal = exc
+        for fut in list(self._pending):
+            if not fut.done():
+                fut.set_exception(JournalError(str(exc)))
+        self._pending.clear()
+        if self._on_fatal_cb is not None:
+            self._on_fatal_cb(exc)
+
+    # --- proposals ---------------------------------------------------------------------------
+
+    def leader(self) -> str | None:
+        node = self._obj._getLeader() if self._obj is not None else None
+        return node.address if node is not None else None
+
+    def is_leader(self) -> bool:
+        return self._obj is not None and self._obj._isLeader()
+
+    def propose(self, entry: bytes, timeout: float | None = None) -> asyncio.Future[Committed]:
+        """Replicate one entry. Resolves with ``Committed(index, sm result)`` once the entry is
+        committed and applied here; fails with NotLeader (carrying the leader's address),
+        ProposalTimeout, Overloaded, Closed or ApplyFailed."""
+        assert self._loop is not None
+        assert self._obj is not None
+        loop = self._loop
+        fut: asyncio.Future[Committed] = loop.create_future()
+        if self._closed:
+            fut.set_exception(Closed("raft log closed"))
+            return fut
+        if self.fatal is not None:
+            fut.set_exception(JournalError(str(self.fatal)))
+            return fut
+        if not self._obj._isLeader():
+            fut.set_exception(
+                RaftNotLeader("not the leader", leader=self.leader(), reason="NOT_LEADER")
+            )
+            return fut
+        self._pending.add(fut)
+
+        def callback(res: Any, err: int) -> None:  # Raft thread (or caller's, on QUEUE_FULL)
+            try:
+                loop.call_soon_threadsafe(self._resolve, fut, res, err)
+            except RuntimeError:
+                pass
+
+        self._consumer.apply_entry(entry, callback=callback)
+        if timeout is not None:
+            loop.call_later(timeout, self._time_out, fut)
+        return fut
+
+    def _resolve(self, fut: asyncio.Future[Committed], res: Any, err: int) -> None:
+        self._pending.discard(fut)
+        if fut.done():
+            return
+        if err == FAIL_REASON.SUCCESS:
+            # The apply for this index was queued just before this call (same Raft-thread
+            # iteration, syncobj.py:718-721) and the loop runs callbacks FIFO.
+            index, result = self._last
+            if index != res:
+                result = None  # applied before (replay skip); no result to hand back
+            if isinstance(result, ApplyFailed):
+                fut.set_exception(result)
+            else:
+                fut.set_result(Committed(res, result))
+        elif err == FAIL_REASON.QUEUE_FULL:
+            fut.set_exception(Overloaded("raft command queue full", reason="QUEUE_FULL"))
+        else:
+            reason = FAIL_NAMES.get(err, str(err))
+            fut.set_exception(
+                RaftNotLeader(f"not committed: {reason}", leader=self.leader(), reason=reason)
+            )
+
+    def _time_out(self, fut: asyncio.Future[Committed]) -> None:
+        self._pending.discard(fut)
+        if not fut.done():
+            fut.set_exception(
+                ProposalTimeout("no outcome in time (maybe committed)", leader=self.leader())
+            )
+
+    # --- membership --------------------------------------------------------------------------
+
+    def _membership(self, op: str, addr: str) -> asyncio.Future[None]:
+        assert self._loop is not None
+        assert self._obj is not None
+        loop = self._loop
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done(fut_: asyncio.Future[None], err: int) -> None:
+            if fut_.done():
+                return
+            if err == FAIL_REASON.SUCCESS:
+                fut_.set_result(None)
+            else:
+                fut_.set_exception(
+                    RaftNotLeader(
+                        f"{op} {addr}: {FAIL_NAMES.get(err, err)}",
+                        leader=self.leader(),
+                        reason=FAIL_NAMES.get(err, str(err)),
+                    )
+                )
+
+        def callback(res: Any, err: int) -> None:
+            loop.call_soon_threadsafe(done, fut, err)
+
+        if op == "add":
+            self._obj.addNodeToCluster(addr, callback=callback)
+        else:
+            self._obj.removeNodeFromCluster(addr, callback=callback)
+        return fut
+
+    def add_node(self, addr: str) -> asyncio.Future[None]:
+        return self._membership("add", addr)
+
+    def remove_node(self, addr: str) -> asyncio.Future[None]:
+        return self._membership("remove", addr)
+
+    def transfer_leadership(self, addr: str | None = None) -> None:
+        assert self._obj is not None
+        self._obj.transferLeadership(addr)
+
+    # --- snapshots (Raft thread, blocking on the loop) ---------------------------------------
+
+    def _run_in_loop(self, fn: Callable[[], Any]) -> Any:
+        assert self._loop is not None
+        cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                cf.set_result(fn())
+            except BaseException as exc:
+                cf.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        return cf.result(timeout=self._snapshot_timeout)
+
+    def _serialize_in_raft_thread(self, file_name: str, data: Any) -> None:
+        # serializer.py:86-87: called as serializer(fullDumpFile + '.tmp', data[1:]) with
+        # data[1:] == (last applied entry, the entry before it, set of cluster nodes)
+        # (syncobj.py:1455-1470), synchronously in the Raft thread (no fork with a custom
+        # serializer, serializer.py:16). pysyncobj renames the file after we return.
+        target = data[0][1]
+
+        def snap() -> bytes:
+            # FIFO puts this after every apply up to target (the Raft thread is blocked here,
+            # so nothing later is queued). applied_index() may be lower than target (no-op
+            # entries are not handed to us) or higher (tq's store recovered ahead of the
+            # journal replay): the snapshot carries the state machine's own index and the
+            # receiver skips entries it already holds.
+            return self.sm.snapshot()
+
+        t0 = time.monotonic()
+        blob = self._run_in_loop(snap)  # queued after every apply up to target: FIFO
+        with open(file_name, "wb") as f:
+            pickle.dump({"v": 1, "index": target, "raft": data, "sm": blob}, f, protocol=4)
+            f.flush()
+            os.fsync(f.fileno())
+        self.snapshots_taken += 1
+        self.snapshot_max_s = max(self.snapshot_max_s, time.monotonic() - t0)
+
+    def _deserialize_in_raft_thread(self, file_name: str) -> Any:
+        # serializer.py:110-111: must return data[1:] as given to the serializer. Called at
+        # startup (syncobj.py:624-627) and when a leader installs a snapshot (:1022-1024).
+        with open(file_name, "rb") as f:
+            # pysyncobj's own part of a snapshot (its node objects) is pickled, as all its peer
+            # traffic is: the file only ever comes from this node or from a peer authenticated
+            # by the cluster secret (Fernet). Keep the Raft port private (DESIGN.md).
+            d = pickle.load(f)  # noqa: S301
+            os.fsync(f.fileno())  # received snapshots are written without fsync
+        index = d["index"]
+
+        def restore() -> None:
+            if index > self._applied:
+                self.sm.restore(d["sm"])
+                self._applied = self.sm.applied_index()
+                self.snapshots_restored += 1
+
+        self._run_in_loop(restore)
+        return d["raft"]
+
+    # --- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        assert self._obj is not None
+        st: dict[str, Any] = {}
+        others: list[Any] = []
+        for _ in range(10):  # getStatus iterates dicts the Raft thread mutates
+            try:
+                st = self._obj.getStatus()
+                others = list(self._obj.otherNodes)
+                break
+            except RuntimeError:
+                continue
+        leader = st.get("leader")
+        peers = {}
+        for node in others:
+            peers[node.address] = {
+                "connected": st.get("partner_node_status_server_" + node.id) == 2,
+                "match_index": st.get("match_idx_server_" + node.id),
+                "next_index": st.get("next_node_idx_server_" + node.id),
+            }
+        j = self.journal
+        return {
+            "self": self.self_addr,
+            "role": ROLES.get(st.get("state", -1), "?"),
+            "leader": leader.address if leader is not None else None,
+            "term": st.get("raft_term"),
+            "commit_index": st.get("commit_idx"),
+            "raft_last_applied": st.get("last_applied"),
+            "applied_index": self._applied,
+            "leader_commit_index": st.get("leader_commit_idx"),
+            "has_quorum": st.get("has_quorum"),
+            "ready": self.ready.is_set(),
+            "log_len": st.get("log_len"),
+            "peers": peers,
+            "journal": {
+                "syncs": j.syncs if j else 0,
+                "synced_entries": j.synced_entries if j else 0,
+                "sync_seconds": round(j.sync_seconds, 4) if j else 0,
+                "opened_entries": j.opened_entries if j else 0,
+                "truncated_tail_bytes": j.truncated_tail_bytes if j else 0,
+                "readopted_entries": j.readopted_entries if j else 0,
+            },
+            "applied_entries": self.applied_entries,
+            "skipped_entries": self.skipped_entries,
+            "apply_errors": self.apply_errors,
+            "snapshots_taken": self.snapshots_taken,
+            "snapshots_restored": self.snapshots_restored,
+            "snapshot_max_s": round(self.snapshot_max_s, 4),
+            "fatal": repr(self.fatal) if self.fatal else None,
+            "role_changes": self.role_changes[-10:],  # (time.monotonic(), role)
+            "max_tick_gap_s": round(self._obj._tq_max_gap, 3),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# tq's side: the state machine adapter and the command log the broker core uses
+# --------------------------------------------------------------------------------------------
+
+_batch_enc = msgspec.msgpack.Encoder()
+_batch_dec = msgspec.msgpack.Decoder(CommandBatch)
+
+
+class ReplicatedState:
+    """tq's StateMachine and Store behind RaftLog's state-machine contract.
+
+    Every node applies every committed entry here, in log order, in the loop thread. The applied
+    index is written in the same RocksDB batch as the entry's effects, so the replay pysyncobj
+    does at every start skips exactly what the store already holds. Snapshots are RocksDB
+    checkpoints (a tar of the checkpoint directory), never pickled memory."""
+
+    def __init__(
+        self, sm: TqStateMachine, store: Store, on_applied: Callable[[ApplyResult], None]
+    ) -> None:
+        self.sm = sm
+        self.store = store
+        self.on_applied = on_applied
+
+    def applied_index(self) -> int:
+        return self.sm.applied_index
+
+    def apply(self, index: int, entry: bytes) -> ApplyResult:
+        try:
+            batch = _batch_dec.decode(entry)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            # A bad entry still applies (as nothing), so every node stays in step.
+            log.error("cluster.bad_entry index=%d error=%s", index, exc)
+            return self.sm.apply(0, [], applied_index=index)
+        result = self.sm.apply(batch.now_ms, batch.commands, applied_index=index)
+        self.on_applied(result)
+        return result
+
+    def snapshot(self) -> bytes:
+        # The journal is about to be compacted: what it held must be durable in the store.
+        self.store.flush_wal()
+        with tempfile.TemporaryDirectory(prefix="tq-snap-") as tmp:
+            checkpoint = os.path.join(tmp, "store")
+            self.store.checkpoint(checkpoint)
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                tar.add(checkpoint, arcname="store")
+            return buf.getvalue()
+
+    def restore(self, blob: bytes) -> None:
+        with tempfile.TemporaryDirectory(prefix="tq-restore-", dir=self.store.parent) as tmp:
+            with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+                tar.extractall(tmp, filter="data")
+            self.store.replace_with(os.path.join(tmp, "store"))
+        self.sm.reset()
+        self.sm.recover()
+        log.info("cluster.snapshot_restored applied_index=%d", self.sm.applied_index)
+
+
+class ClusterLog:
+    """The broker core's command log in cluster mode: one Raft entry per tick's batch.
+
+    Only the leader appends; a command is acknowledged when its entry is committed by a majority
+    (each of which fsync'd it into its journal) and applied here."""
+
+    def __init__(
+        self,
+        store: Store,
+        sm: TqStateMachine,
+        on_fatal: Callable[[BaseException], None],
+        on_applied: Callable[[ApplyResult], None],
+        *,
+        node_id: str,
+        raft_address: str,
+        peers: list[str],
+        client_address: str,
+        data_dir: str,
+        password: str | None,
+        bind_address: str | None = None,
+        compaction_min_entries: int = 5000,
+        on_role_change: Callable[[str], None] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.raft_address = raft_address
+        self.client_address = client_address
+        self._sm = sm
+        self._on_role_change_cb = on_role_change
+        self.state = ReplicatedState(sm, store, on_applied)
+        self.raft = RaftLog(
+            raft_address,
+            peers,
+            os.path.join(data_dir, "raft"),
+            self.state,
+            password=password,
+            bind_address=bind_address,
+            compaction_min_entries=compaction_min_entries,
+            on_role_change=self._role_changed,
+            on_fatal=on_fatal,
+        )
+        self.flushes = 0
+        self.flushed_commits = 0
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.raft.start()
+
+    @property
+    def is_leader(self) -> bool:
+        return self.raft.is_leader() and self.raft.fatal is None
+
+    def leader_client(self) -> str | None:
+        leader = self.raft.leader()
+        return None if leader is None else self._sm.nodes.get(leader)
+
+    def append(
+        self,
+        now_ms: int,
+        commands: list[Command],
+        done: Callable[[ApplyResult | BaseException], None],
+    ) -> None:
+        if not self.is_leader:
+            done(self.not_leader())
+            return
+        fut = self.raft.propose(_batch_enc.encode(CommandBatch(now_ms, commands)))
+
+        def finished(f: asyncio.Future[Committed]) -> None:
+            exc = f.exception()
+            if exc is None:
+                result = f.result().result
+                if isinstance(result, ApplyResult):
+                    done(result)
+                else:  # applied before (a replay): the outcome of each command is unknown
+                    done(InternalError("entry applied without a result; retry"))
+            elif isinstance(exc, RaftNotLeader):
+                done(self.not_leader(exc.reason))
+            else:
+                done(TqError(f"replication failed: {exc}"))
+
+        fut.add_done_callback(finished)
+
+    def not_leader(self, reason: str = "") -> NotLeader:
+        leader = self.leader_client()
+        text = "this node is not the leader" + (f" ({reason})" if reason else "")
+        return NotLeader(text + (f"; leader is {leader}" if leader else ""), leader=leader)
+
+    def when_durable(self, cb: Callable[[BaseException | None], None]) -> None:
+        cb(None)  # applied here means committed by a majority: nothing left to wait for
+
+    def kick(self) -> None:
+        pass
+
+    def close(self) -> None:
+        obj = self.raft._obj
+        self.raft._closed = True
+        if obj is not None:
+            obj.destroy_synchronous()
+
+    def _role_changed(self, role: str) -> None:
+        log.info("cluster.role_changed node=%s role=%s", self.node_id, role)
+        if role == "leader":
+            # Tell every node where clients should go now.
+            self.append(
+                int(time.time() * 1000),
+                [Announce(self.raft_address, self.client_address, self.node_id)],
+                lambda _result: None,
+            )
+        if self._on_role_change_cb is not None:
+            self._on_role_change_cb(role)
+
+    def add_node(self, address: str) -> asyncio.Future[None]:
+        return self.raft.add_node(address)
+
+    def remove_node(self, address: str) -> asyncio.Future[None]:
+        return self.raft.remove_node(address)
+
+    def status(self) -> dict[str, Any]:
+        st = self.raft.status()
+        leader = st.get("leader")
+        return {
+            "node_id": self.node_id,
+            "raft_address": self.raft_address,
+            "client_address": self.client_address,
+            "role": st.get("role"),
+            "leader": leader,
+            "leader_client": self._sm.nodes.get(leader) if leader else None,
+            "term": st.get("term"),
+            "commit_index": st.get("commit_index"),
+            "applied_index": st.get("applied_index"),
+            "has_quorum": st.get("has_quorum"),
+            "peers": {
+                addr: {"connected": p.get("connected"), "match_index": p.get("match_index")}
+                for addr, p in st.get("peers", {}).items()
+            },
+            "journal": st.get("journal"),
+            "snapshots_taken": st.get("snapshots_taken"),
+            "snapshots_restored": st.get("snapshots_restored"),
+        }
+
+
+__all__ = [
+    "ApplyFailed",
+    "Closed",
+    "ClusterLog",
+    "Committed",
+    "DurableJournal",
+    "JournalError",
+    "Overloaded",
+    "ProposalTimeout",
+    "RaftError",
+    "RaftLog",
+    "RaftNotLeader",
+    "ReplicatedMachine",
+    "ReplicatedState",
+]
