@@ -20,6 +20,9 @@ SCENARIOS = {
     "memory-100k",
     "memory-1m",
     "recovery-1m",
+    "cluster-submit-batch",
+    "cluster-end-to-end",
+    "cluster-failover",
 }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,7 @@ class BrokerProc:
     proc: subprocess.Popen[str] | None = None
     started_at: float = 0.0
     own_dir: bool = True
+    extra: list[str] = field(default_factory=list)  # more `tq broker` arguments
 
     @property
     def url(self) -> str:
@@ -45,6 +48,7 @@ class BrokerProc:
                 self.data_dir,
                 "--log-level",
                 "warning",
+                *self.extra,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -70,6 +74,63 @@ class BrokerProc:
                 self.kill9()
         if self.own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def free_raft_ports(n: int) -> list[int]:
+    """Raft ports outside the ephemeral range (FACTS.md), checked free on 127.0.0.1."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randint(20_000, 30_000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+@dataclass
+class ClusterProcs:
+    """Three ``tq broker`` processes forming a Raft cluster on loopback."""
+
+    size: int = 3
+    nodes: list[BrokerProc] = field(default_factory=list)
+    root: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="tq-bench-cluster-"))
+
+    @property
+    def url(self) -> str:
+        return ",".join(n.url for n in self.nodes)
+
+    def start(self) -> None:
+        secret = os.path.join(self.root, "secret")
+        with open(secret, "w") as fh:
+            fh.write(os.urandom(16).hex())
+        raft = free_raft_ports(self.size)
+        for i, port in enumerate(raft):
+            peers = ",".join(f"127.0.0.1:{p}" for p in raft if p != port)
+            node = BrokerProc(
+                data_dir=os.path.join(self.root, f"n{i}"),
+                own_dir=False,
+                extra=[
+                    "--node-id",
+                    f"n{i}",
+                    "--raft-port",
+                    str(port),
+                    "--peers",
+                    peers,
+                    "--raft-secret-file",
+                    secret,
+                ],
+            )
+            node.start()
+            self.nodes.append(node)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _read_port(stream: IO[str] | None, timeout_s: float) -> int:

@@ -37,6 +37,9 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "memory-100k": ("<=", 250, "MB"),
     "memory-1m": ("<=", 250, "MB"),
     "recovery-1m": ("<=", 3.0, "s"),
+    "cluster-submit-batch": (">=", 40_000, "tasks/s"),
+    "cluster-end-to-end": ("", 0, "tasks/s"),  # measured, no target set
+    "cluster-failover": ("<=", 3.0, "s"),
 }
 
 
@@ -56,6 +59,7 @@ class Sizes:
     dispatch_samples: int = 300
     memory_small: int = 100_000
     memory_large: int = 1_000_000
+    cluster_tasks: int = 50_000
     repeats: int = 3
 
 
@@ -71,6 +75,7 @@ QUICK = Sizes(
     dispatch_samples=10,
     memory_small=1_000,
     memory_large=3_000,
+    cluster_tasks=1_000,
     repeats=1,
 )
 
@@ -188,10 +193,15 @@ async def end_to_end(url: str, sizes: Sizes) -> float:
     first lease to the last durable result, using the broker's own timestamps."""
     async with AsyncClient(url) as client:
         await _fill(client, sizes.e2e_tasks, 500)
+    return await end_to_end_on(url, sizes.e2e_tasks)
+
+
+async def end_to_end_on(url: str, n: int) -> float:
+    async with AsyncClient(url) as client:
         base = (await client.stats())["states"]["completed"]
         worker = start_worker(url, "--concurrency", "256")
         try:
-            while (await client.stats())["states"]["completed"] - base < sizes.e2e_tasks:
+            while (await client.stats())["states"]["completed"] - base < n:
                 if worker.poll() is not None:
                     raise RuntimeError("worker exited early")
                 await asyncio.sleep(0.1)
@@ -207,7 +217,7 @@ async def end_to_end(url: str, sizes: Sizes) -> float:
                 last = max(last, t.finished_at_ms)
             if after is None:
                 break
-        return sizes.e2e_tasks / max(0.001, (last - first) / 1000)
+        return n / max(0.001, (last - first) / 1000)
 
 
 async def dispatch_latency(url: str, sizes: Sizes) -> tuple[float, float]:
@@ -264,6 +274,45 @@ def memory_and_recovery(sizes: Sizes, n: int, with_recovery: bool) -> tuple[floa
         broker.stop()
 
 
+async def _leader_url(client: AsyncClient) -> str:
+    stats = await client.stats()
+    return str(stats["cluster"].get("leader_client") or "")
+
+
+def cluster_scenarios(sizes: Sizes) -> tuple[float, float, float]:
+    """Through a 3-node cluster: batched submits, one worker draining them, and failover (kill
+    -9 the leader, time until a write is accepted again)."""
+    from tq.bench.procs import ClusterProcs
+
+    cluster = ClusterProcs()
+    try:
+        cluster.start()
+
+        async def throughput() -> tuple[float, float]:
+            async with AsyncClient(cluster.url) as client:
+                await client.submit("echo", PAYLOAD)  # waits out the first election
+                t0 = time.perf_counter()
+                await _fill(client, sizes.cluster_tasks, 500)
+                submit_rate = sizes.cluster_tasks / (time.perf_counter() - t0)
+            e2e = await end_to_end_on(cluster.url, sizes.cluster_tasks)
+            return submit_rate, e2e
+
+        submit_rate, e2e = asyncio.run(throughput())
+
+        async def failover() -> float:
+            async with AsyncClient(cluster.url, connect_timeout_s=30) as client:
+                leader = await _leader_url(client)
+                victim = next(n for n in cluster.nodes if n.url == leader)
+                victim.kill9()
+                t0 = time.perf_counter()
+                await client.submit("echo", PAYLOAD)
+                return time.perf_counter() - t0
+
+        return submit_rate, e2e, asyncio.run(failover())
+    finally:
+        cluster.stop()
+
+
 def run_all(
     sizes: Sizes,
     broker_url: str | None = None,
@@ -310,15 +359,26 @@ def run_all(
             p50, p99 = with_broker(lambda u: dispatch_latency(u, sizes))
             result.add("dispatch-latency-p50", p50)
             result.add("dispatch-latency-p99", p99)
-        if broker_url is None and want("memory"):
-            rss, _ = memory_and_recovery(sizes, sizes.memory_small, False)
-            result.add("memory-100k", rss)
-        if broker_url is None and (want("memory") or want("recovery")):
-            rss, rec = memory_and_recovery(sizes, sizes.memory_large, True)
-            result.add("memory-1m", rss)
-            if rec is not None:
-                result.add("recovery-1m", rec)
+        if broker_url is None:
+            _own_brokers(sizes, want, result)
     return result
+
+
+def _own_brokers(sizes: Sizes, want: Callable[[str], bool], result: Result) -> None:
+    """Scenarios that need brokers of their own (killed, filled to a million, clustered)."""
+    if want("memory"):
+        rss, _ = memory_and_recovery(sizes, sizes.memory_small, False)
+        result.add("memory-100k", rss)
+    if want("memory") or want("recovery"):
+        rss, rec = memory_and_recovery(sizes, sizes.memory_large, True)
+        result.add("memory-1m", rss)
+        if rec is not None:
+            result.add("recovery-1m", rec)
+    if want("cluster"):
+        submit_rate, e2e, failover_s = cluster_scenarios(sizes)
+        result.add("cluster-submit-batch", submit_rate)
+        result.add("cluster-end-to-end", e2e)
+        result.add("cluster-failover", failover_s)
 
 
 def verdict(name: str, median: float) -> str:
@@ -326,5 +386,7 @@ def verdict(name: str, median: float) -> str:
     if target is None:
         return ""
     op, value, _ = target
+    if not op:
+        return ""
     ok = median >= value if op == ">=" else median <= value
     return ("ok" if ok else "MISS") + f" ({op} {value:g})"
