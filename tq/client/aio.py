@@ -257,7 +257,9 @@ class AsyncClient:
         # about a second, during which nodes answer NOT_LEADER without naming one.
         deadline = loop.time() + max(self.connect_timeout_s, 5.0)
         while True:
-            conn = await self.connect()
+            conn = self._conn
+            if conn is None or conn.error is not None:
+                conn = await self.connect()
             rid = conn.next_rid()
             try:
                 reply = await conn.send(rid, build(rid), timeout_s or self.timeout_s)
