@@ -277,3 +277,23 @@ def test_batch_of_1000_drained_by_burst_worker(
         assert c.status(ids[0]).result == {"i": 0}
         assert c.status(ids[-1]).result == {"i": n - 1}
         assert c.stats()["counters"]["completed"] == n
+
+
+def test_retention_removes_completed_tasks_in_the_background(
+    broker_factory: Callable[..., BrokerProcess], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    broker = broker_factory("--retention", "0.3", "--retention-interval", "0.2")
+    start_worker(broker.url, "-c", "2")
+    with broker.client() as c:
+        tid = c.submit("echo", {"old": True})
+        assert c.wait(tid, timeout_s=10).state == "completed"
+
+        def gone() -> bool:
+            try:
+                c.status(tid)
+            except TaskNotFound:
+                return True
+            return False
+
+        wait_until(gone, timeout=10, what="retention to delete the completed task")
+        assert c.stats()["states"]["completed"] == 0

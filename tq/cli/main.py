@@ -151,6 +151,9 @@ def broker(
     data_dir: str = typer.Option("./.tq-data", help="where the embedded store lives"),
     lease: float = typer.Option(30.0, "--lease", help="lease seconds, extended by heartbeats"),
     retention: float = typer.Option(7 * 86400, "--retention", help="keep finished tasks (s)"),
+    retention_interval: float = typer.Option(
+        60.0, "--retention-interval", help="how often retention runs (s)"
+    ),
     retry_base: float = typer.Option(1.0, "--retry-base", help="first retry delay (s)"),
     heartbeat_timeout: float = typer.Option(
         10.0, "--heartbeat-timeout", help="a worker silent this long (s) is declared dead"
@@ -185,6 +188,7 @@ def broker(
         retry_base,
         heartbeat_timeout,
         max_frame,
+        retention_interval_s=retention_interval,
         **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
     )
     try:
