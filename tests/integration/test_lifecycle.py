@@ -207,6 +207,21 @@ def test_handler_exceeding_its_timeout_fails_with_timeout(
         assert info.error.type == "TIMEOUT"
 
 
+def test_sync_handler_past_its_timeout_fails_and_frees_its_slot(
+    broker: BrokerProcess, start_worker: StartWorker
+) -> None:
+    start_worker(broker.url, "-c", "1", app=HANDLERS_APP)
+    with Client(broker.url) as c:
+        stuck = c.submit("test.slow_sync", 5, timeout_s=0.3, max_retries=0)
+        info = c.wait(stuck, timeout_s=10)
+        assert info.state == "dead"
+        assert info.error is not None
+        assert info.error.type == "TIMEOUT"
+        # The thread still sleeps, but the worker's only slot is free again.
+        nxt = c.submit("echo", {"after": "timeout"})
+        assert c.wait(nxt, timeout_s=3).result == {"after": "timeout"}
+
+
 def test_cancel_pending_task(
     broker: BrokerProcess, start_worker: StartWorker, tmp_path: Path
 ) -> None:
