@@ -435,6 +435,25 @@ class _TqTransport(TCPTransport):
         # "truncating already-applied log entries"). Keep the optimistic nextIndex; a real
         # gap is answered with reset=True (:985-990), which still rewinds it.
         if (
+            isinstance(message, dict)
+            and message.get("type") == "next_node_idx"
+            and message.get("reset")
+            and not message.get("success")
+        ):
+            # A failed append answers with where the follower wants to resume, always below the
+            # batch it rejected (syncobj.py:984-989). With a burst of batches in flight, the
+            # answers to later batches arrive after the one that found the conflict and would
+            # move nextIndex forward again (pysyncobj applies every reset, :1079-1080): the
+            # conflicting suffix of a deposed leader would never be overwritten. A failed reset
+            # therefore never raises nextIndex.
+            nxt = self._tq_next_index
+            before = nxt.get(node)
+            super()._onMessageReceived(node, message)
+            after = nxt.get(node)
+            if before is not None and after is not None and after > before:
+                nxt[node] = before
+            return
+        if (
             self._tq_keep_next_index
             and isinstance(message, dict)
             and message.get("type") == "next_node_idx"
