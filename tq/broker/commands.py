@@ -72,6 +72,26 @@ class Retention(_Cmd, tag="retention", frozen=True):
     task_ids: list[str]
 
 
+class PauseQueue(_Cmd, tag="pause", frozen=True):
+    """Stop (``paused``) or restart serving claims from a queue; submits are still accepted."""
+
+    queue: str
+    paused: bool
+
+
+class RetryDead(_Cmd, tag="retry_dead", frozen=True):
+    """Send these dead-lettered tasks back to pending with their attempts reset. The ids are
+    chosen by the leader (filters are a read); applying the list is deterministic."""
+
+    task_ids: list[str]
+
+
+class PurgeDead(_Cmd, tag="purge_dead", frozen=True):
+    """Delete these dead-lettered tasks for good."""
+
+    task_ids: list[str]
+
+
 class Announce(_Cmd, tag="announce", frozen=True):
     """A node that became leader tells every node its client address (for NOT_LEADER hints)."""
 
@@ -92,6 +112,9 @@ Command = (
     | Tick
     | Retention
     | Announce
+    | PauseQueue
+    | RetryDead
+    | PurgeDead
 )
 
 

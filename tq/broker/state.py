@@ -33,10 +33,13 @@ from tq.broker.commands import (
     Claim,
     Command,
     Extend,
+    PauseQueue,
+    PurgeDead,
     RegisterWorker,
     Release,
     Report,
     Retention,
+    RetryDead,
     Submit,
     Tick,
     WorkerLost,
@@ -200,6 +203,7 @@ class StateMachine:
         self.next_token = 1
         self.applied_index = 0  # the last replicated log entry applied (cluster mode)
         self.nodes: dict[str, str] = {}  # raft address -> client address, from Announce
+        self.paused: set[str] = set()  # queues whose tasks are not handed out
         # per-apply scratch
         self._batch: Batch | None = None
         self._finished: list[Task] = []
@@ -218,6 +222,7 @@ class StateMachine:
         self.counts = {s.value: 0 for s in TaskState}
         self.counters.clear()
         self.nodes.clear()
+        self.paused.clear()
         self.next_seq = 1
         self.next_token = 1
         self.applied_index = 0
@@ -275,6 +280,8 @@ class StateMachine:
                 self.applied_index = number
             elif name.startswith("node:"):
                 self.nodes[name[5:]] = value.decode()
+            elif name.startswith("paused:"):
+                self.paused.add(name[7:])
         self.counts[TaskState.FAILED] = len(self.timers)
         self.next_seq = max(self.next_seq, max_seq + 1)
 
@@ -332,6 +339,12 @@ class StateMachine:
                 return self._tick(now)
             case Retention(cutoff_ms, task_ids):
                 return self._retention(cutoff_ms, task_ids)
+            case PauseQueue(queue, paused):
+                return self._pause(queue, paused)
+            case RetryDead(task_ids):
+                return self._retry_dead(now, task_ids)
+            case PurgeDead(task_ids):
+                return self._purge_dead(task_ids)
             case Announce(raft_address, client_address):
                 self.nodes[raft_address] = client_address
                 assert self._batch is not None
@@ -499,10 +512,11 @@ class StateMachine:
         leases = self.leases
         held = worker.leases
         running = RUNNING
+        paused = self.paused
         for priority in _PRIORITIES:
             for queue in queues:
                 rq = self.ready.get(queue)
-                if rq is None:
+                if rq is None or (paused and queue in paused):
                     continue
                 prefix = queue.encode() + b"\x00"
                 while len(out) < n:
@@ -730,6 +744,79 @@ class StateMachine:
             changed += 1
         return changed
 
+    def _pause(self, queue: str, paused: bool) -> bool:
+        batch = self._batch
+        assert batch is not None
+        key = f"paused:{queue}".encode()
+        if paused:
+            self.paused.add(queue)
+            batch.put(CF.META, key, b"1")
+        else:
+            self.paused.discard(queue)
+            batch.delete(CF.META, key)
+            self._readied = True  # parked claims on this queue can be served now
+        return paused
+
+    def _retry_dead(self, now: int, task_ids: list[str]) -> list[str]:
+        batch = self._batch
+        assert batch is not None
+        retried: list[str] = []
+        for task_id in task_ids:
+            tid = task_id.encode()
+            raw = self.store.get(CF.DEAD_LETTER, tid, batch)
+            if raw is None:
+                continue  # no longer dead (retried or purged meanwhile)
+            batch.delete(CF.DEAD_LETTER, tid)
+            self.counts[DEAD] -= 1
+            task = msgspec.structs.replace(_task_dec.decode(raw), attempt=0, finished_at_ms=0)
+            self._pend(task)
+            retried.append(task_id)
+        if retried:
+            self._count("dlq_retried", len(retried))
+        return retried
+
+    def _purge_dead(self, task_ids: list[str]) -> list[str]:
+        batch = self._batch
+        assert batch is not None
+        purged: list[str] = []
+        for task_id in task_ids:
+            tid = task_id.encode()
+            if self.store.get(CF.DEAD_LETTER, tid, batch) is None:
+                continue
+            batch.delete(CF.DEAD_LETTER, tid)
+            batch.delete(CF_IDS, tid)
+            self.counts[DEAD] -= 1
+            purged.append(task_id)
+        if purged:
+            self._count("dlq_purged", len(purged))
+        return purged
+
+    def dead_letters(
+        self,
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        error_type: str | None = None,
+        finished_before_ms: int | None = None,
+        limit: int = 10_000,
+    ) -> list[Task]:
+        """Dead-lettered tasks matching every filter given (a read, outside apply)."""
+        out: list[Task] = []
+        for _key, value in self.store.items(CF.DEAD_LETTER):
+            task = _task_dec.decode(value)
+            if queue and task.queue != queue:
+                continue
+            if name and task.name != name:
+                continue
+            if error_type and (task.error is None or task.error.type != error_type):
+                continue
+            if finished_before_ms is not None and task.finished_at_ms >= finished_before_ms:
+                continue
+            out.append(task)
+            if len(out) >= limit:
+                break
+        return out
+
     def _retention(self, cutoff_ms: int, task_ids: list[str]) -> int:
         """Delete the named finished tasks if they still finished before ``cutoff_ms``. The
         leader picks the ids (a read, outside apply); applying the list is deterministic."""
@@ -788,7 +875,7 @@ class StateMachine:
     def has_ready(self, queues: Iterable[str]) -> bool:
         for queue in queues:
             rq = self.ready.get(queue)
-            if rq is not None and rq.total() > 0:
+            if rq is not None and rq.total() > 0 and queue not in self.paused:
                 return True
         return False
 
@@ -798,7 +885,7 @@ class StateMachine:
         for lease in self.leases.values():
             running[lease.task.queue] = running.get(lease.task.queue, 0) + 1
         delayed = self.delayed
-        names = set(self.ready) | set(running) | {q for q, n in delayed.items() if n}
+        names = set(self.ready) | set(running) | {q for q, n in delayed.items() if n} | self.paused
         for queue in sorted(names):
             rq = self.ready.get(queue) or ReadyQueue()
             depth = {Priority(p).label: rq.count(p) for p in _PRIORITIES}
@@ -816,6 +903,7 @@ class StateMachine:
                 running=running.get(queue, 0),
                 delayed=delayed.get(queue, 0),
                 oldest_pending_ms=oldest,
+                paused=queue in self.paused,
             )
         return out
 

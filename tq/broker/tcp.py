@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
+from tq.broker import commands as cmds
 from tq.broker.commands import Cancel, Extend, RegisterWorker, Release, Report, Submit, WorkerLost
 from tq.broker.core import BrokerCore
 from tq.errors import (
@@ -35,12 +36,14 @@ from tq.protocol.messages import (
     CancelTask,
     ClaimTask,
     ClusterChange,
+    DeadLetters,
     GetStats,
     Heartbeat,
     Hello,
     Leased,
     ListTasks,
     Nack,
+    PauseQueue,
     QueryStatus,
     ReleaseTasks,
     ResultBatch,
@@ -289,6 +292,48 @@ class Connection(asyncio.Protocol):
         # Any node answers (a follower from its local state): `tq cluster status` needs it.
         self.core.after_durable(lambda: self._send(StatsReply(msg.rid, self.core.stats())))
 
+    def _on_pause(self, msg: PauseQueue) -> None:
+        if not valid_name(msg.queue):
+            raise BadRequest(f"queue {msg.queue[:80]!r} must be 1-200 of [A-Za-z0-9_.:-]")
+        rid = msg.rid
+        self.core.submit(
+            cmds.PauseQueue(msg.queue, msg.paused),
+            self._replier(rid, lambda _: Ack(rid, [msg.queue])),
+        )
+
+    def _on_dead_letters(self, msg: DeadLetters) -> None:
+        self._require_serving()
+        if msg.op not in ("list", "retry", "purge"):
+            raise BadRequest("op must be list, retry or purge")
+        if not 0 < msg.limit <= MAX_LIST:
+            raise BadRequest(f"limit must be 1 to {MAX_LIST}")
+        if msg.older_than_s is not None and msg.older_than_s < 0:
+            raise BadRequest("older_than_s must be >= 0")
+        rid = msg.rid
+        if msg.task_ids:
+            found = [t for t in (self.core.sm.get_task(i) for i in msg.task_ids[:MAX_LIST]) if t]
+            tasks = [t for t in found if t.state == "dead"]
+        else:
+            before = None
+            if msg.older_than_s is not None:
+                before = self.core.clock() - int(msg.older_than_s * 1000)
+            tasks = self.core.sm.dead_letters(
+                queue=msg.queue,
+                name=msg.name,
+                error_type=msg.error_type,
+                finished_before_ms=before,
+                limit=msg.limit,
+            )
+        if msg.op == "list":
+            self._send(TaskListReply(rid, tasks))
+            return
+        ids = [t.id for t in tasks]
+        if msg.dry_run or not ids:
+            self._send(Ack(rid, ids))
+            return
+        command = cmds.RetryDead(ids) if msg.op == "retry" else cmds.PurgeDead(ids)
+        self.core.submit(command, self._replier(rid, lambda done: Ack(rid, done)))
+
     def _on_cluster_change(self, msg: ClusterChange) -> None:
         if msg.op not in ("add", "remove"):
             raise BadRequest("op must be add or remove")
@@ -386,6 +431,8 @@ _HANDLERS: dict[type[Any], Callable[[Connection, Any], None]] = {
     CancelTask: Connection._on_cancel,
     GetStats: Connection._on_stats,
     ClusterChange: Connection._on_cluster_change,
+    PauseQueue: Connection._on_pause,
+    DeadLetters: Connection._on_dead_letters,
 }
 
 

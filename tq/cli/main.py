@@ -647,6 +647,162 @@ def cluster_remove(
     _membership("remove", address, broker)
 
 
+queue_app = typer.Typer(help="Pause and resume queues.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+dlq_app = typer.Typer(help="The dead-letter queue: list, show, retry, purge.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _bar(n: int, top: int, width: int = 10) -> str:
+    return "█" * (round(width * n / top) if top else 0)
+
+
+@app.command()
+def queues(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
+    """Queues: depth per priority (with a bar), running, retry-waiting, oldest age, paused."""
+    import time as _time
+
+    data = _run_client(lambda c: c.stats(), broker)["queues"]
+    if output is not Format.table:
+        emit_data(data, output)
+        return
+    now_ms = _time.time() * 1000
+    top = max((sum(q["pending"].values()) for q in data.values()), default=0)
+    emit_table(
+        f"queues ({len(data)})",
+        ["queue", "depth", "", "high", "normal", "low", "running", "retrying", "oldest", "paused"],
+        [
+            [
+                name,
+                sum(q["pending"].values()),
+                _bar(sum(q["pending"].values()), top),
+                q["pending"]["high"],
+                q["pending"]["normal"],
+                q["pending"]["low"],
+                q["running"],
+                q["delayed"],
+                f"{(now_ms - q['oldest_pending_ms']) / 1000:.1f}s"
+                if q["oldest_pending_ms"]
+                else "",
+                "yes" if q["paused"] else "",
+            ]
+            for name, q in data.items()
+        ],
+    )
+
+
+@queue_app.command("pause")
+def queue_pause(queue: str, broker: str | None = BrokerOpt) -> None:
+    """Stop handing out this queue's tasks (submits are still accepted)."""
+    _run_client(lambda c: c.pause_queue(queue), broker)
+    print(f"paused {queue}")
+
+
+@queue_app.command("resume")
+def queue_resume(queue: str, broker: str | None = BrokerOpt) -> None:
+    """Hand out this queue's tasks again."""
+    _run_client(lambda c: c.resume_queue(queue), broker)
+    print(f"resumed {queue}")
+
+
+QueueFilter = typer.Option(None, "--queue", "-q")
+NameFilter = typer.Option(None, "--name", "-n", help="task name")
+ErrorFilter = typer.Option(None, "--error-type", help="e.g. TIMEOUT, RuntimeError")
+AgeFilter = typer.Option(None, "--older-than", help="finished more than this many seconds ago")
+
+
+def _dlq_filters(
+    queue: str | None, name: str | None, error_type: str | None, older_than: float | None
+) -> dict[str, Any]:
+    return {"queue": queue, "name": name, "error_type": error_type, "older_than_s": older_than}
+
+
+@dlq_app.command("list")
+def dlq_list(
+    queue: str | None = QueueFilter,
+    name: str | None = NameFilter,
+    error_type: str | None = ErrorFilter,
+    older_than: float | None = AgeFilter,
+    limit: int = typer.Option(100, "--limit", min=1, max=10_000),
+    broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
+) -> None:
+    """Dead-lettered tasks matching the filters."""
+    filters = _dlq_filters(queue, name, error_type, older_than)
+    tasks = _run_client(lambda c: c.dead_letters(limit=limit, **filters), broker)
+    if output is not Format.table:
+        emit_data([t.to_dict() for t in tasks], output)
+    else:
+        emit_table(f"dead letters ({len(tasks)})", _TASK_COLUMNS, _task_rows(tasks))
+
+
+@dlq_app.command("show")
+def dlq_show(task_id: str, broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
+    """One dead-lettered task with its error and traceback."""
+    info = _run_client(lambda c: c.status(task_id), broker)
+    if info.state != "dead":
+        fail(f"task {task_id} is {info.state}, not in the dead-letter queue")
+    _show_task(info, output)
+
+
+def _dlq_change(
+    op: str,
+    task_ids: list[str] | None,
+    filters: dict[str, Any],
+    dry_run: bool,
+    broker: str | None,
+    output: Format,
+) -> None:
+    if not task_ids and not any(v is not None for v in filters.values()) and not dry_run:
+        fail(f"name task ids, or give a filter (--queue, --name, ...) to {op} many", code=2)
+
+    async def go(c: Any) -> list[str]:
+        fn = c.retry_dead if op == "retry" else c.purge_dead
+        ids: list[str] = await fn(task_ids or None, dry_run=dry_run, **filters)
+        return ids
+
+    ids = _run_client(go, broker)
+    verb = {"retry": "retried", "purge": "purged"}[op]
+    if output is not Format.table:
+        emit_data({"dry_run": dry_run, verb: ids}, output)
+        return
+    print(f"{'would be ' if dry_run else ''}{verb}: {len(ids)}")
+    for tid in ids:
+        print(f"  {tid}")
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    task_ids: list[str] | None = typer.Argument(None, help="task ids (or use filters)"),
+    queue: str | None = QueueFilter,
+    name: str | None = NameFilter,
+    error_type: str | None = ErrorFilter,
+    older_than: float | None = AgeFilter,
+    dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be retried"),
+    broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
+) -> None:
+    """Send dead-lettered tasks back to pending with their attempts reset."""
+    filters = _dlq_filters(queue, name, error_type, older_than)
+    _dlq_change("retry", task_ids, filters, dry_run, broker, output)
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    task_ids: list[str] | None = typer.Argument(None, help="task ids (or use filters)"),
+    queue: str | None = QueueFilter,
+    name: str | None = NameFilter,
+    error_type: str | None = ErrorFilter,
+    older_than: float | None = AgeFilter,
+    dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be purged"),
+    broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
+) -> None:
+    """Delete dead-lettered tasks for good."""
+    filters = _dlq_filters(queue, name, error_type, older_than)
+    _dlq_change("purge", task_ids, filters, dry_run, broker, output)
+
+
 def main() -> None:
     app()
 

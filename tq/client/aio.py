@@ -8,6 +8,7 @@ task ids, so a resubmit after a lost connection cannot create a second task).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import socket
 from collections.abc import Callable, Iterable
@@ -42,9 +43,11 @@ from tq.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
     CancelTask,
+    DeadLetters,
     GetStats,
     Hello,
     ListTasks,
+    PauseQueue,
     QueryStatus,
     Response,
     StatsReply,
@@ -420,13 +423,91 @@ class AsyncClient:
         queue: str | None = None,
         name: str | None = None,
         limit: int = 100,
-    ) -> list[TaskInfo]:
+    ) -> builtins.list[TaskInfo]:
         tasks, _ = await self.list_page(state, queue=queue, name=name, limit=limit)
         return tasks
 
     async def cancel(self, task_id: str) -> TaskInfo:
         reply = await self.call(lambda rid: CancelTask(rid, task_id), TaskInfoReply, retry=False)
         return TaskInfo.from_task(reply.task)
+
+    async def pause_queue(self, queue: str) -> None:
+        """Stop handing out this queue's tasks (submits are still accepted)."""
+        await self.call(lambda rid: PauseQueue(rid, queue, True), Ack, retry=False)
+
+    async def resume_queue(self, queue: str) -> None:
+        await self.call(lambda rid: PauseQueue(rid, queue, False), Ack, retry=False)
+
+    async def dead_letters(
+        self,
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        error_type: str | None = None,
+        older_than_s: float | None = None,
+        limit: int = 1000,
+    ) -> builtins.list[TaskInfo]:
+        """Dead-lettered tasks matching every filter given."""
+        reply = await self.call(
+            lambda rid: DeadLetters(
+                rid, "list", [], queue, name, error_type, older_than_s, False, limit
+            ),
+            TaskListReply,
+        )
+        return [TaskInfo.from_task(t) for t in reply.tasks]
+
+    async def _dlq_change(
+        self,
+        op: str,
+        task_ids: builtins.list[str] | None,
+        queue: str | None,
+        name: str | None,
+        error_type: str | None,
+        older_than_s: float | None,
+        dry_run: bool,
+        limit: int,
+    ) -> builtins.list[str]:
+        reply = await self.call(
+            lambda rid: DeadLetters(
+                rid, op, task_ids or [], queue, name, error_type, older_than_s, dry_run, limit
+            ),
+            Ack,
+            retry=False,
+        )
+        return reply.ids
+
+    async def retry_dead(
+        self,
+        task_ids: builtins.list[str] | None = None,
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        error_type: str | None = None,
+        older_than_s: float | None = None,
+        dry_run: bool = False,
+        limit: int = 1000,
+    ) -> builtins.list[str]:
+        """Send dead-lettered tasks (by id, or all matching the filters) back to pending with
+        their attempts reset; returns the ids (with ``dry_run``: the ids it would retry)."""
+        return await self._dlq_change(
+            "retry", task_ids, queue, name, error_type, older_than_s, dry_run, limit
+        )
+
+    async def purge_dead(
+        self,
+        task_ids: builtins.list[str] | None = None,
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        error_type: str | None = None,
+        older_than_s: float | None = None,
+        dry_run: bool = False,
+        limit: int = 1000,
+    ) -> builtins.list[str]:
+        """Delete dead-lettered tasks for good; returns the ids (with ``dry_run``: would be)."""
+        return await self._dlq_change(
+            "purge", task_ids, queue, name, error_type, older_than_s, dry_run, limit
+        )
 
     async def stats(self) -> dict[str, Any]:
         """``{"states": {state: count}, "queues": {...}, "workers": [...], ...}``"""

@@ -4,6 +4,7 @@ portal, as anyio does), so there is one implementation of the protocol, not two.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import threading
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
@@ -112,11 +113,31 @@ class Client:
         queue: str | None = None,
         name: str | None = None,
         limit: int = 100,
-    ) -> list[TaskInfo]:
+    ) -> builtins.list[TaskInfo]:
         return self._portal.call(self.aio.list(state, queue=queue, name=name, limit=limit))
 
     def cancel(self, task_id: str) -> TaskInfo:
         return self._portal.call(self.aio.cancel(task_id))
+
+    def pause_queue(self, queue: str) -> None:
+        self._portal.call(self.aio.pause_queue(queue))
+
+    def resume_queue(self, queue: str) -> None:
+        self._portal.call(self.aio.resume_queue(queue))
+
+    def dead_letters(self, **filters: Any) -> builtins.list[TaskInfo]:
+        """Filters as for ``AsyncClient.dead_letters``."""
+        return self._portal.call(self.aio.dead_letters(**filters))
+
+    def retry_dead(
+        self, task_ids: builtins.list[str] | None = None, **filters: Any
+    ) -> builtins.list[str]:
+        return self._portal.call(self.aio.retry_dead(task_ids, **filters))
+
+    def purge_dead(
+        self, task_ids: builtins.list[str] | None = None, **filters: Any
+    ) -> builtins.list[str]:
+        return self._portal.call(self.aio.purge_dead(task_ids, **filters))
 
     def stats(self) -> dict[str, Any]:
         return self._portal.call(self.aio.stats())

@@ -62,6 +62,7 @@ class QueueStats(msgspec.Struct, frozen=True):
     running: int = 0
     delayed: int = 0
     oldest_pending_ms: int = 0
+    paused: bool = False
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
@@ -181,6 +182,30 @@ class GetStats(_Msg, tag="stats", frozen=True):
     rid: int
 
 
+class PauseQueue(_Msg, tag="pause", frozen=True):
+    """Pause (``paused`` true) or resume handing out a queue's tasks."""
+
+    rid: int
+    queue: str
+    paused: bool = True
+
+
+class DeadLetters(_Msg, tag="dlq", frozen=True):
+    """List, retry or purge dead-lettered tasks: by ``task_ids``, or by the filters (queue, task
+    name, error type, finished more than ``older_than_s`` ago). ``dry_run`` only reports which
+    tasks would be affected. Replies: TaskListReply for ``list``, Ack(ids) otherwise."""
+
+    rid: int
+    op: str = "list"
+    task_ids: list[str] = msgspec.field(default_factory=list)
+    queue: str | None = None
+    name: str | None = None
+    error_type: str | None = None
+    older_than_s: float | None = None
+    dry_run: bool = False
+    limit: int = 1000
+
+
 class ClusterChange(_Msg, tag="cluster_change", frozen=True):
     """Add or remove a member (``op`` is "add" or "remove"; ``address`` its Raft host:port)."""
 
@@ -204,6 +229,8 @@ Request = (
     | CancelTask
     | GetStats
     | ClusterChange
+    | PauseQueue
+    | DeadLetters
 )
 
 
