@@ -11,6 +11,7 @@ import sys
 from tq.broker.core import BrokerCore
 from tq.broker.tcp import TcpServer
 from tq.config import BrokerConfig
+from tq.logfields import kv
 
 log = logging.getLogger("tq.broker")
 
@@ -52,10 +53,8 @@ class BrokerApp:
             # Tests and scripts wait for this exact line to learn the bound port.
             print(f"tq broker listening on {self.config.host}:{port}", flush=True)
         log.info(
-            "broker.started host=%s port=%d data_dir=%s",
-            self.config.host,
-            port,
-            self.config.data_dir,
+            "broker.started",
+            extra=kv(host=self.config.host, port=port, data_dir=self.config.data_dir),
         )
         stopper = asyncio.ensure_future(stop.wait())
         fatal = asyncio.ensure_future(self.core.stopped.wait())
@@ -63,7 +62,7 @@ class BrokerApp:
         stopper.cancel()
         fatal.cancel()
         if self.core.fatal is not None:
-            log.critical("broker.fatal error=%s", self.core.fatal)
+            log.critical("broker.fatal", extra=kv(error=str(self.core.fatal)))
             print(f"tq broker: fatal store error: {self.core.fatal}", file=sys.stderr)
             self.tcp.stop_accepting()
             self.tcp.close_all()

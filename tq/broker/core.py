@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from tq._version import __version__
 from tq.broker.commands import Claim, Command, Retention, Submit, Tick
 from tq.broker.log import LocalLog
+from tq.logfields import kv
 
 if TYPE_CHECKING:
     from tq.broker.cluster import ClusterLog
@@ -153,10 +154,12 @@ class BrokerCore:
         t0 = time.monotonic()
         self.sm.recover()
         log.info(
-            "store.recovered pending=%d running=%d in %.3fs",
-            self.sm.counts["pending"],
-            self.sm.counts["running"],
-            time.monotonic() - t0,
+            "store.recovered",
+            extra=kv(
+                pending=self.sm.counts["pending"],
+                running=self.sm.counts["running"],
+                seconds=round(time.monotonic() - t0, 3),
+            ),
         )
         if isinstance(self.log, LocalLog):
             self.log.start(self._loop)
@@ -401,7 +404,7 @@ class BrokerCore:
         def done(f: asyncio.Future[None]) -> None:
             exc = f.exception()
             if exc is None:
-                log.info("cluster.membership_changed op=%s address=%s", op, address)
+                log.info("cluster.membership_changed", extra=kv(op=op, address=address))
                 reply(None)
             else:
                 reply(self.refusal() if not self.serving else TqError(f"{op} {address}: {exc}"))

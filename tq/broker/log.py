@@ -17,6 +17,7 @@ from typing import Any
 from tq.broker.commands import Command
 from tq.broker.state import ApplyResult, StateMachine
 from tq.errors import NotLeader
+from tq.logfields import kv
 from tq.store import Store
 
 log = logging.getLogger("tq.broker.log")
@@ -117,7 +118,7 @@ class LocalLog:
         cbs, self._running_cbs = self._running_cbs, []
         if exc is not None:
             self.failed = exc
-            log.critical("store.flush_failed: %s", exc)
+            log.critical("store.flush_failed", extra=kv(error=str(exc)))
             for cb in cbs + self._next_cbs:
                 cb(exc)
             self._next_cbs = []

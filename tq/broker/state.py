@@ -45,6 +45,7 @@ from tq.broker.commands import (
     WorkerLost,
 )
 from tq.errors import InvalidState, LeaseLost, TaskNotFound, TqError
+from tq.logfields import kv
 from tq.model import ErrorInfo, Priority, RetryPolicy, Task, TaskState
 from tq.protocol.messages import LeasedTask, LeaseRef, Outcome, QueueStats, TaskSpec, WorkerInfo
 from tq.store import CF, Batch, Store, pending_key, split_pending_key
@@ -307,7 +308,7 @@ class StateMachine:
             except TqError as exc:
                 results.append(exc)
             except Exception as exc:  # apply must never raise: record and go on
-                log.exception("state.apply_failed command=%s", type(cmd).__name__)
+                log.exception("state.apply_failed", extra=kv(command=type(cmd).__name__))
                 results.append(TqError(f"internal error applying {type(cmd).__name__}: {exc}"))
         self._write_meta(batch, counts_before, counters_before, seq_before, token_before)
         if applied_index is not None:

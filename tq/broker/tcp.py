@@ -27,6 +27,7 @@ from tq.errors import (
     Unauthenticated,
     UnsupportedVersion,
 )
+from tq.logfields import kv
 from tq.model import MAX_PAYLOAD_BYTES, Task, TaskState, valid_name, valid_task_id
 from tq.protocol.codec import decode_request, encode, guess_rid
 from tq.protocol.framing import FrameDecoder
@@ -132,7 +133,7 @@ class Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.core.drop_parked(self)
         if self.worker_id is not None and not self.server.worker_connected(self.worker_id):
-            log.info("worker.disconnected worker=%s", self.worker_id)
+            log.info("worker.disconnected", extra=kv(worker=self.worker_id))
             self.core.submit(WorkerLost(self.worker_id), None)
 
     def data_received(self, data: bytes) -> None:
@@ -369,7 +370,7 @@ class Connection(asyncio.Protocol):
         self.hello = msg
         if msg.role == "worker":
             self.worker_id = msg.client_id
-            log.info("worker.connected worker=%s host=%s pid=%d", msg.client_id, msg.host, msg.pid)
+            log.info("worker.connected", extra=kv(worker=msg.client_id, host=msg.host, pid=msg.pid))
             self.core.submit(
                 RegisterWorker(msg.client_id, msg.host, msg.pid, msg.concurrency, msg.queues),
                 None,

@@ -42,12 +42,17 @@ app = typer.Typer(
 BrokerOpt = typer.Option(None, "--broker", "-b", help="tcp://host:port[,...] (env TQ_BROKER)")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+LogFormatOpt = typer.Option(
+    "auto", "--log-format", help="auto (console on a terminal, else json), console or json"
+)
+
+
+def _setup_logging(level: str, fmt: str = "auto") -> None:
+    from tq.cli.logfmt import setup_logging
+
+    if fmt not in ("auto", "console", "json"):
+        fail("--log-format must be auto, console or json", code=2)
+    setup_logging(level, fmt)
 
 
 def _use_uvloop() -> None:
@@ -173,9 +178,10 @@ def broker(
         None, "--raft-secret-file", help="cluster: shared secret encrypting Raft traffic"
     ),
     log_level: str = typer.Option("info", "--log-level"),
+    log_format: str = LogFormatOpt,
 ) -> None:
     """Run the broker: TCP protocol + embedded durable store (+ Raft with --raft-port)."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     _use_uvloop()
     from tq.broker.app import BrokerApp
 
@@ -243,9 +249,10 @@ def worker(
     grace: float = typer.Option(30.0, "--grace", help="SIGTERM: time to finish running tasks"),
     burst: bool = typer.Option(False, "--burst", help="exit once the queues are empty"),
     log_level: str = typer.Option("info", "--log-level"),
+    log_format: str = LogFormatOpt,
 ) -> None:
     """Run a worker: claim tasks, run handlers, report results."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     _use_uvloop()
     w = _make_worker(broker, concurrency, queue, app_module, heartbeat, grace, burst)
 
@@ -273,9 +280,10 @@ def up(
     concurrency: int = typer.Option(8, "--concurrency", "-c", min=1),
     app_module: list[str] | None = typer.Option(None, "--app", help="module of @task handlers"),
     log_level: str = typer.Option("info", "--log-level"),
+    log_format: str = LogFormatOpt,
 ) -> None:
     """Broker and one worker in a single process: the quickest way to a working system."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     _use_uvloop()
     from tq.broker.app import BrokerApp
 

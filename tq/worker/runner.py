@@ -21,6 +21,7 @@ import psutil
 
 from tq.client import AsyncClient, decode_value, encode_payload
 from tq.errors import TqError
+from tq.logfields import kv
 from tq.model import ErrorInfo
 from tq.protocol.messages import (
     Ack,
@@ -132,7 +133,7 @@ class Worker:
             except TqError as exc:  # unreachable, or a cluster between leaders
                 if self._stopping.is_set():
                     return
-                log.warning("worker.broker_unavailable error=%s retry_in=%.2fs", exc, delay)
+                log.warning("worker.broker_unavailable", extra=kv(error=str(exc), retry_in_s=delay))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -186,7 +187,7 @@ class Worker:
 
     async def _drain(self) -> None:
         if self._running:
-            log.info("worker.draining running=%d grace_s=%.1f", len(self._running), self.grace_s)
+            log.info("worker.draining", extra=kv(running=len(self._running), grace_s=self.grace_s))
             tasks = [t for _, t in self._running.values()]
             _, still = await asyncio.wait(tasks, timeout=self.grace_s)
             for t in still:
@@ -280,10 +281,10 @@ class Worker:
             ack = await self._client.call(lambda rid: ResultBatch(rid, outcomes), Ack, retry=False)
         except TqError as exc:
             # The broker requeues these tasks when it notices us gone: at-least-once holds.
-            log.warning("worker.report_failed tasks=%d error=%s", len(outcomes), exc)
+            log.warning("worker.report_failed", extra=kv(tasks=len(outcomes), error=str(exc)))
             return
         if ack.rejected:
-            log.warning("worker.results_refused tasks=%d (leases expired)", len(ack.rejected))
+            log.warning("worker.results_refused", extra=kv(tasks=len(ack.rejected)))
 
     async def _flush_results_now(self) -> None:
         self._send_results()
@@ -308,7 +309,7 @@ class Worker:
             for ref in refs:
                 entry = self._running.get(ref.token) if ref.task_id in lost else None
                 if entry is not None:
-                    log.warning("worker.lease_lost task=%s: cancelling", ref.task_id)
+                    log.warning("worker.lease_lost", extra=kv(task=ref.task_id))
                     entry[1].cancel()
 
     def _heartbeat_message(self, refs: list[LeaseRef]) -> Callable[[int], Heartbeat]:
