@@ -47,7 +47,7 @@ from tq.broker.commands import (
     Tick,
     WorkerLost,
 )
-from tq.broker.state import StateMachine
+from tq.broker.state import UNLISTED_GRACE_MS, StateMachine
 from tq.errors import InvalidState, LeaseLost, TaskNotFound, TqError
 from tq.model import ErrorInfo, Priority, Task, TaskState
 from tq.protocol.messages import LeaseRef, Outcome, QueueStats, TaskSpec
@@ -106,6 +106,7 @@ class MTask:
     failed_at: int = 0
     tokens: list[int] = field(default_factory=list)  # every token ever issued, last = newest
     claimed_before: bool = False
+    claimed_at: int = 0  # when the live lease was granted
 
 
 @dataclass
@@ -220,6 +221,7 @@ class Model:
                     t = self.tasks[fifo.pop(0)]
                     t.state, t.attempt, t.worker = RUNNING, t.attempt + 1, worker
                     t.token, t.deadline = self.next_token, now + self.lease_ms
+                    t.claimed_at = now
                     t.tokens.append(self.next_token)
                     self.next_token += 1
                     w.leases.add(t.id)
@@ -265,6 +267,19 @@ class Model:
                 rejected.append((ref.task_id, LeaseLost.code))
             else:
                 t.deadline = now + self.lease_ms
+        w = self.workers.get(worker)
+        if w is not None:
+            # leases the heartbeat does not list, granted more than UNLISTED_GRACE_MS ago, are
+            # handed back like a release (the worker never got them)
+            listed = {ref.task_id for ref in refs}
+            for task_id in sorted(w.leases - listed):
+                t = self.tasks[task_id]
+                if t.state is RUNNING and t.claimed_at < now - UNLISTED_GRACE_MS:
+                    self.take_lease(worker, task_id, t.token)  # type: ignore[arg-type]
+                    t.token = None
+                    t.attempt = max(0, t.attempt - 1)
+                    self.counters["leases_unknown_to_worker"] += 1
+                    self.enqueue(t, fresh_seq=not REQUEUE_KEEPS_SEQ)
         return rejected
 
     def release(self, worker: str, refs: list[LeaseRef]) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,14 @@ if TYPE_CHECKING:
     from tq.broker.cluster import ClusterLog
 from tq.broker.state import ApplyResult, StateMachine
 from tq.config import BrokerConfig
-from tq.errors import BadRequest, ShuttingDown, TaskNotFound, TqError, WaitTimeout
+from tq.errors import (
+    BadRequest,
+    InvalidState,
+    ShuttingDown,
+    TaskNotFound,
+    TqError,
+    WaitTimeout,
+)
 from tq.model import RetryPolicy, Task
 from tq.protocol.messages import Stats
 from tq.store import Store
@@ -84,6 +91,25 @@ def _splitter(parts: list[tuple[Reply | None, int]]) -> Reply:
     return split
 
 
+ApplyObserver = Callable[[int, list[Command], ApplyResult], None]
+
+
+class ObservedStateMachine(StateMachine):
+    """The state machine with one optional observer of every applied batch (the metrics hook:
+    ``tq/broker/metrics.py``). It runs on every node, right after each apply, and must not raise."""
+
+    observer: ApplyObserver | None = None
+
+    def apply(
+        self, now_ms: int, commands: Iterable[Command], applied_index: int | None = None
+    ) -> ApplyResult:
+        batch = commands if isinstance(commands, list) else list(commands)
+        result = super().apply(now_ms, batch, applied_index)
+        if self.observer is not None:
+            self.observer(now_ms, batch, result)
+        return result
+
+
 @dataclass(slots=True, eq=False)
 class ParkedClaim:
     worker_id: str
@@ -101,7 +127,7 @@ class BrokerCore:
         self.store = Store(
             os.path.join(config.data_dir, "store") if config.clustered else config.data_dir
         )
-        self.sm = StateMachine(
+        self.sm = ObservedStateMachine(
             self.store,
             lease_ms=int(config.lease_s * 1000),
             heartbeat_timeout_ms=int(config.heartbeat_timeout_s * 1000),
@@ -399,6 +425,14 @@ class BrokerCore:
             reply(self.refusal())
             return
         assert not isinstance(self.log, LocalLog)
+        if op == "remove" and address == self.log.raft_address:
+            reply(
+                InvalidState(
+                    f"{address} is the leader: stop it (the others elect a new leader), "
+                    "then remove it through the new leader"
+                )
+            )
+            return
         fut = self.log.add_node(address) if op == "add" else self.log.remove_node(address)
 
         def done(f: asyncio.Future[None]) -> None:
@@ -407,7 +441,7 @@ class BrokerCore:
                 log.info("cluster.membership_changed", extra=kv(op=op, address=address))
                 reply(None)
             else:
-                reply(self.refusal() if not self.serving else TqError(f"{op} {address}: {exc}"))
+                reply(self.refusal() if not self.serving else InvalidState(str(exc)))
 
         fut.add_done_callback(done)
 

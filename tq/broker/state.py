@@ -78,6 +78,7 @@ _LOOKUP_ORDER: Final = (CF.COMPLETED, CF.FAILED, CF.DEAD_LETTER, CF.CANCELLED)
 _FINAL_STATES: Final = frozenset({TaskState.COMPLETED, TaskState.DEAD, TaskState.CANCELLED})
 _PERSISTED_COUNTS: Final = frozenset({TaskState.COMPLETED, TaskState.DEAD, TaskState.CANCELLED})
 _SEQ: Final = struct.Struct(">BQ")
+UNLISTED_GRACE_MS: Final = 5_000  # a lease a heartbeat omits is released after this long
 
 
 class LeaseMark(msgspec.Struct, frozen=True, array_like=True):
@@ -628,6 +629,19 @@ class StateMachine:
                 rejected.append((ref.task_id, LeaseLost.code))
             else:
                 lease.deadline_ms = deadline
+        if worker is not None and len(worker.leases) > len(leases):
+            # A heartbeat lists everything the worker runs or has not yet reported. A lease it
+            # does not list, claimed long enough ago for the claim's reply to have arrived, is
+            # one the worker never received (a reply lost in a failover): hand the task back
+            # now instead of letting it sit out the whole lease.
+            listed = {ref.task_id for ref in leases}
+            cutoff = now - UNLISTED_GRACE_MS
+            for task_id in sorted(worker.leases - listed):
+                lease = self.leases.get(task_id)
+                if lease is not None and lease.task.started_at_ms < cutoff:
+                    self._drop_lease(task_id)
+                    self._requeue(now, lease, "unknown to its worker", counts_attempt=False)
+                    self._count("leases_unknown_to_worker")
         return rejected
 
     def _register(self, now: int, cmd: RegisterWorker) -> None:

@@ -42,6 +42,7 @@ from tq.worker.threads import DaemonThreadPool
 log = logging.getLogger("tq.worker")
 
 CLAIM_WAIT_MS = 10_000
+MAX_UNREPORTED = 10_000
 
 
 class Worker:
@@ -75,6 +76,9 @@ class Worker:
         # different runs.
         self._running: dict[int, tuple[LeasedTask, asyncio.Task[None]]] = {}
         self._results: list[Outcome] = []
+        # Finished, result not yet acknowledged: still listed in heartbeats (a lease a
+        # heartbeat omits is one the broker may hand back).
+        self._unacked: dict[int, LeaseRef] = {}
         self._results_scheduled = False
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -211,6 +215,7 @@ class Worker:
             self._slot_free.set()
             raise
         self._running.pop(lt.token, None)
+        self._unacked[lt.token] = LeaseRef(lt.task.id, lt.token)
         if outcome.ok:
             self.done += 1
         else:
@@ -278,11 +283,23 @@ class Worker:
     async def _report(self, outcomes: list[Outcome]) -> None:
         assert self._client is not None
         try:
-            ack = await self._client.call(lambda rid: ResultBatch(rid, outcomes), Ack, retry=False)
+            # Resending is safe: each outcome names its lease's fencing token, so a result the
+            # broker already took, or from a lease it ended, is refused, never applied twice.
+            # After a cluster failover the results reach the new leader instead of being lost.
+            ack = await self._client.call(lambda rid: ResultBatch(rid, outcomes), Ack, retry=True)
         except TqError as exc:
-            # The broker requeues these tasks when it notices us gone: at-least-once holds.
             log.warning("worker.report_failed", extra=kv(tasks=len(outcomes), error=str(exc)))
+            if not self._stopping.is_set() and len(self._results) < MAX_UNREPORTED:
+                # Keep them for the next report; the broker may also requeue the tasks when it
+                # notices us gone: at-least-once holds either way.
+                self._results[:0] = outcomes
+                asyncio.get_running_loop().call_later(1.0, self._send_results)
+            else:
+                for outcome in outcomes:
+                    self._unacked.pop(outcome.token, None)
             return
+        for outcome in outcomes:
+            self._unacked.pop(outcome.token, None)
         if ack.rejected:
             log.warning("worker.results_refused", extra=kv(tasks=len(ack.rejected)))
 
@@ -300,6 +317,7 @@ class Worker:
             if client is None or not client.connected:
                 continue
             refs = [LeaseRef(lt.task.id, lt.token) for lt, _ in self._running.values()]
+            refs += self._unacked.values()
             beat = self._heartbeat_message(refs)
             try:
                 ack = await client.call(beat, Ack, retry=False)
