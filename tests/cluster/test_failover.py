@@ -190,17 +190,6 @@ def test_running_worker_follows_the_new_leader(
     history.assert_ok(present, completed=completed, executed=executed_ids(record_file))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a failover strands tasks as `running` for the whole lease (30 s by default) "
-        "although their worker is alive and heartbeating the new leader: a ClaimTask committed "
-        "by the old leader whose Leased reply never reached the worker leaves leases the worker "
-        "does not know (the heartbeat lists the worker's real leases but the broker does not "
-        "release the others), and results in flight are dropped (Worker._report calls with "
-        "retry=False and logs worker.report_failed); the tasks run only after the lease expires"
-    ),
-)
 def test_failover_strands_no_task_for_a_lease(
     make_cluster: MakeCluster,
     start_worker: StartWorker,
