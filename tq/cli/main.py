@@ -149,6 +149,24 @@ def _cluster_options(
     }
 
 
+DEFAULT_HTTP_PORT = 7701
+HttpPortOpt = typer.Option(
+    None,
+    "--http-port",
+    min=-1,
+    max=65535,
+    help="HTTP API and /metrics (default 7701, a free port if taken; 0 picks one; -1 is off)",
+)
+
+
+def _http_options(http_port: int | None) -> dict[str, Any]:
+    """``--http-port``: unset is 7701 (or a free port when 7701 is taken), 0 a free port, -1 no
+    HTTP; a port given explicitly must be bound."""
+    if http_port is None:
+        return {"http_port": DEFAULT_HTTP_PORT, "http_strict": False}
+    return {"http_port": None if http_port < 0 else http_port, "http_strict": True}
+
+
 @app.command()
 def broker(
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
@@ -177,10 +195,11 @@ def broker(
     raft_secret_file: str | None = typer.Option(
         None, "--raft-secret-file", help="cluster: shared secret encrypting Raft traffic"
     ),
+    http_port: int | None = HttpPortOpt,
     log_level: str = typer.Option("info", "--log-level"),
     log_format: str = LogFormatOpt,
 ) -> None:
-    """Run the broker: TCP protocol + embedded durable store (+ Raft with --raft-port)."""
+    """Run the broker: TCP protocol, HTTP API, embedded durable store (+ Raft with --raft-port)."""
     _setup_logging(log_level, log_format)
     _use_uvloop()
     from tq.broker.app import BrokerApp
@@ -198,7 +217,7 @@ def broker(
         **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
     )
     try:
-        code = asyncio.run(BrokerApp(config).serve_forever())
+        code = asyncio.run(BrokerApp(config, **_http_options(http_port)).serve_forever())
     except OSError as exc:
         fail(f"cannot start broker on {host}:{port}: {exc.strerror or exc}")
     except Exception as exc:
@@ -279,6 +298,7 @@ def up(
     data_dir: str = typer.Option("./.tq-data"),
     concurrency: int = typer.Option(8, "--concurrency", "-c", min=1),
     app_module: list[str] | None = typer.Option(None, "--app", help="module of @task handlers"),
+    http_port: int | None = HttpPortOpt,
     log_level: str = typer.Option("info", "--log-level"),
     log_format: str = LogFormatOpt,
 ) -> None:
@@ -288,12 +308,14 @@ def up(
     from tq.broker.app import BrokerApp
 
     config = _broker_config(host, port, data_dir, 30.0, 7 * 86400, 1.0, 10.0, 16 * 1024 * 1024)
-    broker_app = BrokerApp(config)
+    broker_app = BrokerApp(config, **_http_options(http_port))
 
     async def main() -> int:
         bound = await broker_app.start()
         w = _make_worker(f"tcp://{host}:{bound}", concurrency, None, app_module, 2.0, 10.0, False)
         print(f"tq broker listening on {host}:{bound}", flush=True)
+        if broker_app.http is not None:
+            print(f"tq http listening on {host}:{broker_app.http_port}", flush=True)
         print(f"tq worker {w.worker_id} ready (concurrency {w.concurrency})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
