@@ -1,0 +1,69 @@
+"""/healthz, /readyz, the --http-port flag and a clean stop."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tq import Client
+
+from tests.conftest import READY_RE, BrokerProcess, subprocess_env
+from tests.http.conftest import HTTP_READY_RE, Api, HttpBroker
+
+
+def test_healthz_and_readyz_answer_on_a_running_broker(api: Api) -> None:
+    assert api.ok("GET", "/healthz") == {"status": "ok"}
+    assert api.ok("GET", "/readyz") == {"ready": True, "role": "single", "leader": None}
+
+
+def test_sigterm_stops_the_broker_cleanly_with_http_on(http_broker: HttpBroker, api: Api) -> None:
+    api.ok("POST", "/api/v1/tasks", {"name": "echo"}, status=201)
+    assert http_broker.stop() == 0
+    assert "Traceback" not in http_broker.err_path.read_text()
+
+
+def test_http_port_minus_one_turns_http_off(tmp_path: Path) -> None:
+    broker = BrokerProcess(tmp_path, "--http-port", "-1").start()
+    try:
+        with Client(broker.url) as c:
+            c.stats()  # the broker is past its readiness lines
+        assert broker.terminate() == 0
+    finally:
+        broker.close()
+    lines = (tmp_path / "broker-0.out").read_text().splitlines()
+    assert READY_RE.match(lines[0])
+    assert not any(HTTP_READY_RE.match(line) for line in lines)
+
+
+def test_an_explicit_http_port_that_is_taken_is_an_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "tq", "broker", "--port", "0", "--http-port", str(port)]
+        cmd += ["--data-dir", str(tmp_path / "data")]
+        run = subprocess.run(
+            cmd, env=subprocess_env(), capture_output=True, text=True, timeout=30, cwd=tmp_path
+        )
+    assert run.returncode == 1
+    assert f"HTTP port {port}" in run.stderr
+
+
+def test_the_default_http_port_falls_back_to_a_free_one_when_taken(tmp_path: Path) -> None:
+    with socket.socket() as blocker:
+        with contextlib.suppress(OSError):  # already taken by someone else: just as good
+            blocker.bind(("127.0.0.1", 7701))
+            blocker.listen()
+        broker = BrokerProcess(tmp_path).start()
+        try:
+            with Client(broker.url) as c:
+                c.stats()
+            lines = (tmp_path / "broker-0.out").read_text().splitlines()
+        finally:
+            broker.close()
+    http = [m for line in lines if (m := HTTP_READY_RE.match(line))]
+    assert len(http) == 1
+    assert int(http[0]["port"]) not in (0, 7701)
