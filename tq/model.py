@@ -115,11 +115,11 @@ class RetryPolicy(msgspec.Struct, frozen=True):
 
 
 def valid_task_id(value: str) -> bool:
-    return bool(_ID_RE.match(value))
+    return bool(_ID_RE.fullmatch(value))
 
 
 def valid_name(value: str) -> bool:
-    return bool(_NAME_RE.match(value))
+    return bool(_NAME_RE.fullmatch(value))
 
 
 class IdGenerator:

@@ -58,6 +58,12 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
         return st.booleans()
     if tp is type(None):
         return st.none()
+    if tp is Any:  # free-form values (e.g. Stats.cluster): what msgpack round-trips exactly
+        return st.recursive(
+            st.none() | st.booleans() | _ints | _text,
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+            max_leaves=6,
+        )
     if _is_struct(tp):
         return struct_strategy(tp)
     origin = typing.get_origin(tp)

@@ -417,6 +417,30 @@ class BrokerCore:
         self._timer_at = due
         self._timer = self._loop.call_later(delay_s, self._on_timer)
 
+    def select_dead(
+        self,
+        ids: list[str] | None,
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        error_type: str | None = None,
+        older_than_s: float | None = None,
+        limit: int = 1000,
+    ) -> list[Task]:
+        """The dead-lettered tasks named by ``ids``, else those matching every filter given:
+        the one selection behind ``tq dlq`` (TCP) and ``/api/v1/dead-letters`` (HTTP)."""
+        sm = self.sm
+        if ids:
+            found = (sm.get_task(i) for i in ids[:limit])
+            return [t for t in found if t is not None and t.state == "dead"]
+        before = None
+        if older_than_s is not None:
+            # clamp: an absurd age means "everything", not an overflow
+            before = self.clock() - int(min(older_than_s, 10 * 365 * 86400.0) * 1000)
+        return sm.dead_letters(
+            queue=queue, name=name, error_type=error_type, finished_before_ms=before, limit=limit
+        )
+
     def cluster_change(self, op: str, address: str, reply: Reply) -> None:
         if not self.config.clustered:
             reply(BadRequest("this broker runs single-node: there is no cluster to change"))

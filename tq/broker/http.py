@@ -712,17 +712,13 @@ class HttpServer:
         older_than_s: float | None,
         limit: int,
     ) -> list[Task]:
-        """The dead-lettered tasks named by ``ids``, else those matching every filter given
-        (the TCP protocol's selection: tq/broker/tcp.py ``_on_dead_letters``)."""
-        sm = self.core.sm
-        if ids:
-            found = (sm.get_task(i) for i in ids[:limit])
-            return [t for t in found if t is not None and t.state == TaskState.DEAD]
-        before = None
-        if older_than_s is not None:
-            before = self.core.clock() - int(older_than_s * 1000)
-        return sm.dead_letters(
-            queue=queue, name=name, error_type=error_type, finished_before_ms=before, limit=limit
+        return self.core.select_dead(
+            ids,
+            queue=queue,
+            name=name,
+            error_type=error_type,
+            older_than_s=older_than_s,
+            limit=limit,
         )
 
     # --- operations ------------------------------------------------------------------------------

@@ -310,21 +310,18 @@ class Connection(asyncio.Protocol):
             raise BadRequest(f"limit must be 1 to {MAX_LIST}")
         if msg.older_than_s is not None and msg.older_than_s < 0:
             raise BadRequest("older_than_s must be >= 0")
+        self.core.after_durable(lambda: self._dead_letters(msg))
+
+    def _dead_letters(self, msg: DeadLetters) -> None:
         rid = msg.rid
-        if msg.task_ids:
-            found = [t for t in (self.core.sm.get_task(i) for i in msg.task_ids[:MAX_LIST]) if t]
-            tasks = [t for t in found if t.state == "dead"]
-        else:
-            before = None
-            if msg.older_than_s is not None:
-                before = self.core.clock() - int(msg.older_than_s * 1000)
-            tasks = self.core.sm.dead_letters(
-                queue=msg.queue,
-                name=msg.name,
-                error_type=msg.error_type,
-                finished_before_ms=before,
-                limit=msg.limit,
-            )
+        tasks = self.core.select_dead(
+            msg.task_ids,
+            queue=msg.queue,
+            name=msg.name,
+            error_type=msg.error_type,
+            older_than_s=msg.older_than_s,
+            limit=msg.limit,
+        )
         if msg.op == "list":
             self._send(TaskListReply(rid, tasks))
             return
