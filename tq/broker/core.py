@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ from tq.logfields import kv
 
 if TYPE_CHECKING:
     from tq.broker.cluster import ClusterLog
+import msgspec
+
 from tq.broker.state import ApplyResult, StateMachine
 from tq.config import BrokerConfig
 from tq.errors import (
@@ -34,7 +37,7 @@ from tq.errors import (
     WaitTimeout,
 )
 from tq.model import RetryPolicy, Task
-from tq.protocol.messages import Stats
+from tq.protocol.messages import QueueStats, Stats
 from tq.store import Store
 
 log = logging.getLogger("tq.broker")
@@ -168,6 +171,8 @@ class BrokerCore:
         self._timer_at = 0
         self._retention: asyncio.TimerHandle | None = None
         self._retention_cursor: bytes | None = None
+        self._rate_samples: deque[tuple[float, dict[str, int], dict[str, int]]] = deque(maxlen=61)
+        self._rate_timer: asyncio.TimerHandle | None = None
         self.worker_metrics: dict[str, dict[str, Any]] = {}
         self.on_worker_lost: Callable[[str], None] | None = None
         self.stopped = asyncio.Event()
@@ -191,6 +196,7 @@ class BrokerCore:
             self.log.start(self._loop)
         self._arm_timer()
         self._schedule_retention()
+        self._sample_rates()
 
     def start_replication(self, client_port: int) -> None:
         """Cluster mode, once the client port is bound: join the Raft group (the address this
@@ -208,7 +214,7 @@ class BrokerCore:
         done = asyncio.Event()
         self.log.when_durable(lambda _exc: done.set())
         await done.wait()
-        for timer in (self._timer, self._retention):
+        for timer in (self._timer, self._retention, self._rate_timer):
             if timer is not None:
                 timer.cancel()
         for parked in list(self._parked.values()):
@@ -511,10 +517,34 @@ class BrokerCore:
 
     # --- read side -------------------------------------------------------------------------------
 
+    def _sample_rates(self) -> None:
+        """Once a second: per-queue totals, so stats can show in/out rates over a minute."""
+        assert self._loop is not None
+        self._rate_samples.append(
+            (time.monotonic(), dict(self.sm.queue_in), dict(self.sm.queue_out))
+        )
+        self._rate_timer = self._loop.call_later(1.0, self._sample_rates)
+
+    def queue_stats(self) -> dict[str, QueueStats]:
+        stats = self.sm.queue_stats()
+        if len(self._rate_samples) < 2:
+            return stats
+        t0, in0, out0 = self._rate_samples[0]
+        t1, in1, out1 = self._rate_samples[-1]
+        span = max(t1 - t0, 1e-3)
+        return {
+            queue: msgspec.structs.replace(
+                qs,
+                rate_in=round((in1.get(queue, 0) - in0.get(queue, 0)) / span, 2),
+                rate_out=round((out1.get(queue, 0) - out0.get(queue, 0)) / span, 2),
+            )
+            for queue, qs in stats.items()
+        }
+
     def stats(self) -> Stats:
         return Stats(
             states=dict(self.sm.counts),
-            queues=self.sm.queue_stats(),
+            queues=self.queue_stats(),
             workers=self.sm.worker_infos(self.worker_metrics),
             version=__version__,
             node_id=self.node_id,

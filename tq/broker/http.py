@@ -621,8 +621,10 @@ class HttpServer:
                 if s.oldest_pending_ms
                 else 0.0,
                 paused=s.paused,
+                rate_in=s.rate_in,
+                rate_out=s.rate_out,
             )
-            for name, s in self.core.sm.queue_stats().items()
+            for name, s in self.core.queue_stats().items()
         ]
         return _json(QueueList(queues))
 

@@ -154,6 +154,8 @@ class QueueOut(msgspec.Struct):
     oldest_pending_ms: int
     oldest_pending_age_s: float
     paused: bool
+    rate_in: float  # tasks/s submitted over the last minute
+    rate_out: float  # tasks/s completed over the last minute
 
 
 class QueueList(msgspec.Struct):

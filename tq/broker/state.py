@@ -206,6 +206,9 @@ class StateMachine:
         self.applied_index = 0  # the last replicated log entry applied (cluster mode)
         self.nodes: dict[str, str] = {}  # raft address -> client address, from Announce
         self.paused: set[str] = set()  # queues whose tasks are not handed out
+        # per queue, since start: tasks submitted and completed (in memory only; for rates)
+        self.queue_in: dict[str, int] = {}
+        self.queue_out: dict[str, int] = {}
         # per-apply scratch
         self._batch: Batch | None = None
         self._finished: list[Task] = []
@@ -395,6 +398,8 @@ class StateMachine:
         batch.put(_TERMINAL_CF[task.state], tid, _enc.encode(task))
         self.counts[RUNNING] -= 1
         self.counts[task.state] += 1
+        if task.state == COMPLETED:
+            self.queue_out[task.queue] = self.queue_out.get(task.queue, 0) + 1
         if task.state in _FINAL_STATES:
             self._finished.append(task)
 
@@ -456,6 +461,7 @@ class StateMachine:
         known = self.store.exists_many(ids_cf, tids, batch)
         seen: set[bytes] = set()
         ready = self.ready
+        queue_in = self.queue_in
         for spec, tid, dup in zip(specs, tids, known, strict=True):
             if dup or tid in seen:
                 ids.append(spec.id)  # same id again: idempotent, the first submit wins
@@ -485,6 +491,7 @@ class StateMachine:
             if rq is None:
                 rq = self._ready(spec.queue)
             rq.arrays[spec.priority].append(seq)
+            queue_in[spec.queue] = queue_in.get(spec.queue, 0) + 1
             seq += 1
             ids.append(spec.id)
         added = seq - self.next_seq

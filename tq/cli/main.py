@@ -683,13 +683,14 @@ dlq_app = typer.Typer(help="The dead-letter queue: list, show, retry, purge.", n
 app.add_typer(dlq_app, name="dlq")
 
 
-def _bar(n: int, top: int, width: int = 10) -> str:
+def _bar(n: int, top: int, width: int = 6) -> str:
     return "█" * (round(width * n / top) if top else 0)
 
 
 @app.command()
 def queues(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
-    """Queues: depth per priority (with a bar), running, retry-waiting, oldest age, paused."""
+    """Queues: depth (with a bar) and by priority, running, retrying, in/out rates over the last
+    minute, oldest pending age, paused."""
     import time as _time
 
     data = _run_client(lambda c: c.stats(), broker)["queues"]
@@ -700,7 +701,20 @@ def queues(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
     top = max((sum(q["pending"].values()) for q in data.values()), default=0)
     emit_table(
         f"queues ({len(data)})",
-        ["queue", "depth", "", "high", "normal", "low", "running", "retrying", "oldest", "paused"],
+        [
+            "queue",
+            "depth",
+            "",
+            "high",
+            "normal",
+            "low",
+            "running",
+            "retrying",
+            "in/s",
+            "out/s",
+            "oldest",
+            "paused",
+        ],
         [
             [
                 name,
@@ -711,6 +725,8 @@ def queues(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
                 q["pending"]["low"],
                 q["running"],
                 q["delayed"],
+                f"{q['rate_in']:.1f}",
+                f"{q['rate_out']:.1f}",
                 f"{(now_ms - q['oldest_pending_ms']) / 1000:.1f}s"
                 if q["oldest_pending_ms"]
                 else "",

@@ -63,6 +63,8 @@ class QueueStats(msgspec.Struct, frozen=True):
     delayed: int = 0
     oldest_pending_ms: int = 0
     paused: bool = False
+    rate_in: float = 0.0  # tasks/s submitted, over the last minute
+    rate_out: float = 0.0  # tasks/s completed, over the last minute
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
