@@ -13,6 +13,10 @@ from tests.http.conftest import HttpBroker
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 MAX_EXAMPLES = 25  # per operation and phase: about 1,200 requests, 10-15 s
+# A fixed seed keeps CI reproducible; run `schemathesis run URL/openapi.json` by hand (no seed)
+# to explore further. A random run found that aiohttp's 8 KiB request-line limit answered
+# text/plain before our handlers could (now raised: tq/broker/http.py MAX_REQUEST_LINE).
+SEED = "20261128"
 
 
 def test_the_api_conforms_to_its_openapi_document(http_broker: HttpBroker, tmp_path: Path) -> None:
@@ -21,6 +25,7 @@ def test_the_api_conforms_to_its_openapi_document(http_broker: HttpBroker, tmp_p
     examples, coverage, fuzzing and stateful (links inferred from Location headers)."""
     cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "--no-color"]
     cmd += ["run", f"{http_broker.api().base}/openapi.json", "--max-examples", str(MAX_EXAMPLES)]
+    cmd += ["--seed", SEED]
     run = subprocess.run(  # cwd: schemathesis leaves a .hypothesis directory behind
         cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120
     )

@@ -356,6 +356,9 @@ def _query(request: web.Request, params: tuple[Param, ...]) -> dict[str, Any]:
     }
 
 
+MAX_REQUEST_LINE = 64 * 1024
+
+
 def encode_cursor(state: str, after: str | None) -> str:
     return base64.urlsafe_b64encode(_encoder.encode([state, after])).decode().rstrip("=")
 
@@ -420,7 +423,15 @@ class HttpServer:
         for route in ROUTES:
             app.router.add_route(route.method, route.path, self._bind(route, token))
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+            # Every query parameter within its documented maxLength, percent-encoded, must
+            # reach our handlers (which answer problem+json), not aiohttp's parser (8 KiB
+            # default, answering text/plain).
+            max_line_size=MAX_REQUEST_LINE,
+            max_field_size=MAX_REQUEST_LINE,
         )
         await runner.setup()
         self._runner = runner
