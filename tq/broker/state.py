@@ -449,7 +449,6 @@ class StateMachine:
     def _submit(self, now: int, specs: list[TaskSpec]) -> tuple[list[str], list[tuple[str, str]]]:
         batch = self._batch
         assert batch is not None
-        ids: list[str] = []
         ids_cf = CF_IDS
         pending_cf = CF_PENDING
         encode = _enc.encode
@@ -459,41 +458,53 @@ class StateMachine:
         pending = PENDING
         tids = [spec.id.encode() for spec in specs]
         known = self.store.exists_many(ids_cf, tids, batch)
-        seen: set[bytes] = set()
+        if any(known) or len(set(tids)) != len(tids):
+            # same id again (in the store or earlier in this batch): idempotent, the first wins
+            seen: set[bytes] = set()
+            fresh = []
+            for spec, tid, dup in zip(specs, tids, known, strict=True):
+                if not dup and tid not in seen:
+                    seen.add(tid)
+                    fresh.append((spec, tid))
+        else:
+            fresh = list(zip(specs, tids, strict=True))
         ready = self.ready
         queue_in = self.queue_in
-        for spec, tid, dup in zip(specs, tids, known, strict=True):
-            if dup or tid in seen:
-                ids.append(spec.id)  # same id again: idempotent, the first submit wins
-                continue
-            seen.add(tid)
-            task = Task(
-                spec.id,
-                spec.name,
-                spec.queue,
-                spec.priority,
-                pending,
-                spec.payload,
-                0,
-                spec.max_retries,
-                spec.timeout_s,
-                now,
-                seq=seq,
-                backoff_s=spec.backoff_s,
+        prefixes: dict[str, bytes] = {}
+        pack = _SEQ.pack
+        for spec, tid in fresh:
+            queue = spec.queue
+            prefix = prefixes.get(queue)
+            if prefix is None:
+                prefix = prefixes[queue] = queue.encode() + b"\x00"
+            key = prefix + pack(spec.priority, seq)
+            value = encode(
+                Task(
+                    spec.id,
+                    spec.name,
+                    queue,
+                    spec.priority,
+                    pending,
+                    spec.payload,
+                    0,
+                    spec.max_retries,
+                    spec.timeout_s,
+                    now,
+                    seq=seq,
+                    backoff_s=spec.backoff_s,
+                )
             )
-            key = spec.queue.encode() + b"\x00" + _SEQ.pack(spec.priority, seq)
-            value = encode(task)
             put(key, value, pending_h)
             pending_ov[key] = value
             put(tid, key, ids_h)
             ids_ov[tid] = key
-            rq = ready.get(spec.queue)
+            rq = ready.get(queue)
             if rq is None:
-                rq = self._ready(spec.queue)
+                rq = self._ready(queue)
             rq.arrays[spec.priority].append(seq)
-            queue_in[spec.queue] = queue_in.get(spec.queue, 0) + 1
+            queue_in[queue] = queue_in.get(queue, 0) + 1
             seq += 1
-            ids.append(spec.id)
+        ids = [spec.id for spec in specs]  # in request order, duplicates included
         added = seq - self.next_seq
         batch.count(2 * added)
         self.next_seq = seq
