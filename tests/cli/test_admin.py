@@ -41,6 +41,8 @@ def test_every_admin_command_prints_in_every_format(
         ["dlq", "show", tid],
         ["dlq", "retry", tid, "--dry-run"],
         ["dlq", "purge", "--queue", "default", "--dry-run"],
+        ["queue", "pause", "other"],
+        ["queue", "resume", "other"],
     ]
     for args in commands:
         out = ok(tq(*args, "-o", fmt, broker=broker.url))

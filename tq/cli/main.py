@@ -649,32 +649,35 @@ def cluster_status(broker: str | None = BrokerOpt, output: Format = OutputOpt) -
         raise typer.Exit(1)
 
 
-def _membership(op: str, address: str, broker: str | None) -> None:
+def _membership(op: str, address: str, broker: str | None, output: Format) -> None:
     from tq.protocol.messages import Ack, ClusterChange
 
     async def go(c: Any) -> None:
         await c.call(lambda rid: ClusterChange(rid, op, address), Ack, retry=False, timeout_s=30)
 
     _run_client(go, broker)
-    print(f"{'added' if op == 'add' else 'removed'} {address}")
+    verb = "added" if op == "add" else "removed"
+    _said({verb: address}, f"{verb} {address}", output)
 
 
 @cluster_app.command("add")
 def cluster_add(
     address: str = typer.Argument(..., help="the new node's Raft host:port"),
     broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
 ) -> None:
     """Add a member (start it with --peers listing the current members)."""
-    _membership("add", address, broker)
+    _membership("add", address, broker, output)
 
 
 @cluster_app.command("remove")
 def cluster_remove(
     address: str = typer.Argument(..., help="the member's Raft host:port"),
     broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
 ) -> None:
     """Remove a member."""
-    _membership("remove", address, broker)
+    _membership("remove", address, broker, output)
 
 
 queue_app = typer.Typer(help="Pause and resume queues.", no_args_is_help=True)
@@ -737,18 +740,25 @@ def queues(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
     )
 
 
+def _said(data: dict[str, Any], text: str, output: Format) -> None:
+    if output is Format.table:
+        print(text)
+    else:
+        emit_data(data, output)
+
+
 @queue_app.command("pause")
-def queue_pause(queue: str, broker: str | None = BrokerOpt) -> None:
+def queue_pause(queue: str, broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
     """Stop handing out this queue's tasks (submits are still accepted)."""
     _run_client(lambda c: c.pause_queue(queue), broker)
-    print(f"paused {queue}")
+    _said({"queue": queue, "paused": True}, f"paused {queue}", output)
 
 
 @queue_app.command("resume")
-def queue_resume(queue: str, broker: str | None = BrokerOpt) -> None:
+def queue_resume(queue: str, broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
     """Hand out this queue's tasks again."""
     _run_client(lambda c: c.resume_queue(queue), broker)
-    print(f"resumed {queue}")
+    _said({"queue": queue, "paused": False}, f"resumed {queue}", output)
 
 
 QueueFilter = typer.Option(None, "--queue", "-q")
