@@ -146,13 +146,3 @@ class IdGenerator:
 
 
 new_ids: Final = IdGenerator()
-
-
-def id_time_ms(task_id: str) -> int | None:
-    """The submission time encoded in an id tq generated, or None for a caller-chosen id."""
-    if len(task_id) == 30:
-        try:
-            return int(task_id[:12], 16)
-        except ValueError:
-            return None
-    return None

@@ -878,10 +878,6 @@ class RaftLog:
     def remove_node(self, addr: str) -> asyncio.Future[None]:
         return self._membership("remove", addr)
 
-    def transfer_leadership(self, addr: str | None = None) -> None:
-        assert self._obj is not None
-        self._obj.transferLeadership(addr)
-
     # --- snapshots (Raft thread, blocking on the loop) ---------------------------------------
 
     def _run_in_loop(self, fn: Callable[[], Any]) -> Any:

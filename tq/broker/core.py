@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,7 @@ from tq.errors import (
     TqError,
     WaitTimeout,
 )
-from tq.model import RetryPolicy, Task
+from tq.model import RetryPolicy, Task, TaskState
 from tq.protocol.messages import QueueStats, Stats
 from tq.store import Store
 
@@ -94,25 +94,6 @@ def _splitter(parts: list[tuple[Reply | None, int]]) -> Reply:
     return split
 
 
-ApplyObserver = Callable[[int, list[Command], ApplyResult], None]
-
-
-class ObservedStateMachine(StateMachine):
-    """The state machine with one optional observer of every applied batch (the metrics hook:
-    ``tq/broker/metrics.py``). It runs on every node, right after each apply, and must not raise."""
-
-    observer: ApplyObserver | None = None
-
-    def apply(
-        self, now_ms: int, commands: Iterable[Command], applied_index: int | None = None
-    ) -> ApplyResult:
-        batch = commands if isinstance(commands, list) else list(commands)
-        result = super().apply(now_ms, batch, applied_index)
-        if self.observer is not None:
-            self.observer(now_ms, batch, result)
-        return result
-
-
 @dataclass(slots=True, eq=False)
 class ParkedClaim:
     worker_id: str
@@ -130,7 +111,7 @@ class BrokerCore:
         self.store = Store(
             os.path.join(config.data_dir, "store") if config.clustered else config.data_dir
         )
-        self.sm = ObservedStateMachine(
+        self.sm = StateMachine(
             self.store,
             lease_ms=int(config.lease_s * 1000),
             heartbeat_timeout_ms=int(config.heartbeat_timeout_s * 1000),
@@ -379,7 +360,7 @@ class BrokerCore:
         if task is None:
             self.after_durable(lambda: reply(TaskNotFound(f"no task {task_id}")))
             return
-        if task.state in ("completed", "dead", "cancelled"):
+        if TaskState(task.state).is_final:
             self.after_durable(lambda: reply(task))
             return
         assert self._loop is not None

@@ -3,7 +3,7 @@
 Two sources, no per-task logging:
 
 - **What the state machine applies.** ``BrokerMetrics.observe`` is the state machine's observer
-  (``ObservedStateMachine`` in ``tq/broker/core.py``): it sees every applied batch, its commands
+  (``StateMachine.observer`` in ``tq/broker/state.py``): it sees every applied batch, its commands
   and their results, and counts submitted, claimed, completed, failed, retried, dead-lettered and
   cancelled tasks by queue and task name, plus queue-wait and run-time histograms. Only a node
   that leads counts (a follower applies the same log), so summing a cluster's nodes is right.

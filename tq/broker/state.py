@@ -21,7 +21,7 @@ import heapq
 import logging
 import struct
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -172,6 +172,9 @@ class WorkerState:
     leases: set[str] = field(default_factory=set)
 
 
+ApplyObserver = Callable[[int, "list[Command]", "ApplyResult"], None]
+
+
 @dataclass(slots=True)
 class ApplyResult:
     """Per-command results (a value or a TqError) and the tasks that reached a final state."""
@@ -206,6 +209,8 @@ class StateMachine:
         self.applied_index = 0  # the last replicated log entry applied (cluster mode)
         self.nodes: dict[str, str] = {}  # raft address -> client address, from Announce
         self.paused: set[str] = set()  # queues whose tasks are not handed out
+        # Sees every applied batch, on every node (the metrics hook, tq/broker/metrics.py).
+        self.observer: ApplyObserver | None = None
         # per queue, since start: tasks submitted and completed (in memory only; for rates)
         self.queue_in: dict[str, int] = {}
         self.queue_out: dict[str, int] = {}
@@ -297,6 +302,8 @@ class StateMachine:
     ) -> ApplyResult:
         """Apply one batch. With ``applied_index`` (a replicated log entry) the index is recorded
         in the same write, so a replay after a restart skips exactly what is already applied."""
+        if not isinstance(commands, list):
+            commands = list(commands)
         batch = self.store.batch()
         self._batch = batch
         self._finished = []
@@ -320,7 +327,10 @@ class StateMachine:
             batch.put(CF.META, b"applied_index", applied_index.to_bytes(8, "big"))
         self.store.write(batch)
         self._batch = None
-        return ApplyResult(results, self._finished, self._readied, self._lost)
+        result = ApplyResult(results, self._finished, self._readied, self._lost)
+        if self.observer is not None:
+            self.observer(now_ms, commands, result)
+        return result
 
     def _apply_one(self, now: int, cmd: Command) -> Any:
         match cmd:

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from tq.errors import BadRequest, ProtocolError, TqError, UnknownMessage
+from tq.errors import BadRequest, ProtocolError, UnknownMessage
 from tq.protocol.framing import encode_frame
 from tq.protocol.messages import Request, Response
 
@@ -53,7 +53,3 @@ def decode_response(body: bytes) -> Response:
         return _response_decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"bad response from broker: {exc}") from None
-
-
-def error_code(exc: BaseException) -> str:
-    return exc.code if isinstance(exc, TqError) else "INTERNAL"

@@ -15,7 +15,6 @@ import os
 import socket
 import traceback
 from collections.abc import Callable
-from typing import Any
 
 import psutil
 
@@ -334,6 +333,3 @@ class Worker:
         cpu = self._proc.cpu_percent()
         rss = self._proc.memory_info().rss
         return lambda rid: Heartbeat(rid, refs, cpu, rss)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"running": len(self._running), "done": self.done, "failed": self.failed}
