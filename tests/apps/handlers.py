@@ -77,3 +77,15 @@ async def long_sleep(payload: dict[str, Any]) -> Any:
     _append(payload["file"], {"t": time.time(), "pid": os.getpid(), "tag": "start"})
     await asyncio.sleep(float(payload.get("seconds", 60)))
     return "woke up"
+
+
+@task(name="test.progress")
+def report_progress(payload: dict[str, Any]) -> str:
+    """Report progress in ``steps`` steps (``pause`` seconds apart), then finish."""
+    import tq
+
+    steps = int(payload.get("steps", 3))
+    for i in range(1, steps + 1):
+        time.sleep(float(payload.get("pause", 0.15)))
+        tq.progress(i / steps, f"step {i}")
+    return "done"

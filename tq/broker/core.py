@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 import msgspec
 
 from tq.broker.state import ApplyResult, StateMachine
+from tq.broker.watch import WatchHub, watch_counters
 from tq.config import BrokerConfig
 from tq.errors import (
     BadRequest,
@@ -157,6 +158,7 @@ class BrokerCore:
         self.worker_metrics: dict[str, dict[str, Any]] = {}
         self.on_worker_lost: Callable[[str], None] | None = None
         self.stopped = asyncio.Event()
+        self.watch = WatchHub(self.sm, self.stats, self.clock, self.after_durable)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -178,6 +180,7 @@ class BrokerCore:
         self._arm_timer()
         self._schedule_retention()
         self._sample_rates()
+        self.watch.start(self._loop)
 
     def start_replication(self, client_port: int) -> None:
         """Cluster mode, once the client port is bound: join the Raft group (the address this
@@ -195,6 +198,7 @@ class BrokerCore:
         done = asyncio.Event()
         self.log.when_durable(lambda _exc: done.set())
         await done.wait()
+        self.watch.stop()
         for timer in (self._timer, self._retention, self._rate_timer):
             if timer is not None:
                 timer.cancel()
@@ -531,6 +535,7 @@ class BrokerCore:
             node_id=self.node_id,
             uptime_s=round(time.monotonic() - self.started_at, 3),
             counters=dict(self.sm.counters)
-            | {"wal_flushes": self.log.flushes, "wal_commits": self.log.flushed_commits},
+            | {"wal_flushes": self.log.flushes, "wal_commits": self.log.flushed_commits}
+            | watch_counters(self.watch),
             cluster=self.log.status(),
         )

@@ -3,7 +3,7 @@
 Two sources, no per-task logging:
 
 - **What the state machine applies.** ``BrokerMetrics.observe`` is the state machine's observer
-  (``StateMachine.observer`` in ``tq/broker/state.py``): it sees every applied batch, its commands
+  (``StateMachine.observers`` in ``tq/broker/state.py``): it sees every applied batch, its commands
   and their results, and counts submitted, claimed, completed, failed, retried, dead-lettered and
   cancelled tasks by queue and task name, plus queue-wait and run-time histograms. Only a node
   that leads counts (a follower applies the same log), so summing a cluster's nodes is right.
@@ -128,10 +128,11 @@ class BrokerMetrics:
         self._next_seq = self._core.sm.next_seq
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
-        self._core.sm.observer = self.observe
+        self._core.sm.observers.append(self.observe)
 
     def stop(self) -> None:
-        self._core.sm.observer = None
+        if self.observe in self._core.sm.observers:
+            self._core.sm.observers.remove(self.observe)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -47,7 +47,15 @@ from tq.broker.commands import (
 from tq.errors import InvalidState, LeaseLost, TaskNotFound, TqError
 from tq.logfields import kv
 from tq.model import ErrorInfo, Priority, RetryPolicy, Task, TaskState
-from tq.protocol.messages import LeasedTask, LeaseRef, Outcome, QueueStats, TaskSpec, WorkerInfo
+from tq.protocol.messages import (
+    HistoryRow,
+    LeasedTask,
+    LeaseRef,
+    Outcome,
+    QueueStats,
+    TaskSpec,
+    WorkerInfo,
+)
 from tq.store import CF, Batch, Store, pending_key, split_pending_key
 from tq.store.keys import pending_prefix
 
@@ -209,8 +217,9 @@ class StateMachine:
         self.applied_index = 0  # the last replicated log entry applied (cluster mode)
         self.nodes: dict[str, str] = {}  # raft address -> client address, from Announce
         self.paused: set[str] = set()  # queues whose tasks are not handed out
-        # Sees every applied batch, on every node (the metrics hook, tq/broker/metrics.py).
-        self.observer: ApplyObserver | None = None
+        # See every applied batch, on every node: metrics (tq/broker/metrics.py) and watchers
+        # (tq/broker/watch.py). An observer must not raise and must not change state.
+        self.observers: list[ApplyObserver] = []
         # per queue, since start: tasks submitted and completed (in memory only; for rates)
         self.queue_in: dict[str, int] = {}
         self.queue_out: dict[str, int] = {}
@@ -328,8 +337,8 @@ class StateMachine:
         self.store.write(batch)
         self._batch = None
         result = ApplyResult(results, self._finished, self._readied, self._lost)
-        if self.observer is not None:
-            self.observer(now_ms, commands, result)
+        for observer in self.observers:
+            observer(now_ms, commands, result)
         return result
 
     def _apply_one(self, now: int, cmd: Command) -> Any:
@@ -1015,3 +1024,63 @@ class StateMachine:
                 cursor = key.hex() if state is TaskState.PENDING else task.id
                 return out, cursor
         return out, None
+
+    def history_page(
+        self,
+        states: list[TaskState],
+        queue: str | None,
+        since_ms: int,
+        until_ms: int,
+        limit: int,
+        after: str | None,
+    ) -> tuple[list[HistoryRow], str | None]:
+        """A page of finished tasks for export, state by state in the order given, by id within
+        a state. The cursor is ``state:task_id`` of the last row returned (raises ValueError for
+        a cursor that names no listed state)."""
+        start_state = 0
+        start_key: bytes | None = None
+        if after:
+            state_name, _, last_id = after.partition(":")
+            names = [s.value for s in states]
+            if state_name not in names or not last_id:
+                raise ValueError("bad cursor")
+            start_state = names.index(state_name)
+            start_key = last_id.encode()
+        rows: list[HistoryRow] = []
+        decode = _task_dec.decode
+        for i in range(start_state, len(states)):
+            state = states[i]
+            skip = start_key if i == start_state else None
+            for key, raw in self.store.items(_TERMINAL_CF[state], skip):
+                if skip is not None and key == skip:
+                    continue
+                task = decode(raw)
+                finished = task.finished_at_ms
+                if (
+                    (queue and task.queue != queue)
+                    or finished < since_ms
+                    or (until_ms and finished >= until_ms)
+                ):
+                    continue
+                error = task.error
+                rows.append(
+                    HistoryRow(
+                        task.id,
+                        task.name,
+                        task.queue,
+                        task.priority,
+                        task.state,
+                        task.attempt,
+                        task.worker_id,
+                        task.submitted_at_ms,
+                        task.started_at_ms,
+                        finished,
+                        error.type if error is not None else "",
+                        error.message if error is not None else "",
+                        len(task.payload),
+                        len(task.result) if task.result is not None else 0,
+                    )
+                )
+                if len(rows) >= limit:
+                    return rows, f"{state.value}:{task.id}"
+        return rows, None

@@ -19,6 +19,7 @@ from tq.broker.core import BrokerCore
 from tq.errors import (
     BadRequest,
     FrameTooLarge,
+    LeaseLost,
     NotLeader,
     PayloadTooLarge,
     ProtocolError,
@@ -38,6 +39,8 @@ from tq.protocol.messages import (
     ClaimTask,
     ClusterChange,
     DeadLetters,
+    ExportReply,
+    ExportTasks,
     GetStats,
     Heartbeat,
     Hello,
@@ -45,6 +48,7 @@ from tq.protocol.messages import (
     ListTasks,
     Nack,
     PauseQueue,
+    Progress,
     QueryStatus,
     ReleaseTasks,
     ResultBatch,
@@ -55,7 +59,9 @@ from tq.protocol.messages import (
     TaskListReply,
     TaskResult,
     TaskSpec,
+    Unwatch,
     WaitTask,
+    Watch,
     Welcome,
 )
 
@@ -64,6 +70,8 @@ log = logging.getLogger("tq.broker.tcp")
 MAX_BATCH = 100_000
 MAX_CLAIM = 10_000
 MAX_LIST = 10_000
+MAX_EXPORT_PAGE = 50_000
+MAX_WATCHES = 8  # per connection
 
 
 _known_names: set[str] = set()
@@ -119,6 +127,7 @@ class Connection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self.peer = ""
+        self.watches = 0
 
     # --- transport callbacks ---------------------------------------------------------------------
 
@@ -132,6 +141,7 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self.server.connections.discard(self)
         self.core.drop_parked(self)
+        self.core.watch.unsubscribe(self)
         if self.worker_id is not None and not self.server.worker_connected(self.worker_id):
             log.info("worker.disconnected", extra=kv(worker=self.worker_id))
             self.core.submit(WorkerLost(self.worker_id), None)
@@ -332,6 +342,74 @@ class Connection(asyncio.Protocol):
         command = cmds.RetryDead(ids) if msg.op == "retry" else cmds.PurgeDead(ids)
         self.core.submit(command, self._replier(rid, lambda done: Ack(rid, done)))
 
+    def _on_watch(self, msg: Watch) -> None:
+        self._require_serving()
+        if self.watches >= MAX_WATCHES:
+            raise BadRequest(f"at most {MAX_WATCHES} watches per connection")
+        self.watches += 1
+        self._send(Ack(msg.rid))
+        self._flush()  # the ACK goes before the first update
+        self.core.watch.subscribe(
+            self,
+            msg.rid,
+            events=msg.events,
+            interval_ms=msg.interval_ms,
+            write=self._write_raw,
+            backlog=self._backlog,
+        )
+
+    def _on_unwatch(self, msg: Unwatch) -> None:
+        self.core.watch.unsubscribe(self, msg.watch_rid)
+        self.watches = max(0, self.watches - 1)
+        self._send(Ack(msg.rid))
+
+    def _write_raw(self, frame: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(frame)
+
+    def _backlog(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def _on_progress(self, msg: Progress) -> None:
+        worker_id = self._require_worker()
+        lease = self.core.sm.leases.get(msg.task_id)
+        if lease is None or lease.token != msg.token or lease.worker_id != worker_id:
+            raise LeaseLost(f"no lease on {msg.task_id} with that token")
+        if not -1.0 <= msg.fraction <= 1.0 or len(msg.message) > 1000:
+            raise BadRequest("fraction must be 0..1 (or -1 for none), message at most 1000 chars")
+        self.core.watch.progress(msg.task_id, msg.fraction, msg.message)
+        self._send(Ack(msg.rid))
+
+    def _on_export(self, msg: ExportTasks) -> None:
+        self._require_serving()
+        if not 0 < msg.limit <= MAX_EXPORT_PAGE:
+            raise BadRequest(f"limit must be 1 to {MAX_EXPORT_PAGE}")
+        states: list[TaskState] = []
+        for name in msg.states:
+            try:
+                state = TaskState(name)
+            except ValueError:
+                raise BadRequest(f"unknown state {name[:40]!r}") from None
+            if state in (TaskState.PENDING, TaskState.RUNNING):
+                raise BadRequest("export covers finished tasks: completed, failed, dead, cancelled")
+            if state not in states:
+                states.append(state)
+        if not states:
+            raise BadRequest("states must name at least one state")
+        if msg.since_ms < 0 or msg.until_ms < 0:
+            raise BadRequest("since_ms and until_ms must be >= 0")
+        self.core.after_durable(lambda: self._export(msg, states))
+
+    def _export(self, msg: ExportTasks, states: list[TaskState]) -> None:
+        try:
+            rows, cursor = self.core.sm.history_page(
+                states, msg.queue, msg.since_ms, msg.until_ms, msg.limit, msg.after
+            )
+        except ValueError:
+            self._send(Nack(msg.rid, BadRequest.code, "bad cursor"))
+            return
+        self._send(ExportReply(msg.rid, rows, cursor))
+
     def _on_cluster_change(self, msg: ClusterChange) -> None:
         if msg.op not in ("add", "remove"):
             raise BadRequest("op must be add or remove")
@@ -431,6 +509,10 @@ _HANDLERS: dict[type[Any], Callable[[Connection, Any], None]] = {
     ClusterChange: Connection._on_cluster_change,
     PauseQueue: Connection._on_pause,
     DeadLetters: Connection._on_dead_letters,
+    Watch: Connection._on_watch,
+    Unwatch: Connection._on_unwatch,
+    Progress: Connection._on_progress,
+    ExportTasks: Connection._on_export,
 }
 
 

@@ -859,6 +859,14 @@ def dlq_purge(
     _dlq_change("purge", task_ids, filters, dry_run, broker, output)
 
 
+# Commands that live in their own modules (imported here, last: they may use the helpers above).
+from tq.cli import history as _history  # noqa: E402
+from tq.cli import top as _top  # noqa: E402
+
+_top.register(app)
+_history.register(app)
+
+
 def main() -> None:
     app()
 

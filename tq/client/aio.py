@@ -11,7 +11,7 @@ import asyncio
 import builtins
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,10 +44,14 @@ from tq.protocol.messages import (
     Ack,
     CancelTask,
     DeadLetters,
+    ExportReply,
+    ExportTasks,
     GetStats,
     Hello,
+    HistoryRow,
     ListTasks,
     PauseQueue,
+    Progress,
     QueryStatus,
     Response,
     StatsReply,
@@ -56,7 +60,10 @@ from tq.protocol.messages import (
     TaskInfoReply,
     TaskListReply,
     TaskSpec,
+    Unwatch,
     WaitTask,
+    Watch,
+    WatchUpdate,
 )
 
 R = TypeVar("R", bound=Response)
@@ -514,3 +521,107 @@ class AsyncClient:
         reply = await self.call(GetStats, StatsReply)
         out: dict[str, Any] = msgspec.to_builtins(reply.stats)
         return out
+
+    # --- live state and history ------------------------------------------------------------------
+
+    async def watch(
+        self, *, events: bool = True, interval_s: float = 0.5, buffer: int = 256
+    ) -> AsyncIterator[WatchUpdate]:
+        """Live broker state, pushed: a ``WatchUpdate`` with a ``Stats`` snapshot about every
+        ``interval_s`` and, with ``events``, the task events since the previous update.
+
+        The iterator ends with ``BrokerUnavailable`` when the connection is lost (call ``watch``
+        again to resubscribe: it reconnects, following the leader in a cluster). If the consumer
+        falls ``buffer`` updates behind, the oldest are discarded. Leaving the loop unsubscribes.
+        """
+        inbox: asyncio.Queue[Response | TqError] = asyncio.Queue()
+        sub: list[tuple[Connection, int]] = []
+
+        def put(item: Response | TqError) -> None:
+            if inbox.qsize() >= buffer:
+                inbox.get_nowait()
+            inbox.put_nowait(item)
+
+        def build(rid: int) -> Watch:
+            conn = self._conn
+            assert conn is not None
+            sub[:] = [(conn, rid)]
+            conn.add_stream(rid, put)
+            return Watch(rid, events, max(1, int(interval_s * 1000)))
+
+        try:
+            await self.call(build, Ack)
+        except BaseException:
+            for conn, rid in sub:
+                conn.remove_stream(rid)
+            raise
+        conn, rid = sub[0]
+        try:
+            while True:
+                item = await inbox.get()
+                if isinstance(item, TqError):
+                    raise item
+                if isinstance(item, WatchUpdate):
+                    yield item
+        finally:
+            conn.remove_stream(rid)
+            if conn.error is None and conn.transport is not None:
+                try:
+                    urid = conn.next_rid()
+                    conn.send(urid, Unwatch(urid, rid), 5.0).add_done_callback(
+                        lambda f: f.cancelled() or f.exception()
+                    )
+                except TqError:
+                    pass
+
+    async def report_progress(
+        self, task_id: str, token: int, fraction: float = -1.0, message: str = ""
+    ) -> None:
+        """Tell watchers how far a running task has got (workers call this; see
+        ``tq.progress``)."""
+        await self.call(
+            lambda rid: Progress(rid, task_id, token, fraction, message), Ack, retry=False
+        )
+
+    async def export_page(
+        self,
+        *,
+        states: builtins.list[str] | None = None,
+        queue: str | None = None,
+        since_ms: int = 0,
+        until_ms: int = 0,
+        limit: int = 10_000,
+        after: str | None = None,
+    ) -> tuple[builtins.list[HistoryRow], str | None]:
+        """One page of finished tasks (see ``ExportTasks``) and the cursor for the next."""
+        chosen = states or ["completed", "failed", "dead", "cancelled"]
+        reply = await self.call(
+            lambda rid: ExportTasks(rid, chosen, queue, since_ms, until_ms, limit, after),
+            ExportReply,
+        )
+        return reply.rows, reply.next
+
+    async def export(
+        self,
+        *,
+        states: builtins.list[str] | None = None,
+        queue: str | None = None,
+        since_ms: int = 0,
+        until_ms: int = 0,
+        page: int = 10_000,
+    ) -> AsyncIterator[builtins.list[HistoryRow]]:
+        """Every finished task matching the filters, page by page (constant memory)."""
+        after: str | None = None
+        while True:
+            rows, after = await self.export_page(
+                states=states,
+                queue=queue,
+                since_ms=since_ms,
+                until_ms=until_ms,
+                limit=page,
+                after=after,
+            )
+            if rows:
+                yield rows
+            if after is None:
+                return

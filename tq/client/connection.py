@@ -28,6 +28,9 @@ class Connection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self.on_unsolicited: Callable[[Response], None] | None = None
+        # Streams (watches): every message under one of these rids after its first reply, and
+        # the error that ends the connection.
+        self._streams: dict[int, Callable[[Response | TqError], None]] = {}
         # Request deadlines are checked by one sweep timer, not a timer per request: at tens of
         # thousands of requests a second, per-request timers cost more than the request.
         self._deadlines: dict[int, float] = {}
@@ -48,6 +51,9 @@ class Connection(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(err)
         self._pending.clear()
+        streams, self._streams = self._streams, {}
+        for callback in streams.values():
+            callback(err)
         self.closed.set()
 
     def data_received(self, data: bytes) -> None:
@@ -58,7 +64,10 @@ class Connection(asyncio.Protocol):
                 fut = self._pending.pop(msg.rid, None)
                 self._deadlines.pop(msg.rid, None)
                 if fut is None:
-                    if isinstance(msg, Nack) and msg.rid == 0:
+                    stream = self._streams.get(msg.rid)
+                    if stream is not None:
+                        stream(msg)
+                    elif isinstance(msg, Nack) and msg.rid == 0:
                         self.error = error_from_code(msg.code, msg.message)
                     elif self.on_unsolicited is not None:
                         self.on_unsolicited(msg)
@@ -108,6 +117,13 @@ class Connection(asyncio.Protocol):
             if fut is not None and not fut.done():
                 fut.set_exception(TimeoutError())
         self._sweeper = loop.call_later(SWEEP_S, self._sweep) if self._deadlines else None
+
+    def add_stream(self, rid: int, callback: Callable[[Response | TqError], None]) -> None:
+        """Route every message for ``rid`` after its first reply to ``callback``."""
+        self._streams[rid] = callback
+
+    def remove_stream(self, rid: int) -> None:
+        self._streams.pop(rid, None)
 
     def forget(self, rid: int) -> None:
         self._pending.pop(rid, None)

@@ -91,6 +91,40 @@ class Stats(msgspec.Struct, frozen=True):
     cluster: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class TaskEvent(msgspec.Struct, frozen=True, array_like=True):
+    """Something that happened to a task, as a watcher sees it. ``kind`` is one of submitted,
+    started, progress, completed, failed (an attempt failed, a retry is scheduled), dead,
+    cancelled, retried (brought back from the dead-letter queue)."""
+
+    kind: str
+    task_id: str
+    name: str = ""
+    queue: str = ""
+    at_ms: int = 0
+    attempt: int = 0
+    worker_id: str = ""
+    detail: str = ""  # the error ("Type: message") or the progress message
+
+
+class HistoryRow(msgspec.Struct, frozen=True, array_like=True):
+    """One finished task as ``tq export`` writes it (payload and result as sizes only)."""
+
+    id: str
+    name: str
+    queue: str
+    priority: int
+    state: str
+    attempts: int
+    worker: str
+    submitted_at_ms: int
+    started_at_ms: int
+    finished_at_ms: int
+    error_type: str
+    error_message: str
+    payload_bytes: int
+    result_bytes: int
+
+
 # --- requests ------------------------------------------------------------------------------------
 
 
@@ -216,6 +250,48 @@ class ClusterChange(_Msg, tag="cluster_change", frozen=True):
     address: str
 
 
+class Watch(_Msg, tag="watch", frozen=True):
+    """Subscribe to live state: the broker acknowledges, then pushes WatchUpdate messages under
+    this ``rid`` (a snapshot at most every ``interval_ms``; task events, if ``events``, coalesced
+    about every 100 ms) until the connection closes or an Unwatch names this ``rid``."""
+
+    rid: int
+    events: bool = True
+    interval_ms: int = 500
+
+
+class Unwatch(_Msg, tag="unwatch", frozen=True):
+    rid: int
+    watch_rid: int
+
+
+class Progress(_Msg, tag="progress", frozen=True):
+    """A worker reports how far a running task has got (``fraction`` 0..1 and/or a message). Not
+    replicated or stored: it is shown to watchers and in the task's status while it runs."""
+
+    rid: int
+    task_id: str
+    token: int
+    fraction: float = -1.0
+    message: str = ""
+
+
+class ExportTasks(_Msg, tag="export", frozen=True):
+    """A page of finished tasks for ``tq export``: the given states, optionally one queue and a
+    ``finished_at`` window [since_ms, until_ms) (0 = unbounded); ``after`` is the previous
+    page's cursor."""
+
+    rid: int
+    states: list[str] = msgspec.field(
+        default_factory=lambda: ["completed", "failed", "dead", "cancelled"]
+    )
+    queue: str | None = None
+    since_ms: int = 0
+    until_ms: int = 0
+    limit: int = 10_000
+    after: str | None = None
+
+
 Request = (
     Hello
     | SubmitTask
@@ -233,6 +309,10 @@ Request = (
     | ClusterChange
     | PauseQueue
     | DeadLetters
+    | Watch
+    | Unwatch
+    | Progress
+    | ExportTasks
 )
 
 
@@ -283,7 +363,36 @@ class StatsReply(_Msg, tag="stats_reply", frozen=True):
     stats: Stats
 
 
-Response = Welcome | Ack | Nack | Leased | TaskInfoReply | TaskListReply | StatsReply
+class WatchUpdate(_Msg, tag="watch_update", frozen=True):
+    """Pushed to a watcher. ``stats`` is set when a snapshot is due; ``events`` are the task events
+    since the last update, newest last, at most a few hundred: under load the rest are counted in
+    ``coalesced``. ``dropped`` counts events a slow reader lost (its socket was backed up)."""
+
+    rid: int
+    stats: Stats | None = None
+    events: list[TaskEvent] = msgspec.field(default_factory=list)
+    coalesced: int = 0
+    dropped: int = 0
+    at_ms: int = 0
+
+
+class ExportReply(_Msg, tag="export_reply", frozen=True):
+    rid: int
+    rows: list[HistoryRow]
+    next: str | None = None
+
+
+Response = (
+    Welcome
+    | Ack
+    | Nack
+    | Leased
+    | TaskInfoReply
+    | TaskListReply
+    | StatsReply
+    | WatchUpdate
+    | ExportReply
+)
 
 REQUEST_TYPES: Final[tuple[type[Any], ...]] = Request.__args__
 RESPONSE_TYPES: Final[tuple[type[Any], ...]] = Response.__args__

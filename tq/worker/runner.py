@@ -10,6 +10,7 @@ empty and nothing runs, which is what tests and batch jobs want.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
@@ -34,6 +35,7 @@ from tq.protocol.messages import (
     Response,
     ResultBatch,
 )
+from tq.worker import context
 from tq.worker.builtin import register_builtins
 from tq.worker.registry import Registry, registry
 from tq.worker.threads import DaemonThreadPool
@@ -86,6 +88,7 @@ class Worker:
         self._proc = psutil.Process()
         self._inflight_reports: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def stop(self) -> None:
         """Graceful stop: no new claims; running tasks get ``grace_s`` to finish."""
@@ -95,6 +98,7 @@ class Worker:
     # --- main loop -------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if self.handlers is registry:
             register_builtins()  # never replaces a handler the app registered
         client = AsyncClient(
@@ -237,6 +241,7 @@ class Worker:
             )
         try:
             payload = decode_value(task.payload)
+            context.current.set(context.TaskContext(task.id, lt.token, self._progress_sender))
             # asyncio.timeout cancels this task in place: no second Task per run, as wait_for
             # creates on Python 3.11. A sync handler's thread cannot be killed: on timeout its
             # slot is freed and the thread finishes in the background.
@@ -245,7 +250,9 @@ class Worker:
                     value = await handler.fn(payload)
                 else:
                     loop = asyncio.get_running_loop()
-                    value = await loop.run_in_executor(self._pool, handler.fn, payload)
+                    value = await loop.run_in_executor(
+                        self._pool, contextvars.copy_context().run, handler.fn, payload
+                    )
             return Outcome(task.id, lt.token, True, result=encode_payload(value))
         except TimeoutError:
             return Outcome(
@@ -269,6 +276,21 @@ class Worker:
             )
 
     # --- reporting -------------------------------------------------------------------------------
+
+    def _progress_sender(self, task_id: str, token: int, fraction: float, message: str) -> None:
+        """Called from handler code (any thread): one fire-and-forget Progress request."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def send() -> None:
+            client = self._client
+            if client is None:
+                return
+            fut = asyncio.ensure_future(client.report_progress(task_id, token, fraction, message))
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        loop.call_soon_threadsafe(send)
 
     def _send_results(self) -> None:
         self._results_scheduled = False

@@ -1,0 +1,1 @@
+"""Task history: export finished tasks over the protocol, query them with DuckDB."""

@@ -1,0 +1,1 @@
+"""``tq top``: the live Textual dashboard (talks to the broker only through AsyncClient)."""
