@@ -338,7 +338,10 @@ class StateMachine:
         self._batch = None
         result = ApplyResult(results, self._finished, self._readied, self._lost)
         for observer in self.observers:
-            observer(now_ms, commands, result)
+            try:
+                observer(now_ms, commands, result)
+            except Exception:  # what is applied stays applied: an observer bug costs only itself
+                log.exception("state.observer_failed", extra=kv(observer=repr(observer)))
         return result
 
     def _apply_one(self, now: int, cmd: Command) -> Any:

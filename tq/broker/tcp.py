@@ -8,8 +8,10 @@ that cannot be framed, a NACK and a clean close); nothing a peer sends can raise
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -72,6 +74,7 @@ MAX_CLAIM = 10_000
 MAX_LIST = 10_000
 MAX_EXPORT_PAGE = 50_000
 MAX_WATCHES = 8  # per connection
+WATCH_SNDBUF = 128 * 1024
 
 
 _known_names: set[str] = set()
@@ -347,6 +350,13 @@ class Connection(asyncio.Protocol):
         if self.watches >= MAX_WATCHES:
             raise BadRequest(f"at most {MAX_WATCHES} watches per connection")
         self.watches += 1
+        if self.watches == 1 and self.transport is not None:
+            # A fixed send buffer (no autotuning up to 4 MB): a stalled watcher is noticed after
+            # a few hundred KB, and then gets snapshots only (tq/broker/watch.py).
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError, AttributeError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WATCH_SNDBUF)
         self._send(Ack(msg.rid))
         self._flush()  # the ACK goes before the first update
         self.core.watch.subscribe(
