@@ -8,7 +8,7 @@ import gc
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tq.broker.core import BrokerCore
 from tq.broker.tcp import TcpServer
@@ -19,6 +19,15 @@ if TYPE_CHECKING:
     from tq.broker.http import HttpServer
 
 log = logging.getLogger("tq.broker")
+
+
+class Service(Protocol):
+    """Something that runs beside the broker in its event loop (the CLI adds the SSH admin shell
+    this way): started once TCP and HTTP are bound, stopped before the broker drains."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class BrokerApp:
@@ -36,6 +45,7 @@ class BrokerApp:
         self.http_port = http_port
         self.http_strict = http_strict
         self.http: HttpServer | None = None
+        self.services: list[Service] = []
 
     async def start(self) -> int:
         self.core.start()
@@ -54,9 +64,13 @@ class BrokerApp:
             self.http_port = await self.http.start(
                 self.config.host, self.http_port, strict=self.http_strict
             )
+        for service in self.services:
+            await service.start()
         return self.port
 
     async def stop(self) -> None:
+        for service in reversed(self.services):
+            await service.stop()
         self.tcp.stop_accepting()
         if self.http is not None:
             await self.http.stop_accepting()
@@ -89,6 +103,8 @@ class BrokerApp:
         if self.core.fatal is not None:
             log.critical("broker.fatal", extra=kv(error=str(self.core.fatal)))
             print(f"tq broker: fatal store error: {self.core.fatal}", file=sys.stderr)
+            for service in reversed(self.services):
+                await service.stop()
             self.tcp.stop_accepting()
             self.tcp.close_all()
             if self.http is not None:

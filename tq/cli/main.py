@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
@@ -24,10 +24,14 @@ from tq.cli.output import (
     emit_table,
     err_console,
     fail,
+    say,
     short,
     when,
 )
 from tq.config import BrokerConfig, auth_token_from_env, broker_url_from_env, parse_broker_url
+
+if TYPE_CHECKING:
+    from tq.broker.app import BrokerApp
 
 T = TypeVar("T")
 
@@ -167,6 +171,42 @@ def _http_options(http_port: int | None) -> dict[str, Any]:
     return {"http_port": None if http_port < 0 else http_port, "http_strict": True}
 
 
+SshPortOpt = typer.Option(
+    None,
+    "--ssh-port",
+    min=0,
+    max=65535,
+    help="admin shell over SSH on this port (0 picks one; off unless given): docs/ssh.md",
+)
+SshKeysOpt = typer.Option(
+    None, "--ssh-authorized-keys", help="OpenSSH authorized_keys file of the admin keys"
+)
+SshReadonlyOpt = typer.Option(
+    None, "--ssh-readonly-keys", help="authorized_keys file of keys that may only look"
+)
+
+
+def _add_ssh(
+    broker_app: BrokerApp, port: int | None, admin_keys: str | None, readonly_keys: str | None
+) -> None:
+    """``--ssh-port``: the SSH admin shell as a service of the broker (tq/cli/sshd.py)."""
+    if port is None:
+        if admin_keys or readonly_keys:
+            fail("--ssh-authorized-keys and --ssh-readonly-keys need --ssh-port", code=2)
+        return
+    if not admin_keys:
+        fail("--ssh-port needs --ssh-authorized-keys", code=2)
+    from tq.cli.sshd import SshServer, read_keys
+
+    try:
+        keys = read_keys(admin_keys, admin=True)
+        if readonly_keys:
+            keys += read_keys(readonly_keys, admin=False)
+    except ValueError as exc:
+        fail(str(exc), code=2)
+    broker_app.services.append(SshServer(broker_app, port, keys))
+
+
 @app.command()
 def broker(
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
@@ -196,10 +236,14 @@ def broker(
         None, "--raft-secret-file", help="cluster: shared secret encrypting Raft traffic"
     ),
     http_port: int | None = HttpPortOpt,
+    ssh_port: int | None = SshPortOpt,
+    ssh_authorized_keys: str | None = SshKeysOpt,
+    ssh_readonly_keys: str | None = SshReadonlyOpt,
     log_level: str = typer.Option("info", "--log-level"),
     log_format: str = LogFormatOpt,
 ) -> None:
-    """Run the broker: TCP protocol, HTTP API, embedded durable store (+ Raft with --raft-port)."""
+    """Run the broker: TCP protocol, HTTP API, embedded durable store (+ Raft with --raft-port,
+    + an SSH admin shell with --ssh-port)."""
     _setup_logging(log_level, log_format)
     _use_uvloop()
     from tq.broker.app import BrokerApp
@@ -216,8 +260,10 @@ def broker(
         retention_interval_s=retention_interval,
         **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
     )
+    broker_app = BrokerApp(config, **_http_options(http_port))
+    _add_ssh(broker_app, ssh_port, ssh_authorized_keys, ssh_readonly_keys)
     try:
-        code = asyncio.run(BrokerApp(config, **_http_options(http_port)).serve_forever())
+        code = asyncio.run(broker_app.serve_forever())
     except OSError as exc:
         fail(f"cannot start broker on {host}:{port}: {exc.strerror or exc}")
     except Exception as exc:
@@ -299,6 +345,9 @@ def up(
     concurrency: int = typer.Option(8, "--concurrency", "-c", min=1),
     app_module: list[str] | None = typer.Option(None, "--app", help="module of @task handlers"),
     http_port: int | None = HttpPortOpt,
+    ssh_port: int | None = SshPortOpt,
+    ssh_authorized_keys: str | None = SshKeysOpt,
+    ssh_readonly_keys: str | None = SshReadonlyOpt,
     log_level: str = typer.Option("info", "--log-level"),
     log_format: str = LogFormatOpt,
 ) -> None:
@@ -306,9 +355,11 @@ def up(
     _setup_logging(log_level, log_format)
     _use_uvloop()
     from tq.broker.app import BrokerApp
+    from tq.errors import TqError
 
     config = _broker_config(host, port, data_dir, 30.0, 7 * 86400, 1.0, 10.0, 16 * 1024 * 1024)
     broker_app = BrokerApp(config, **_http_options(http_port))
+    _add_ssh(broker_app, ssh_port, ssh_authorized_keys, ssh_readonly_keys)
 
     async def main() -> int:
         bound = await broker_app.start()
@@ -339,6 +390,8 @@ def up(
         raise typer.Exit(asyncio.run(main()))
     except OSError as exc:
         fail(f"cannot start on {host}:{port}: {exc.strerror or exc}")
+    except TqError as exc:  # e.g. the SSH port is taken
+        fail(exc.message)
 
 
 # --- producer and admin commands -----------------------------------------------------------------
@@ -409,14 +462,14 @@ def submit(
     out = _run_client(go, broker)
     if not wait:
         if output is Format.table:
-            print(out)
+            say(out)
         else:
             emit_data({"id": out}, output)
         return
     if output is not Format.table:
         emit_data(out.to_dict(), output)
     elif out.state == "completed":
-        print(json.dumps(out.result))
+        say(json.dumps(out.result))
     else:
         err = out.error
         fail(f"task {out.id} is {out.state}" + (f": {err.type}: {err.message}" if err else ""))
@@ -477,6 +530,102 @@ def cancel(
     _show_task(info, output)
 
 
+def _explain(info: Any, queue: dict[str, Any] | None, now_ms: int) -> dict[str, Any]:
+    """Why a task is where it is (``queue``: its queue's stats, for a pending task)."""
+    attempts = info.max_retries + 1
+    out: dict[str, Any] = {
+        "id": info.id,
+        "state": info.state,
+        "attempt": info.attempt,
+        "max_attempts": attempts,
+        "queue": info.queue,
+        "priority": info.priority,
+    }
+    ran = f"attempt {info.attempt} of {attempts}"
+    if info.state == "pending":
+        paused = bool(queue and queue.get("paused"))
+        pending = (queue or {}).get("pending", {})
+        levels = ["high", "normal", "low"]
+        ahead = sum(pending.get(p, 0) for p in levels[: levels.index(info.priority) + 1])
+        out |= {"paused": paused, "ready_at_or_above_priority": ahead}
+        why = f"waiting in queue {info.queue} at priority {info.priority}"
+        if paused:
+            why += f"; the queue is paused (`tq queue resume {info.queue}` lets workers take it)"
+        else:
+            why += f", one of {ahead} ready task(s) at this priority or higher"
+        if info.attempt:
+            why += f"; attempt {info.attempt + 1} of {attempts} comes next"
+    elif info.state == "running":
+        out |= {"worker_id": info.worker_id, "running_since_ms": info.started_at_ms}
+        why = (
+            f"{ran} is running on worker {info.worker_id} since {when(info.started_at_ms)} "
+            f"({max(0, now_ms - info.started_at_ms) / 1000:.1f}s; timeout {info.timeout_s:g}s)"
+        )
+    elif info.state == "failed":
+        out["retry_at_ms"] = info.eta_ms
+        due_s = (info.eta_ms - now_ms) / 1000
+        due = f"in {due_s:.1f}s" if due_s > 0 else "now"
+        why = f"{ran} failed; the retry is due at {when(info.eta_ms)} ({due})"
+    elif info.state == "dead":
+        why = f"dead-lettered after {ran}; `tq retry {info.id}` sends it back to pending"
+    elif info.state == "completed":
+        why = f"completed at {when(info.finished_at_ms)} on worker {info.worker_id} ({ran})"
+    else:
+        why = f"cancelled at {when(info.finished_at_ms)}"
+    if info.error is not None and info.state != "completed":
+        out["last_error"] = {"type": info.error.type, "message": info.error.message}
+    out["why"] = why
+    return out
+
+
+@app.command()
+def explain(
+    task_id: str,
+    broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
+) -> None:
+    """Why a task is where it is: state, attempts, queue (paused?), retry time, last error."""
+    import time as _time
+
+    async def go(c: Any) -> tuple[Any, dict[str, Any] | None]:
+        info = await c.status(task_id)
+        if info.state != "pending":
+            return info, None
+        queues: dict[str, Any] = (await c.stats())["queues"]
+        return info, queues.get(info.queue)
+
+    info, queue = _run_client(go, broker)
+    data = _explain(info, queue, int(_time.time() * 1000))
+    if output is not Format.table:
+        emit_data(data, output)
+        return
+    rows: list[list[Any]] = [["why", data["why"]]]
+    rows += [["attempt", f"{data['attempt']} of {data['max_attempts']}"]]
+    for key in ("queue", "priority", "paused", "worker_id"):
+        if key in data:
+            rows.append([key, "yes" if data[key] is True else data[key] or "no"])
+    for key in ("running_since_ms", "retry_at_ms"):
+        if key in data:
+            rows.append([key.removesuffix("_ms").replace("_", " "), when(data[key])])
+    if "last_error" in data:
+        error = data["last_error"]
+        rows.append(["last error", f"{error['type']}: {error['message']}"])
+    emit_table(f"task {info.id}: {info.state}", ["", ""], rows)
+
+
+@app.command()
+def retry(
+    task_ids: list[str] = typer.Argument(..., help="ids of dead-lettered tasks"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be retried"),
+    broker: str | None = BrokerOpt,
+    output: Format = OutputOpt,
+) -> None:
+    """Send dead-lettered tasks back to pending with their attempts reset (as `tq dlq retry`
+    with ids). Exit code 1 if one of them is not in the dead-letter queue."""
+    filters = _dlq_filters(None, None, None, None)
+    _dlq_change("retry", task_ids, filters, dry_run, broker, output, all_named=True)
+
+
 @app.command()
 def stats(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
     """Task counts by state, queue depths and workers."""
@@ -500,7 +649,7 @@ def stats(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
             for q, s in data["queues"].items()
         ],
     )
-    print(
+    say(
         f"workers: {len(data['workers'])}  uptime: {data['uptime_s']:.0f}s  "
         f"version: {data['version']}"
     )
@@ -742,7 +891,7 @@ def queues(broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
 
 def _said(data: dict[str, Any], text: str, output: Format) -> None:
     if output is Format.table:
-        print(text)
+        say(text)
     else:
         emit_data(data, output)
 
@@ -808,7 +957,10 @@ def _dlq_change(
     dry_run: bool,
     broker: str | None,
     output: Format,
+    *,
+    all_named: bool = False,
 ) -> None:
+    """Retry or purge dead letters; ``all_named``: exit 1 unless every id given was one."""
     if not task_ids and not any(v is not None for v in filters.values()) and not dry_run:
         fail(f"name task ids, or give a filter (--queue, --name, ...) to {op} many", code=2)
 
@@ -821,10 +973,13 @@ def _dlq_change(
     verb = {"retry": "retried", "purge": "purged"}[op]
     if output is not Format.table:
         emit_data({"dry_run": dry_run, verb: ids}, output)
-        return
-    print(f"{'would be ' if dry_run else ''}{verb}: {len(ids)}")
-    for tid in ids:
-        print(f"  {tid}")
+    else:
+        say(f"{'would be ' if dry_run else ''}{verb}: {len(ids)}")
+        for tid in ids:
+            say(f"  {tid}")
+    missing = [tid for tid in task_ids or [] if tid not in ids]
+    if all_named and missing:
+        fail(f"not in the dead-letter queue: {', '.join(missing)}")
 
 
 @dlq_app.command("retry")

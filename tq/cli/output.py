@@ -1,11 +1,18 @@
-"""Printing results as a rich table, JSON or YAML (``-o``), and errors as one readable line."""
+"""Printing results as a rich table, JSON or YAML (``-o``), and errors as one readable line.
+
+Everything a command prints goes through the consoles of the current context: the process's
+stdout and stderr by default, an SSH session's channel while the admin shell (tq/cli/shell.py)
+runs a command for it (see :func:`redirect`).
+"""
 
 from __future__ import annotations
 
 import enum
 import json
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -15,6 +22,38 @@ from rich.table import Table
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Consoles:
+    """Where a command's output (``out``) and its errors (``err``) go."""
+
+    out: Console
+    err: Console
+
+
+_DEFAULT = Consoles(console, err_console)
+_consoles: ContextVar[Consoles | None] = ContextVar("tq_cli_consoles", default=None)
+
+
+@contextmanager
+def redirect(out: Console, err: Console) -> Iterator[None]:
+    """Print through ``out`` and ``err`` in this context (a thread's copy of it, for the shell)."""
+    token = _consoles.set(Consoles(out, err))
+    try:
+        yield
+    finally:
+        _consoles.reset(token)
+
+
+def stdout() -> Console:
+    """The console results go to."""
+    return (_consoles.get() or _DEFAULT).out
+
+
+def stderr() -> Console:
+    """The console errors and progress go to."""
+    return (_consoles.get() or _DEFAULT).err
 
 
 class Format(enum.StrEnum):
@@ -27,17 +66,23 @@ OutputOpt = typer.Option(Format.table, "--output", "-o", help="table, json or ya
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]tq:[/] {message}", highlight=False, soft_wrap=True)
+    stderr().print(f"[bold red]tq:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
+def say(text: str) -> None:
+    """One line of plain text on the result console, as ``print`` would write it."""
+    stdout().file.write(text + "\n")
+
+
 def emit_data(data: Any, fmt: Format) -> None:
+    out = stdout().file
     if fmt is Format.json:
-        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        out.write(json.dumps(data, indent=2, default=str) + "\n")
     else:
         import yaml
 
-        sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+        out.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
 
 
 def emit_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -46,7 +91,7 @@ def emit_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
         table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
-    console.print(table)
+    stdout().print(table)
 
 
 def when(ms: int) -> str:
