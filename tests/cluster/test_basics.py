@@ -60,6 +60,8 @@ def test_one_leader_and_a_follower_address_is_enough(
         assert set(view["peers"]) == {n.raft_addr for n in cluster.nodes if n is not node}
         if node is leader:
             assert all(p["connected"] for p in view["peers"].values()), view["peers"]
+            # every follower answers the leader's appends/keepalives: seen well within a second
+            assert all(p["last_contact_s"] < 2.0 for p in view["peers"].values()), view["peers"]
 
     follower = next(n for n in cluster.nodes if n is not leader)
     # Asked directly, a follower refuses and names the leader's client address.

@@ -410,6 +410,8 @@ class _TqTransport(TCPTransport):
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         self._tq_held: list[tuple[Any, Any]] = []
+        # monotonic time of the last message from each peer (by address), for `cluster status`
+        self.tq_last_contact: dict[str, float] = {}
         self._tq_journal: DurableJournal = syncObj._tq_journal
         self._tq_keep_next_index: bool = syncObj._tq_keep_next_index
         # name-mangled private dict of SyncObj (syncobj.py:178), pinned to 0.3.17
@@ -428,6 +430,7 @@ class _TqTransport(TCPTransport):
         return bool(super().send(node, message))
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
+        self.tq_last_contact[getattr(node, "address", str(node))] = time.monotonic()
         # pysyncobj's leader sets nextIndex back to the acknowledged position on every
         # successful ack (syncobj.py:1079-1082) although it already sent further entries
         # (:1273): with several entries in flight every ack makes it re-send entries the
@@ -952,11 +955,16 @@ class RaftLog:
                 continue
         leader = st.get("leader")
         peers = {}
+        transport = getattr(self._obj, "_tq_transport", None)
+        contact: dict[str, float] = dict(transport.tq_last_contact) if transport else {}
+        now = time.monotonic()
         for node in others:
+            seen = contact.get(node.address)
             peers[node.address] = {
                 "connected": st.get("partner_node_status_server_" + node.id) == 2,
                 "match_index": st.get("match_idx_server_" + node.id),
                 "next_index": st.get("next_node_idx_server_" + node.id),
+                "last_contact_s": round(now - seen, 3) if seen is not None else None,
             }
         j = self.journal
         return {
@@ -1180,7 +1188,11 @@ class ClusterLog:
             "applied_index": st.get("applied_index"),
             "has_quorum": st.get("has_quorum"),
             "peers": {
-                addr: {"connected": p.get("connected"), "match_index": p.get("match_index")}
+                addr: {
+                    "connected": p.get("connected"),
+                    "match_index": p.get("match_index"),
+                    "last_contact_s": p.get("last_contact_s"),
+                }
                 for addr, p in st.get("peers", {}).items()
             },
             "journal": st.get("journal"),
