@@ -228,6 +228,7 @@ class StateMachine:
         self._finished: list[Task] = []
         self._readied = False
         self._lost: list[str] = []
+        self._mirror = True
         self.delayed: dict[str, int] = {}  # queue -> tasks in `failed` waiting for a retry
 
     def reset(self) -> None:
@@ -322,7 +323,11 @@ class StateMachine:
         counters_before = dict(self.counters)
         seq_before, token_before = self.next_seq, self.next_token
         results: list[Any] = []
-        for cmd in commands:
+        last = len(commands) - 1
+        for i, cmd in enumerate(commands):
+            # Later commands of this batch may read what this one writes (a submit then a claim
+            # in one tick): only then must a submit mirror its writes in the batch's overlay.
+            self._mirror = i < last
             try:
                 results.append(self._apply_one(now_ms, cmd))
             except TqError as exc:
@@ -494,6 +499,7 @@ class StateMachine:
         queue_in = self.queue_in
         prefixes: dict[str, bytes] = {}
         pack = _SEQ.pack
+        mirror = self._mirror
         for spec, tid in fresh:
             queue = spec.queue
             prefix = prefixes.get(queue)
@@ -501,7 +507,7 @@ class StateMachine:
                 prefix = prefixes[queue] = queue.encode() + b"\x00"
             key = prefix + pack(spec.priority, seq)
             value = encode(
-                Task(
+                Task(  # positional: every field, in declaration order (cheaper than keywords)
                     spec.id,
                     spec.name,
                     queue,
@@ -512,14 +518,21 @@ class StateMachine:
                     spec.max_retries,
                     spec.timeout_s,
                     now,
-                    seq=seq,
-                    backoff_s=spec.backoff_s,
+                    0,
+                    0,
+                    0,
+                    None,
+                    None,
+                    "",
+                    seq,
+                    spec.backoff_s,
                 )
             )
             put(key, value, pending_h)
-            pending_ov[key] = value
             put(tid, key, ids_h)
-            ids_ov[tid] = key
+            if mirror:
+                pending_ov[key] = value
+                ids_ov[tid] = key
             rq = ready.get(queue)
             if rq is None:
                 rq = self._ready(queue)
