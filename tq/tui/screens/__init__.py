@@ -1,0 +1,1 @@
+"""Modal screens of ``tq top``: task detail, confirmation, help."""

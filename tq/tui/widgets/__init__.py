@@ -1,0 +1,1 @@
+"""Widgets of ``tq top`` that are not whole views: one per module."""
