@@ -87,8 +87,14 @@ class ClusterView(LiveView):
             up = bool(peer.get("connected"))
             match = peer.get("match_index")
             lag = "—" if match is None or commit is None else str(max(0, commit - match))
+            heard = peer.get("last_contact_s")  # seconds since the leader last heard from it
             seen = m.peer_contact_ms.get(addr)
-            contact = "now" if up else ("never" if seen is None else humanize.since(seen, m.at_ms))
+            if heard is not None:
+                contact = "now" if heard < 1.0 else f"{humanize.age(int(heard * 1000))} ago"
+            else:
+                contact = (
+                    "now" if up else ("never" if seen is None else humanize.since(seen, m.at_ms))
+                )
             rows.append(
                 (
                     addr,
