@@ -23,6 +23,8 @@ SCENARIOS = {
     "cluster-submit-batch",
     "cluster-end-to-end",
     "cluster-failover",
+    "export-1m",
+    "export-1m-fill",
 }
 
 

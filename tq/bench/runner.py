@@ -8,7 +8,13 @@ timed unit tests.
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -18,8 +24,8 @@ import msgspec
 
 from tq.bench.procs import BrokerProc, start_worker
 from tq.client import AsyncClient
-from tq.model import new_ids
-from tq.protocol.messages import ClaimTask, Leased, TaskSpec
+from tq.model import ErrorInfo, new_ids
+from tq.protocol.messages import Ack, ClaimTask, Leased, Outcome, ResultBatch, TaskSpec
 
 PAYLOAD = msgspec.json.encode(
     {"user": "alice@example.com", "action": "thumbnail", "size": [640, 480], "pad": "x" * 120}
@@ -40,6 +46,8 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "cluster-submit-batch": (">=", 40_000, "tasks/s"),
     "cluster-end-to-end": ("", 0, "tasks/s"),  # measured, no target set
     "cluster-failover": ("<=", 3.0, "s"),
+    "export-1m": ("<=", 10.0, "s"),
+    "export-1m-fill": ("", 0, "s"),  # measured, no target set
 }
 
 
@@ -60,6 +68,7 @@ class Sizes:
     memory_small: int = 100_000
     memory_large: int = 1_000_000
     cluster_tasks: int = 50_000
+    export_tasks: int = 1_000_000
     repeats: int = 3
 
 
@@ -76,6 +85,7 @@ QUICK = Sizes(
     memory_small=1_000,
     memory_large=3_000,
     cluster_tasks=1_000,
+    export_tasks=3_000,
     repeats=1,
 )
 
@@ -283,6 +293,94 @@ def memory_and_recovery(sizes: Sizes, n: int, with_recovery: bool) -> tuple[floa
         broker.stop()
 
 
+# --- export ----------------------------------------------------------------------------------
+
+EXPORT_NAMES = ("echo", "resize", "email")
+EXPORT_QUEUES = ("default", "reports")
+RESULT = msgspec.json.encode({"ok": True})
+
+
+async def fill_finished(url: str, n: int, fail_every: int = 50) -> None:
+    """Put ``n`` finished tasks in the broker as fast as the protocol allows: batched submits
+    (three task names over two queues, no retries), then a stand-in worker that claims 10,000 at
+    a time and reports them all in one result batch without running anything. Every
+    ``fail_every``-th task fails and goes to the dead-letter queue. A real ``tq worker`` drains
+    about 20,000 tasks/s, which would make filling a million the whole benchmark."""
+    async with AsyncClient(url) as client:
+        sem = asyncio.Semaphore(4)
+
+        async def submit(start: int, count: int) -> None:
+            specs = [
+                TaskSpec(
+                    tid,
+                    EXPORT_NAMES[(start + i) % len(EXPORT_NAMES)],
+                    PAYLOAD,
+                    EXPORT_QUEUES[(start + i) % len(EXPORT_QUEUES)],
+                    max_retries=0,
+                )
+                for i, tid in enumerate(new_ids.many(count))
+            ]
+            async with sem:
+                await client.submit_specs(specs)
+
+        step = 10_000
+        await asyncio.gather(*(submit(i, min(step, n - i)) for i in range(0, n, step)))
+
+    worker = AsyncClient(
+        url,
+        role="worker",
+        client_id=f"bench-export-{new_ids.new()}",
+        hello_extra={"concurrency": 10_000, "queues": list(EXPORT_QUEUES)},
+    )
+    failure = ErrorInfo("ValueError", "bad input")
+    try:
+
+        async def lane() -> None:  # claim 10,000, report them, until nothing is left
+            while True:
+                leased = await worker.call(
+                    lambda rid: ClaimTask(rid, list(EXPORT_QUEUES), 10_000, 0), Leased
+                )
+                if not leased.tasks:
+                    return
+                outcomes = [
+                    Outcome(lt.task.id, lt.token, True, RESULT)
+                    if (i + 1) % fail_every
+                    else Outcome(lt.task.id, lt.token, False, None, failure)
+                    for i, lt in enumerate(leased.tasks)
+                ]
+                report = functools.partial(ResultBatch, outcomes=outcomes)
+                await worker.call(report, Ack, retry=False)
+
+        await asyncio.gather(lane(), lane())
+    finally:
+        await worker.close()
+
+
+def export_1m(sizes: Sizes) -> tuple[float, list[float]]:
+    """Fill a fresh broker with ``export_tasks`` finished tasks once (seconds returned), then
+    time ``tq export --out X.parquet`` over all of them ``repeats`` times: the whole command as
+    a user runs it, interpreter start-up included."""
+    broker = BrokerProc()
+    broker.start()
+    out_dir = tempfile.mkdtemp(prefix="tq-bench-export-")
+    try:
+        t0 = time.perf_counter()
+        asyncio.run(fill_finished(broker.url, sizes.export_tasks))
+        fill_s = time.perf_counter() - t0
+        out = os.path.join(out_dir, "tasks.parquet")
+        cmd = [sys.executable, "-m", "tq", "export", "-b", broker.url, "--out", out, "--quiet"]
+        env = {**os.environ, "XDG_STATE_HOME": out_dir}  # keep the user's latest export
+        samples: list[float] = []
+        for _ in range(sizes.repeats):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env=env, stdin=subprocess.DEVNULL)
+            samples.append(time.perf_counter() - t0)
+        return fill_s, samples
+    finally:
+        broker.stop()
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
 async def _leader_url(client: AsyncClient) -> str:
     stats = await client.stats()
     return str(stats["cluster"].get("leader_client") or "")
@@ -372,6 +470,13 @@ def run_all(
             result.add("submit-to-start-p99", s99)
         if broker_url is None:
             _own_brokers(sizes, want, result)
+    if broker_url is None and want("export"):
+        # One fill (a million tasks take ~30 s to put in), then `repeats` exports of it.
+        progress(f"export: filling a broker with {sizes.export_tasks:,} finished tasks")
+        fill_s, samples = export_1m(sizes)
+        result.add("export-1m-fill", fill_s)
+        for seconds in samples:
+            result.add("export-1m", seconds)
     return result
 
 
