@@ -694,7 +694,7 @@ def bench(
         None,
         "--only",
         help="scenario(s): submit-batch, submit-pipelined, submit-latency, "
-        "open-loop, end-to-end, dispatch-latency, memory, recovery, cluster",
+        "open-loop, end-to-end, dispatch-latency, memory, recovery, cluster, export",
     ),
     repeats: int | None = typer.Option(None, "--repeats", min=1, help="runs per scenario"),
 ) -> None:
