@@ -72,7 +72,7 @@ async def test_overview_shows_queues_and_depths_after_a_known_workload(
         assert default[-1] == emails[-1] == "active"
         totals = str(pilot.app.query_one("#totals").content)
         assert "pending 10" in totals
-        assert "● live" in status_text(pilot)
+        await until(pilot, lambda: "● live" in status_text(pilot), what="the live status line")
         assert "v0.1.0" in status_text(pilot)
         await pilot.press("5")
         summary = pilot.app.query_one("#cluster-summary")
@@ -194,7 +194,7 @@ async def test_killing_the_broker_shows_disconnected_and_a_restart_reconnects(
     broker: BrokerProcess,
 ) -> None:
     async with top(broker.url) as pilot:
-        assert "● live" in status_text(pilot)
+        await until(pilot, lambda: "● live" in status_text(pilot), what="the live status line")
         await asyncio.to_thread(broker.kill)
         await until(pilot, lambda: "disconnected" in status_text(pilot), what="disconnected")
         assert "reconnecting" in status_text(pilot)
