@@ -59,6 +59,22 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The command succeeded: its stdout (else the assertion shows its exit code and output)."""
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result.stdout
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    """The command failed with ``code`` and said why in exactly one line, without a traceback."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tq: "), lines[0]
+    return lines[0]
+
+
 def tail(path: Path, lines: int = 40) -> str:
     if not path.exists():
         return "<no file>"

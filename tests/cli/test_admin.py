@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from tests.apps.handlers import read_runs
-from tests.cli.test_cli import ok, tq
-from tests.conftest import HANDLERS_APP, BrokerProcess, WorkerProcess, wait_until
+from tests.cli.test_cli import tq
+from tests.conftest import HANDLERS_APP, BrokerProcess, WorkerProcess, ok, wait_until
 
 StartWorker = Callable[..., WorkerProcess]
 

@@ -20,6 +20,8 @@ from tests.conftest import (
     BrokerProcess,
     WorkerProcess,
     launch_worker,
+    ok,
+    one_line_error,
     stop_worker,
     subprocess_env,
 )
@@ -43,21 +45,6 @@ def tq(
         stdin=subprocess.DEVNULL,
         env=subprocess_env(COLUMNS="200", **env),
     )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
-    """The command failed with ``code`` and said why in exactly one line, without a traceback."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("tq: "), lines[0]
-    return lines[0]
 
 
 def free_port() -> int:

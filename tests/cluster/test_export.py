@@ -11,8 +11,8 @@ import pytest
 from tq import Client
 
 from tests.cluster.conftest import MakeCluster
-from tests.conftest import WorkerProcess, wait_until
-from tests.history.conftest import ok, tq
+from tests.conftest import WorkerProcess, ok, wait_until
+from tests.history.conftest import tq
 
 pytestmark = pytest.mark.cluster
 

@@ -22,6 +22,7 @@ from tq import Client
 from tests.conftest import (
     BrokerProcess,
     launch_worker,
+    ok,
     stop_worker,
     subprocess_env,
     wait_until,
@@ -74,21 +75,6 @@ def tq(*args: str, state_dir: Path, timeout: float = 60) -> subprocess.Completed
         env=subprocess_env(COLUMNS="200", XDG_STATE_HOME=str(state_dir)),
         check=False,
     )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
-    """The command failed with ``code`` and said why in exactly one line, without a traceback."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("tq: "), lines[0]
-    return lines[0]
 
 
 def _run_workload(url: str) -> None:

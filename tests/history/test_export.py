@@ -14,6 +14,7 @@ import pytest
 from tq.client import AsyncClient
 from tq.history import export_tasks, run_query
 
+from tests.conftest import ok, one_line_error
 from tests.history.conftest import (
     BY_NAME,
     BY_QUEUE,
@@ -22,8 +23,6 @@ from tests.history.conftest import (
     SLEEP_MS,
     TOTAL,
     Workload,
-    ok,
-    one_line_error,
     tq,
 )
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tq.history import HistoryQuery
 
-from tests.conftest import subprocess_env
-from tests.history.conftest import BY_STATE, TOTAL, TQ, Workload, ok, one_line_error, tq
+from tests.conftest import ok, one_line_error, subprocess_env
+from tests.history.conftest import BY_STATE, TOTAL, TQ, Workload, tq
 
 BY_STATE_SQL = "SELECT state, count(*) AS n FROM tasks GROUP BY state ORDER BY state"
 
