@@ -78,6 +78,7 @@ class WatchHub:
         self._progress_events: list[TaskEvent] = []
         self.cpu_ns = 0
         self.events_sent = 0
+        self.events_dropped = 0  # not sent to a watcher whose socket was backed up
         self.updates_sent = 0
 
     # --- subscriptions ---------------------------------------------------------------------------
@@ -212,9 +213,11 @@ class WatchHub:
             backlog = w.backlog()
             if backlog > SNAPSHOT_HIGH_WATER:
                 w.dropped += len(mine)
+                self.events_dropped += len(mine)
                 continue
             if mine and backlog > EVENTS_HIGH_WATER:
                 w.dropped += len(mine)
+                self.events_dropped += len(mine)
                 mine = []
                 if not snapshot:
                     continue
@@ -407,4 +410,5 @@ def watch_counters(hub: WatchHub) -> dict[str, int]:
         "watch_cpu_us": hub.cpu_ns // 1000,
         "watch_updates": hub.updates_sent,
         "watch_events": hub.events_sent,
+        "watch_dropped": hub.events_dropped,
     }
