@@ -577,10 +577,20 @@ class TcpServer:
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Connection(self.core, self), host, port, reuse_address=True, backlog=1024
-        )
-        sock = self._server.sockets[0]
+        # Bind and listen here rather than inside create_server: uvloop reports a failed
+        # listen() only to the loop's exception handler and hands back a closed server, so the
+        # real error (EADDRINUSE at listen time) would surface as a confusing AttributeError.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._server = await loop.create_server(lambda: Connection(self.core, self), sock=sock)
         self.port = int(sock.getsockname()[1])
         return self.port
 
