@@ -929,3 +929,34 @@ def test_recovered_machine_claims_like_the_live_one(how: str) -> None:
             store.close()
         for root in roots:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def test_resubmits_are_found_above_and_below_the_id_watermark_and_after_recovery() -> None:
+    """Ids above every stored id skip the lookup (``max_id``); repeats must still be found:
+    later in the same apply, below the watermark, and after a restart."""
+    root = tempfile.mkdtemp(prefix="tq-ids-")
+    path = f"{root}/store"
+    store, sm = _open(path)
+
+    def spec(task_id: str) -> TaskSpec:
+        return TaskSpec(id=task_id, name="job", payload=b"x", queue="alpha")
+
+    try:
+        sm.apply(START_MS, [Submit([spec("b")]), Submit([spec("b"), spec("c")])])
+        assert sm.counts["pending"] == 2
+        assert sm.max_id == b"c"
+        sm.apply(START_MS, [Submit([spec("a"), spec("c"), spec("d")])])  # a: below, looked up
+        assert sm.counts["pending"] == 4
+        store.close()
+
+        store, sm = _open(path)
+        sm.recover()
+        assert sm.max_id == b"d"
+        sm.apply(START_MS, [Submit([spec("d"), spec("e"), spec("a")])])
+        assert sm.counts["pending"] == 5
+        assert sorted(t.id for t in sm.list_tasks(TaskState.PENDING, None, None, 10, None)[0]) == [
+            "a", "b", "c", "d", "e"
+        ]  # fmt: skip
+    finally:
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)

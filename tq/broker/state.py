@@ -215,6 +215,7 @@ class StateMachine:
         self.next_seq = 1
         self.next_token = 1
         self.applied_index = 0  # the last replicated log entry applied (cluster mode)
+        self.max_id = b""  # no stored task id is greater (ids CF keys; see _known_ids)
         self.nodes: dict[str, str] = {}  # raft address -> client address, from Announce
         self.paused: set[str] = set()  # queues whose tasks are not handed out
         # See every applied batch, on every node: metrics (tq/broker/metrics.py) and watchers
@@ -246,6 +247,7 @@ class StateMachine:
         self.next_seq = 1
         self.next_token = 1
         self.applied_index = 0
+        self.max_id = b""
 
     # --- recovery --------------------------------------------------------------------------------
 
@@ -304,6 +306,7 @@ class StateMachine:
                 self.paused.add(name[7:])
         self.counts[TaskState.FAILED] = len(self.timers)
         self.next_seq = max(self.next_seq, max_seq + 1)
+        self.max_id = next(store.keys(CF_IDS, backwards=True), b"")
 
     # --- apply -----------------------------------------------------------------------------------
 
@@ -484,7 +487,7 @@ class StateMachine:
         seq = self.next_seq
         pending = PENDING
         tids = [spec.id.encode() for spec in specs]
-        known = self.store.exists_many(ids_cf, tids, batch)
+        known = self._known_ids(tids, batch)
         if any(known) or len(set(tids)) != len(tids):
             # same id again (in the store or earlier in this batch): idempotent, the first wins
             seen: set[bytes] = set()
@@ -548,6 +551,27 @@ class StateMachine:
             self._count("submitted", added)
             self._readied = True
         return ids, []
+
+    def _known_ids(self, tids: list[bytes], batch: Batch) -> list[bool]:
+        """Which of these ids exist already. An id above every id ever stored (``max_id``) cannot
+        exist, and ids are time-ordered, so a producer's fresh ids usually are: only the others
+        are looked up, in one multi-get (RocksDB probes every level for a missing key: ~1 us a
+        key, a fifth of a batched submit's cost). ``max_id`` only grows, at once, so a repeat
+        later in the same batch is looked up (and found in the batch's overlay)."""
+        top = self.max_id
+        hi = max(tids)
+        if hi > top:
+            self.max_id = hi
+        if min(tids) > top:
+            return [False] * len(tids)
+        below = [i for i, tid in enumerate(tids) if tid <= top]
+        if len(below) == len(tids):
+            return self.store.exists_many(CF_IDS, tids, batch)
+        known = [False] * len(tids)
+        found = self.store.exists_many(CF_IDS, [tids[i] for i in below], batch)
+        for i, hit in zip(below, found, strict=True):
+            known[i] = hit
+        return known
 
     def _claim(self, now: int, worker_id: str, queues: list[str], n: int) -> list[LeasedTask]:
         batch = self._batch
