@@ -52,6 +52,9 @@ class Priority(enum.IntEnum):
 
     @classmethod
     def parse(cls, value: str | int | Priority) -> Priority:
+        hit = _PRIORITY_NAMES.get(value) if isinstance(value, str) else None
+        if hit is not None:  # the common case, "normal" and friends: one lookup per submit
+            return hit
         if isinstance(value, Priority):
             return value
         if isinstance(value, int):

@@ -11,8 +11,7 @@ from tq.tui.views.cluster import ClusterView
 from tq.tui.widgets.table import LiveTable
 
 from tests.cluster.conftest import MakeCluster
-from tests.tui.conftest import app_of, until
-from tests.tui.test_live import status_text, top
+from tests.tui.conftest import app_of, status_text, top, until
 
 pytestmark = pytest.mark.cluster
 

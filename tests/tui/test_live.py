@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from textual.pilot import Pilot
 from tq.client import AsyncClient
-from tq.tui import TopApp
 from tq.tui.screens.confirm import Confirm
 from tq.tui.screens.detail import TaskDetail
 from tq.tui.views.dead import DeadView
@@ -23,24 +21,9 @@ from tq.tui.widgets.table import LiveTable
 
 from tests.apps.handlers import read_runs
 from tests.conftest import HANDLERS_APP, BrokerProcess, WorkerProcess
-from tests.tui.conftest import app_of, until
+from tests.tui.conftest import app_of, status_text, top, until
 
 StartWorker = Callable[..., WorkerProcess]
-SIZE = (100, 30)
-
-
-@asynccontextmanager
-async def top(url: str) -> AsyncIterator[Pilot[None]]:
-    """``tq top`` on ``url`` (fast snapshots, so the tests wait little), connected."""
-    client = AsyncClient(url, connect_timeout_s=1.0, timeout_s=5.0)
-    app = TopApp(client, url=url, interval_s=0.2, redraw_s=0.1, poll_s=0.3)
-    async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.model.stats is not None, what="first snapshot")
-        yield pilot
-
-
-def status_text(pilot: Pilot[None]) -> str:
-    return pilot.app.query_one(StatusBar).text
 
 
 def queue_row(pilot: Pilot[None], queue: str) -> list[str]:

@@ -70,11 +70,10 @@ class WatchHub:
         self._after_durable = after_durable  # no watcher sees state before it is durable
         self._watchers: dict[tuple[int, int], Watcher] = {}
         self._batches: list[tuple[int, list[Command], ApplyResult]] = []
-        self._overflow = 0  # batches not kept since the last flush
+        self._overflow = 0  # events of the batches not kept since the last flush
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0
-        self._progress: dict[str, tuple[float, str, int]] = {}
         self._progress_events: list[TaskEvent] = []
         self.cpu_ns = 0
         self.events_sent = 0
@@ -113,6 +112,9 @@ class WatchHub:
         self._watchers[(id(owner), rid)] = Watcher(rid, events, interval, write, backlog, owner)
         self._arm(0.0)  # the first snapshot goes out at once
 
+    def owned_by(self, owner: object) -> int:
+        return sum(1 for w in self._watchers.values() if w.owner is owner)
+
     def unsubscribe(self, owner: object, rid: int | None = None) -> None:
         """Drop one subscription of ``owner``, or all of them (its connection closed)."""
         for key in [k for k, w in self._watchers.items() if w.owner is owner]:
@@ -128,22 +130,19 @@ class WatchHub:
         t0 = time.perf_counter_ns()
         if len(self._batches) < MAX_BATCHES:
             self._batches.append((now_ms, commands, result))
-        else:
-            self._overflow += 1
-        if self._progress:  # a finished task's progress is history
-            for task in result.finished:
-                self._progress.pop(task.id, None)
+        else:  # only counted: none of its events could be among the newest sent
+            self._overflow += self._batch_events(now_ms, commands, result, 0)[1]
         self._arm(EVENT_FLUSH_S)
         self.cpu_ns += time.perf_counter_ns() - t0
 
     def progress(self, task_id: str, fraction: float, message: str) -> None:
-        """A running task's progress (checked against its lease by the caller)."""
+        """A running task's progress (checked against its lease by the caller): an event for
+        the watchers, kept nowhere else."""
         lease = self._sm.leases.get(task_id)
         if lease is None:
             return
-        now = self._clock()
-        self._progress[task_id] = (fraction, message, now)
         if any(w.events for w in self._watchers.values()):
+            now = self._clock()
             task = lease.task
             detail = message if fraction < 0 else f"{fraction:.0%} {message}".rstrip()
             self._progress_events.append(
@@ -160,9 +159,6 @@ class WatchHub:
             )
             del self._progress_events[:-MAX_EVENTS]
             self._arm(EVENT_FLUSH_S)
-
-    def progress_of(self, task_id: str) -> tuple[float, str, int] | None:
-        return self._progress.get(task_id)
 
     # --- output ----------------------------------------------------------------------------------
 
@@ -256,10 +252,7 @@ class WatchHub:
         newest_first: list[TaskEvent] = []
         more = 0
         for now_ms, commands, result in reversed(batches):
-            room = MAX_EVENTS - len(newest_first)
-            if room <= 0:
-                more += _estimate(commands, result)
-                continue
+            room = MAX_EVENTS - len(newest_first)  # 0: only count them
             events, total = self._batch_events(now_ms, commands, result, room)
             newest_first.extend(events)
             more += total - len(events)
@@ -389,19 +382,6 @@ def _final_event(task: Task, now_ms: int) -> TaskEvent:
         task.worker_id,
         f"{err.type}: {err.message}" if err else "",
     )
-
-
-def _estimate(commands: list[Command], result: ApplyResult) -> int:
-    """How many events a batch would have made, without making them (for the coalesced count)."""
-    n = len(result.finished)
-    for cmd, value in zip(commands, result.results, strict=False):
-        if isinstance(value, TqError):
-            continue
-        if isinstance(cmd, Submit):
-            n += len(cmd.specs)
-        elif isinstance(cmd, Claim) and isinstance(value, list):
-            n += len(value)
-    return n
 
 
 def watch_counters(hub: WatchHub) -> dict[str, int]:

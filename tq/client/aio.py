@@ -68,8 +68,6 @@ from tq.protocol.messages import (
 
 R = TypeVar("R", bound=Response)
 
-_PRIORITY_BY_NAME: dict[str, int] = {p.label: int(p) for p in Priority}
-
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
 
@@ -322,12 +320,10 @@ class AsyncClient:
         backoff_s: float = 0.0,
         task_id: str | None = None,
     ) -> TaskSpec:
-        prio = _PRIORITY_BY_NAME.get(priority) if isinstance(priority, str) else None
-        if prio is None:
-            try:
-                prio = int(Priority.parse(priority))
-            except ValueError as exc:
-                raise BadRequest(str(exc)) from None
+        try:
+            prio = int(Priority.parse(priority))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         return TaskSpec(
             id=task_id or new_ids.new(),
             name=name,
