@@ -26,6 +26,7 @@ class BrokerConfig:
     retention_s: float = 7 * 24 * 3600.0
     retention_interval_s: float = 60.0
     auth_token: str | None = None
+    journal_bytes: int = 64 * 1024 * 1024  # single node: the commit journal's size
     # cluster mode (a Raft port given): this node's id, its Raft port, the other members' Raft
     # addresses, where the Raft port really listens (default: host:raft_port) and the secret
     raft_port: int | None = None

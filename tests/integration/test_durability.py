@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tq import AsyncClient, Client, TaskInfo
+from tq.errors import TqError
 
 from tests.apps.handlers import read_runs
 from tests.conftest import HANDLERS_APP, BrokerProcess, WorkerProcess, wait_until
@@ -116,6 +117,72 @@ def test_acknowledged_submits_survive_broker_sigkill(
         assert stats["states"]["pending"] == 0
         assert c.status(ids[0]).result == {"b": 0, "i": 0}
         assert c.status(ids[-1]).result == {"single": singles // len(batches) - 1, "after_batch": 3}
+
+
+def test_acknowledged_work_survives_sigkill_while_the_journal_checkpoints(
+    broker_factory: Callable[..., BrokerProcess], start_worker: StartWorker
+) -> None:
+    """Single and batched submits from several connections and a worker reporting results, with
+    a 1 MiB journal that fills (and checkpoints) every few hundred milliseconds; kill -9 in the
+    middle. Every acknowledged submit exists afterwards, every result a waiter was told about is
+    still there, and the in-flight submits the client retries after the restart are not doubled."""
+    broker = broker_factory("--journal-mb", "1")
+    worker = start_worker(broker.url, "--concurrency", "32")
+    acked: list[str] = []
+    completed: set[str] = set()
+    stop = False
+    pad = "x" * 500
+
+    async def lane(client: AsyncClient, k: int) -> None:
+        i = 0
+        while not stop:
+            if k == 0:
+                payloads = [{"k": k, "i": i, "j": j, "pad": pad} for j in range(100)]
+                acked.extend(await client.submit_batch("echo", payloads))
+            else:
+                acked.append(await client.submit("echo", {"k": k, "i": i, "pad": pad}))
+            i += 1
+
+    async def waiter(client: AsyncClient) -> None:
+        while not stop:
+            if len(acked) < 100:
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                info = await client.wait(acked[len(acked) // 2], timeout_s=2)
+            except TqError:
+                continue
+            if info.state == "completed":
+                completed.add(info.id)
+
+    async def run() -> dict[str, int]:
+        nonlocal stop
+        async with AsyncClient(broker.url, connect_timeout_s=30) as c:
+            jobs = [asyncio.create_task(lane(c, k)) for k in range(4)]
+            jobs.append(asyncio.create_task(waiter(c)))
+            while len(acked) < 8000:
+                assert not any(j.done() for j in jobs), [j.exception() for j in jobs if j.done()]
+                await asyncio.sleep(0.02)
+            counters: dict[str, int] = (await c.stats())["counters"]
+            broker.kill()  # submits are in flight: the client retries them after the restart
+            broker.restart()
+            await asyncio.sleep(0.3)
+            stop = True
+            await asyncio.gather(*jobs)
+            return counters
+
+    counters = asyncio.run(run())
+    assert counters["journal_checkpoints"] >= 3, counters
+    assert len(completed) > 0
+    worker.kill()
+    worker.wait(10)
+    assert start_worker(broker.url, "--burst", "--concurrency", "64").wait(120) == 0
+    with Client(broker.url) as c:
+        stats = c.stats()
+        assert stats["states"]["completed"] == len(set(acked)) == len(acked)
+        assert stats["states"]["pending"] == 0
+        for tid in [*completed, *acked[:: len(acked) // 200]]:
+            assert c.status(tid).state == "completed"
 
 
 def test_broker_sigkill_requeues_running_task_on_restart(

@@ -45,6 +45,7 @@ log = logging.getLogger("tq.broker")
 
 Reply = Callable[[Any], None]
 RETENTION_SCAN = 20_000  # finished records looked at per retention run
+JOURNAL_FILE = "tq-journal"  # beside RocksDB's files in a single node's data dir
 
 
 def wall_ms() -> int:
@@ -140,7 +141,14 @@ class BrokerCore:
             )
         else:
             self.node_id = "single"
-            self.log = LocalLog(self.store, self.sm, self._fatal, self._on_applied)
+            self.log = LocalLog(
+                self.store,
+                self.sm,
+                self._fatal,
+                self._on_applied,
+                journal_path=os.path.join(config.data_dir, JOURNAL_FILE),
+                journal_bytes=config.journal_bytes,
+            )
         self.started_at = time.monotonic()
         self.fatal: BaseException | None = None
         self.closing = False
@@ -167,11 +175,13 @@ class BrokerCore:
         self.store.open()
         t0 = time.monotonic()
         self.sm.recover()
+        replayed = self.log.recover() if isinstance(self.log, LocalLog) else 0
         log.info(
             "store.recovered",
             extra=kv(
                 pending=self.sm.counts["pending"],
                 running=self.sm.counts["running"],
+                replayed=replayed,
                 seconds=round(time.monotonic() - t0, 3),
             ),
         )
@@ -536,6 +546,7 @@ class BrokerCore:
             uptime_s=round(time.monotonic() - self.started_at, 3),
             counters=dict(self.sm.counters)
             | {"wal_flushes": self.log.flushes, "wal_commits": self.log.flushed_commits}
+            | (self.log.counters() if isinstance(self.log, LocalLog) else {})
             | watch_counters(self.watch),
             cluster=self.log.status(),
         )

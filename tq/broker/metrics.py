@@ -274,14 +274,18 @@ class BrokerMetrics:
             "tq_durable_write_commands", "Commands per applied (durably written) batch", ()
         )
         yield self._durable.family(
-            "tq_durable_write_seconds", "From a batch's apply to its WAL fsync (single node)", ()
+            "tq_durable_write_seconds",
+            "From a batch's apply to its durable journal write (single node)",
+            (),
         )
         yield CounterMetricFamily(
-            "tq_wal_flushes", "WAL fsyncs (group commits)", value=core.log.flushes
+            "tq_wal_flushes",
+            "Durable writes: journal writes or syncs (group commits)",
+            value=core.log.flushes,
         )
         yield CounterMetricFamily(
             "tq_wal_flushed_commits",
-            "Batches made durable by WAL fsyncs",
+            "Batches made durable by those writes",
             value=core.log.flushed_commits,
         )
         yield from self._cluster_gauges()

@@ -222,6 +222,9 @@ def broker(
         10.0, "--heartbeat-timeout", help="a worker silent this long (s) is declared dead"
     ),
     max_frame: int = typer.Option(16 * 1024 * 1024, "--max-frame", help="largest frame (bytes)"),
+    journal_mb: int = typer.Option(
+        64, "--journal-mb", min=1, max=4096, help="single node: commit journal size (MiB)"
+    ),
     node_id: str | None = typer.Option(None, "--node-id", help="cluster: this node's name"),
     raft_port: int | None = typer.Option(
         None, "--raft-port", help="cluster: Raft port (turns clustering on)"
@@ -258,6 +261,7 @@ def broker(
         heartbeat_timeout,
         max_frame,
         retention_interval_s=retention_interval,
+        journal_bytes=journal_mb * 1024 * 1024,
         **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
     )
     broker_app = BrokerApp(config, **_http_options(http_port))

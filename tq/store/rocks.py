@@ -1,9 +1,10 @@
 """The only module that imports rocksdict.
 
 Durability contract (FACTS.md): ``write()`` applies a batch with ``sync=False`` on the event loop
-(it holds the GIL, so it must be cheap), then ``flush_wal()`` makes everything written so far
-durable with one fsync. ``flush_wal`` releases the GIL, so the broker runs it in one dedicated
-thread and acknowledges only after it returns.
+(it holds the GIL, so it must be cheap); the durable copy of every batch is a journal the caller
+keeps (tq/store/journal.py for a single node, the Raft journal in a cluster). ``flush_wal()``
+makes everything written so far durable with one fsync and releases the GIL: the broker calls it
+in its writer thread when the journal is about to forget batches (checkpoint, snapshot).
 """
 
 from __future__ import annotations

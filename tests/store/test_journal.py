@@ -1,0 +1,199 @@
+"""The commit journal on a real file: what was written comes back, a torn or stale tail never
+does, a reset forgets exactly what came before it. Run in both write modes (O_DIRECT where the
+filesystem has it, and the buffered fallback)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tq.store.journal import BLOCK, Journal, JournalError, JournalFull
+
+SEGMENT = 16 * BLOCK
+
+
+@pytest.fixture(params=[None, False], ids=["direct", "buffered"])
+def mode(request: pytest.FixtureRequest) -> bool | None:
+    return request.param  # type: ignore[no-any-return]
+
+
+def opened(
+    path: Path, mode: bool | None, skip_through: int = 0
+) -> tuple[Journal, list[tuple[int, bytes]]]:
+    j = Journal(str(path), SEGMENT, direct=mode)
+    records = list(j.open(skip_through))
+    return j, records
+
+
+def write_all(j: Journal, payloads: list[bytes]) -> list[tuple[int, bytes]]:
+    out = []
+    for p in payloads:
+        index = j.next_index
+        j.append(index, p)
+        out.append((index, p))
+    j.write(j.take())
+    return out
+
+
+def test_records_come_back_in_order_after_reopen(tmp_path: Path, mode: bool | None) -> None:
+    path = tmp_path / "j"
+    j, records = opened(path, mode)
+    assert records == []
+    if mode is None:
+        assert j.direct  # ext4 under tmp_path: O_DIRECT is used
+    written = write_all(j, [b"a" * 10, b"", b"b" * 5000])
+    written += write_all(j, [bytes([i]) * i for i in range(1, 40)])
+    j.close()
+    j2, records = opened(path, mode)
+    assert records == written
+    assert j2.next_index == written[-1][0] + 1
+    # appending after a reopen continues the same run
+    more = write_all(j2, [b"after reopen"])
+    j2.close()
+    assert opened(path, mode)[1] == written + more
+
+
+def test_torn_tail_is_cut_at_the_last_intact_record(tmp_path: Path, mode: bool | None) -> None:
+    path = tmp_path / "j"
+    j, _ = opened(path, mode)
+    written = write_all(j, [b"x" * 100 for _ in range(10)])
+    j.close()
+    # flip one byte inside the 8th record's payload: it and everything after it are gone
+    raw = bytearray(path.read_bytes())
+    pos = BLOCK + 7 * (16 + 100) + 16 + 50
+    raw[pos] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    j2, records = opened(path, mode)
+    assert records == written[:7]
+    # the next record takes index 8 and overwrites the damaged one
+    again = write_all(j2, [b"replacement"])
+    assert again == [(8, b"replacement")]
+    j2.close()
+    assert opened(path, mode)[1] == written[:7] + again
+
+
+def test_reset_forgets_older_records_even_where_they_remain_on_disk(
+    tmp_path: Path, mode: bool | None
+) -> None:
+    path = tmp_path / "j"
+    j, _ = opened(path, mode)
+    write_all(j, [b"old" * 50 for _ in range(30)])  # indexes 1..30
+    j.reset(31)
+    new = write_all(j, [b"new"])  # one short record where 30 longer ones were
+    j.close()
+    j2, records = opened(path, mode)
+    assert records == new == [(31, b"new")]
+    assert j2.first_index == 31
+    assert j2.next_index == 32
+
+
+def test_records_appended_while_a_checkpoint_runs_follow_the_reset(
+    tmp_path: Path, mode: bool | None
+) -> None:
+    path = tmp_path / "j"
+    j, _ = opened(path, mode)
+    write_all(j, [b"1", b"2"])
+    j.append(3, b"3")
+    taken = j.take()  # the writer thread holds batch 3 ...
+    j.append(4, b"4")  # ... while the loop appends batch 4
+    j.reset(4)  # checkpoint instead of writing batch 3
+    assert taken
+    j.write(j.take())
+    j.close()
+    assert opened(path, mode)[1] == [(4, b"4")]
+
+
+def test_full_journal_refuses_without_writing(tmp_path: Path, mode: bool | None) -> None:
+    path = tmp_path / "j"
+    j, _ = opened(path, mode)
+    room = SEGMENT - BLOCK
+    j.append(1, b"y" * (room - 16))  # exactly fills it
+    data = j.take()
+    assert j.fits(len(data))
+    j.write(data)
+    j.append(2, b"z")
+    data = j.take()
+    assert not j.fits(len(data))
+    with pytest.raises(JournalFull):
+        j.write(data)
+    j.close()
+    assert [i for i, _ in opened(path, mode)[1]] == [1]
+
+
+def test_skip_through_steps_over_what_the_store_holds(tmp_path: Path, mode: bool | None) -> None:
+    path = tmp_path / "j"
+    j, _ = opened(path, mode)
+    written = write_all(j, [str(i).encode() for i in range(1, 11)])
+    j.close()
+    j2, records = opened(path, mode, skip_through=6)
+    assert records == written[6:]
+    assert j2.next_index == 11
+
+
+def test_out_of_sequence_append_is_refused(tmp_path: Path) -> None:
+    j, _ = opened(tmp_path / "j", None)
+    with pytest.raises(JournalError, match="out of sequence"):
+        j.append(5, b"no")
+
+
+def test_damaged_header_refuses_to_open(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    j, _ = opened(path, None)
+    j.close()
+    with path.open("r+b") as f:
+        f.write(b"garbage!")
+    with pytest.raises(JournalError, match="header"):
+        opened(path, None)
+
+
+def test_a_new_size_takes_effect_at_the_next_reset(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    j, _ = opened(path, None)
+    written = write_all(j, [b"keep me"])
+    j.close()
+    bigger = Journal(str(path), 2 * SEGMENT)
+    assert list(bigger.open()) == written  # read with the old size first
+    bigger.reset(2)
+    assert os.path.getsize(path) == 2 * SEGMENT
+    more = write_all(bigger, [b"x" * (SEGMENT)])  # would not have fitted before
+    bigger.close()
+    assert list(Journal(str(path), 2 * SEGMENT).open()) == more
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("write"), st.lists(st.integers(0, 3000), min_size=1, max_size=6)),
+            st.tuples(st.just("reset"), st.just([])),
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+    direct=st.sampled_from([None, False]),
+)
+def test_reopen_always_gives_what_was_written_since_the_last_reset(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, list[int]]], direct: bool | None
+) -> None:
+    path = tmp_path_factory.mktemp("journal") / "j"
+    j = Journal(str(path), 64 * BLOCK, direct=direct)
+    assert list(j.open()) == []
+    model: list[tuple[int, bytes]] = []
+    for op, sizes in ops:
+        if op == "reset":
+            j.reset(j.next_index)
+            model = []
+            continue
+        payloads = [bytes([(j.next_index + k) % 256]) * n for k, n in enumerate(sizes)]
+        need = sum(16 + n for n in sizes)
+        if not j.fits(need):
+            j.reset(j.next_index)
+            model = []
+        model += write_all(j, payloads)
+    j.close()
+    j2 = Journal(str(path), 64 * BLOCK, direct=direct)
+    assert list(j2.open()) == model
+    j2.close()
