@@ -79,10 +79,6 @@ class Journal:
         self._pending = bytearray()  # appended, not yet taken
         self._tail = b""  # bytes of the partial block at the end of the durable records
         self._buf = mmap.mmap(-1, 1024 * 1024)  # page-aligned staging for O_DIRECT writes
-        # counters (read by metrics; written only by the writing thread)
-        self.writes = 0
-        self.written_bytes = 0
-        self.resets = 0
 
     # --- open and read ---------------------------------------------------------------------------
 
@@ -174,10 +170,6 @@ class Journal:
         self._pending += payload
         self.next_index = index + 1
 
-    @property
-    def pending_bytes(self) -> int:
-        return len(self._pending)
-
     def take(self) -> bytes:
         """Everything appended since the last ``take``, to hand to ``write``."""
         data = bytes(self._pending)
@@ -218,8 +210,6 @@ class Journal:
         self._end += len(data)
         whole = self._tail + data if len(self._tail) + len(data) < BLOCK else data
         self._tail = whole[len(whole) - self._end % BLOCK :] if self._end % BLOCK else b""
-        self.writes += 1
-        self.written_bytes += len(data)
 
     def reset(self, first_index: int) -> None:
         """Start over at ``first_index``, the index of the first record not yet written: every
@@ -252,11 +242,6 @@ class Journal:
         self.first_index = first_index
         self._end = BLOCK
         self._tail = b""
-        self.resets += 1
-
-    @property
-    def used_bytes(self) -> int:
-        return self._end - BLOCK
 
     def close(self) -> None:
         if self._fd >= 0:
