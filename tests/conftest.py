@@ -55,6 +55,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for tq subprocesses: no ambient TQ_* settings leak in from the shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TQ_")}
     env["PYTHONUNBUFFERED"] = "1"
+    # A small commit journal: dozens of brokers per run each write theirs in full at start
+    # (4 MiB, not 64), and the suite's workloads pass through journal checkpoints often.
+    env["TQ_JOURNAL_MB"] = "4"
     env.update(extra)
     return env
 

@@ -26,7 +26,7 @@ class BrokerConfig:
     retention_s: float = 7 * 24 * 3600.0
     retention_interval_s: float = 60.0
     auth_token: str | None = None
-    journal_bytes: int = 64 * 1024 * 1024  # single node: the commit journal's size
+    journal_bytes: int = 64 * 1024 * 1024  # single node: the commit journal's size (--journal-mb)
     # cluster mode (a Raft port given): this node's id, its Raft port, the other members' Raft
     # addresses, where the Raft port really listens (default: host:raft_port) and the secret
     raft_port: int | None = None
@@ -55,6 +55,26 @@ class WorkerConfig:
 def broker_url_from_env(explicit: str | None = None) -> str:
     """``--broker`` wins, then ``TQ_BROKER``, then the default local broker."""
     return explicit or os.environ.get("TQ_BROKER") or DEFAULT_BROKER_URL
+
+
+DEFAULT_JOURNAL_MB = 64
+MAX_JOURNAL_MB = 4096
+
+
+def journal_mb_from_env(explicit: int | None = None) -> int:
+    """``--journal-mb`` wins, then ``TQ_JOURNAL_MB``, then 64 (MiB of commit journal)."""
+    if explicit is not None:
+        return explicit
+    raw = os.environ.get("TQ_JOURNAL_MB")
+    if not raw:
+        return DEFAULT_JOURNAL_MB
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"TQ_JOURNAL_MB={raw!r} is not a whole number of MiB") from None
+    if not 1 <= value <= MAX_JOURNAL_MB:
+        raise ValueError(f"TQ_JOURNAL_MB={value} is outside 1..{MAX_JOURNAL_MB}")
+    return value
 
 
 def auth_token_from_env() -> str | None:

@@ -240,6 +240,15 @@ def test_no_broker_running_is_one_line_and_exit_1() -> None:
         assert out == "", (cmd, out)
 
 
+@pytest.mark.parametrize(("value", "why"), [("abc", "whole number"), ("0", "outside 1..4096")])
+def test_bad_journal_size_from_environment_is_a_usage_error(
+    tmp_path: Path, value: str, why: str
+) -> None:
+    result = tq("broker", "--port", "0", "--data-dir", str(tmp_path), TQ_JOURNAL_MB=value)
+    assert why in one_line_error(result, code=2)
+    assert not (tmp_path / "tq-journal").exists()
+
+
 def test_bad_payload_json_is_a_usage_error() -> None:
     line = one_line_error(tq("submit", "echo", "{not json", broker="tcp://127.0.0.1:1"), code=2)
     assert "not valid JSON" in line

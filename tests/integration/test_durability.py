@@ -185,6 +185,25 @@ def test_acknowledged_work_survives_sigkill_while_the_journal_checkpoints(
             assert c.status(tid).state == "completed"
 
 
+def test_journal_size_change_after_sigkill_keeps_everything(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    """The journal is read at its old size, replayed, and only then made at the new one."""
+    broker = broker_factory("--journal-mb", "2")
+    journal = broker.data_dir / "tq-journal"
+    assert journal.stat().st_size == 2 * 1024 * 1024
+    with Client(broker.url) as c:
+        ids = [c.submit("echo", {"i": i}) for i in range(50)]
+        ids += c.submit_batch("echo", [{"j": j} for j in range(500)])
+    broker.kill()
+    broker.args = ["--journal-mb", "3"]
+    broker.restart()
+    assert journal.stat().st_size == 3 * 1024 * 1024
+    with Client(broker.url) as c:
+        assert sorted(all_pending_ids(broker.url)) == sorted(ids)
+        assert c.stats()["counters"]["submitted"] == 550
+
+
 def test_broker_sigkill_requeues_running_task_on_restart(
     broker_factory: Callable[..., BrokerProcess], start_worker: StartWorker, tmp_path: Path
 ) -> None:

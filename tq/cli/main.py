@@ -28,7 +28,14 @@ from tq.cli.output import (
     short,
     when,
 )
-from tq.config import BrokerConfig, auth_token_from_env, broker_url_from_env, parse_broker_url
+from tq.config import (
+    MAX_JOURNAL_MB,
+    BrokerConfig,
+    auth_token_from_env,
+    broker_url_from_env,
+    journal_mb_from_env,
+    parse_broker_url,
+)
 
 if TYPE_CHECKING:
     from tq.broker.app import BrokerApp
@@ -98,9 +105,15 @@ def _broker_config(
     retry_base_s: float,
     heartbeat_timeout_s: float,
     max_frame_bytes: int,
+    journal_mb: int | None = None,
     **cluster: Any,
 ) -> BrokerConfig:
+    try:
+        journal_bytes = journal_mb_from_env(journal_mb) * 1024 * 1024
+    except ValueError as exc:
+        fail(str(exc), code=2)
     return BrokerConfig(
+        journal_bytes=journal_bytes,
         host=host,
         port=port,
         data_dir=data_dir,
@@ -154,6 +167,13 @@ def _cluster_options(
 
 
 DEFAULT_HTTP_PORT = 7701
+JournalOpt = typer.Option(
+    None,
+    "--journal-mb",
+    min=1,
+    max=MAX_JOURNAL_MB,
+    help="single node: commit journal size in MiB (default 64, or TQ_JOURNAL_MB)",
+)
 HttpPortOpt = typer.Option(
     None,
     "--http-port",
@@ -222,9 +242,7 @@ def broker(
         10.0, "--heartbeat-timeout", help="a worker silent this long (s) is declared dead"
     ),
     max_frame: int = typer.Option(16 * 1024 * 1024, "--max-frame", help="largest frame (bytes)"),
-    journal_mb: int = typer.Option(
-        64, "--journal-mb", min=1, max=4096, help="single node: commit journal size (MiB)"
-    ),
+    journal_mb: int | None = JournalOpt,
     node_id: str | None = typer.Option(None, "--node-id", help="cluster: this node's name"),
     raft_port: int | None = typer.Option(
         None, "--raft-port", help="cluster: Raft port (turns clustering on)"
@@ -261,7 +279,7 @@ def broker(
         heartbeat_timeout,
         max_frame,
         retention_interval_s=retention_interval,
-        journal_bytes=journal_mb * 1024 * 1024,
+        journal_mb=journal_mb,
         **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
     )
     broker_app = BrokerApp(config, **_http_options(http_port))
@@ -352,6 +370,7 @@ def up(
     ssh_port: int | None = SshPortOpt,
     ssh_authorized_keys: str | None = SshKeysOpt,
     ssh_readonly_keys: str | None = SshReadonlyOpt,
+    journal_mb: int | None = JournalOpt,
     log_level: str = typer.Option("info", "--log-level"),
     log_format: str = LogFormatOpt,
 ) -> None:
@@ -361,7 +380,9 @@ def up(
     from tq.broker.app import BrokerApp
     from tq.errors import TqError
 
-    config = _broker_config(host, port, data_dir, 30.0, 7 * 86400, 1.0, 10.0, 16 * 1024 * 1024)
+    config = _broker_config(
+        host, port, data_dir, 30.0, 7 * 86400, 1.0, 10.0, 16 * 1024 * 1024, journal_mb
+    )
     broker_app = BrokerApp(config, **_http_options(http_port))
     _add_ssh(broker_app, ssh_port, ssh_authorized_keys, ssh_readonly_keys)
 
