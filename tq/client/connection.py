@@ -15,6 +15,11 @@ from tq.protocol.messages import Nack, Response
 
 log = logging.getLogger("tq.client")
 SWEEP_S = 0.25
+# Requests queued in one loop iteration leave in one write, except that a write goes out as soon
+# as this much is queued: a pipelining client that resumes hundreds of coroutines at once then
+# lets the broker start on the first requests while it builds the rest, instead of the two
+# taking turns (measured: one client, 256 single submits in flight, ~39k -> ~50k tasks/s).
+EARLY_FLUSH_BYTES = 16 * 1024
 
 
 class Connection(asyncio.Protocol):
@@ -26,6 +31,7 @@ class Connection(asyncio.Protocol):
         self.closed = asyncio.Event()
         self.error: TqError | None = None
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
         self.on_unsolicited: Callable[[Response], None] | None = None
         # Streams (watches): every message under one of these rids after its first reply, and
@@ -85,7 +91,8 @@ class Connection(asyncio.Protocol):
         return next(self._rids)
 
     def send(self, rid: int, msg: Any, timeout_s: float = 30.0) -> asyncio.Future[Response]:
-        """Queue ``msg``; all sends of one loop tick leave in one write. The future fails with
+        """Queue ``msg``; the sends of one loop tick leave in one write (or several, each of
+        at least ``EARLY_FLUSH_BYTES``). The future fails with
         ``TimeoutError`` if no reply comes within ``timeout_s`` (checked about every 0.25 s)."""
         if self.error is not None or self.transport is None or self.transport.is_closing():
             raise self.error or BrokerUnavailable("not connected to the broker")
@@ -95,14 +102,20 @@ class Connection(asyncio.Protocol):
         self._deadlines[rid] = loop.time() + timeout_s
         if self._sweeper is None:
             self._sweeper = loop.call_later(SWEEP_S, self._sweep)
-        self._out.append(encode(msg))
-        if not self._flush_scheduled:
+        frame = encode(msg)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_bytes >= EARLY_FLUSH_BYTES:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
         return fut
 
     def _flush(self) -> None:
+        """Write what is queued (the scheduled call finds nothing if an early flush took it)."""
         self._flush_scheduled = False
+        self._out_bytes = 0
         if self._out and self.transport is not None and not self.transport.is_closing():
             out, self._out = self._out, []
             self.transport.write(b"".join(out))

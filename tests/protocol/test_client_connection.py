@@ -1,0 +1,63 @@
+"""The client connection's write batching: the requests of one loop iteration leave together, and
+a large burst leaves in pieces of at least EARLY_FLUSH_BYTES as it is built (so the broker can
+start on them), in order. A recording transport stands in for the socket: this is about what
+the connection hands the transport, not about a broker."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tq.client.connection import EARLY_FLUSH_BYTES, Connection
+from tq.protocol.codec import encode
+from tq.protocol.messages import QueryStatus
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def connected() -> tuple[Connection, RecordingTransport]:
+    conn = Connection(1 << 20)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    return conn, transport
+
+
+def request(rid: int) -> QueryStatus:
+    return QueryStatus(rid, f"task-{rid:08d}")
+
+
+async def test_a_few_requests_of_one_iteration_leave_in_one_write() -> None:
+    conn, transport = connected()
+    for rid in range(1, 11):
+        conn.send(rid, request(rid))
+    assert transport.writes == []  # nothing yet: the write waits for the end of the iteration
+    await asyncio.sleep(0)
+    assert transport.writes == [b"".join(encode(request(rid)) for rid in range(1, 11))]
+    conn.close()
+
+
+async def test_a_large_burst_leaves_in_pieces_while_it_is_built() -> None:
+    conn, transport = connected()
+    n = 3 * EARLY_FLUSH_BYTES // len(encode(request(1))) + 5
+    for rid in range(1, n + 1):
+        conn.send(rid, request(rid))
+    # Already written before the iteration ends: at least two full pieces.
+    assert len(transport.writes) >= 2
+    assert all(len(w) >= EARLY_FLUSH_BYTES for w in transport.writes)
+    await asyncio.sleep(0)
+    assert b"".join(transport.writes) == b"".join(encode(request(r)) for r in range(1, n + 1))
+    assert len(transport.writes[-1]) < EARLY_FLUSH_BYTES  # the rest, at the end of the iteration
+    conn.close()
