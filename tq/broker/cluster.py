@@ -53,6 +53,7 @@ from tq.broker.state import ApplyResult
 from tq.broker.state import StateMachine as TqStateMachine
 from tq.errors import InternalError, NotLeader, TqError
 from tq.store import Store
+from tq.store.files import write_durably
 
 log = logging.getLogger("tq.broker.cluster")
 
@@ -104,27 +105,6 @@ class JournalError(RaftError):
 
 _MAGIC = b"TQRAFTJ1"
 _REC = struct.Struct("<IIQQ")  # payload length, crc32(idx, term, payload), idx, term
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: str, data: bytes) -> None:
-    """Write a small file atomically and durably: tmp, fsync, rename, fsync dir."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 class DurableJournal(Journal):
@@ -181,14 +161,14 @@ class DurableJournal(Journal):
             self._meta = {}
 
     def _store_meta(self) -> None:
-        _write_durably(self.meta_path, json.dumps(self._meta).encode())
+        write_durably(self.meta_path, json.dumps(self._meta).encode())
         self._meta_dirty = False
 
     def _open(self) -> int:
         d = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(d, exist_ok=True)
         if not os.path.exists(self.path):
-            _write_durably(self.path, _MAGIC)
+            write_durably(self.path, _MAGIC)
         fd = os.open(self.path, os.O_RDWR)
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read()
@@ -231,20 +211,12 @@ class DurableJournal(Journal):
 
     def _rewrite(self, keep: list[tuple[bytes, int, int]]) -> None:
         """Replace the file by one holding ``keep`` (durably), then reopen it."""
-        tmp = self.path + ".rewrite"
         buf = bytearray(_MAGIC)
         offsets = []
         for cmd, idx, term in keep:
             offsets.append(len(buf))
             buf += self._record(cmd, idx, term)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, buf)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        write_durably(self.path, bytes(buf))
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_RDWR)
         self._entries = list(keep)

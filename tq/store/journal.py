@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Iterator
 
 from tq.errors import TqError
+from tq.store.files import fsync_dir
 
 log = logging.getLogger("tq.store.journal")
 
@@ -136,7 +137,7 @@ class Journal:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def _open_fd(self) -> int:
         if self._want_direct is False:
@@ -248,11 +249,3 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
         self._buf.close()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
