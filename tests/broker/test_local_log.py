@@ -1,117 +1,187 @@
-"""The single-node log over a real store and journal: what the store loses, the journal's replay
-gives back exactly; a full journal checkpoints instead of refusing; a journal that does not
-continue the store refuses to start."""
+"""The single-node log over a real store and journal: what the store loses, the journal gives back
+exactly, whatever the commands were; a full journal checkpoints instead of refusing; a journal
+that does not continue the store refuses to start; a failed write is fatal and answered."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tq.broker.commands import Command, Submit
+from tq.broker.commands import (
+    Cancel,
+    Claim,
+    Command,
+    Extend,
+    RegisterWorker,
+    Report,
+    Submit,
+    Tick,
+    WorkerLost,
+)
 from tq.broker.log import LocalLog
 from tq.broker.state import ApplyResult, StateMachine
-from tq.model import RetryPolicy
-from tq.protocol.messages import TaskSpec
+from tq.model import ErrorInfo, RetryPolicy
+from tq.protocol.messages import LeasedTask, LeaseRef, Outcome, TaskSpec
 from tq.store import CF, Store
 from tq.store.journal import BLOCK, Journal, JournalError
 
-
-def machine(store: Store) -> StateMachine:
-    return StateMachine(
-        store, lease_ms=30_000, heartbeat_timeout_ms=10_000, retry=RetryPolicy(1.0, 300.0)
-    )
+LEASE_MS = 1_000
 
 
-def open_log(data: Path, journal_bytes: int = 1024 * 1024) -> tuple[Store, StateMachine, LocalLog]:
-    store = Store(str(data / "store"))
-    store.open()
-    sm = machine(store)
-    sm.recover()
-    log = LocalLog(store, sm, _fatal, _ignore, str(data / "journal"), journal_bytes)
-    log.recover()
-    return store, sm, log
+class Node:
+    """Store, state machine and log opened the way ``BrokerCore.start`` opens them."""
 
+    def __init__(self, data: Path, journal_bytes: int = 1024 * 1024) -> None:
+        self.fatal: list[BaseException] = []
+        self.store = Store(str(data / "store"))
+        self.store.open()
+        self.sm = StateMachine(
+            self.store,
+            lease_ms=LEASE_MS,
+            heartbeat_timeout_ms=3_000,
+            retry=RetryPolicy(base_s=0.5, max_s=1.0),
+        )
+        self.log = LocalLog(
+            self.store,
+            self.sm,
+            self.fatal.append,
+            _ignore,
+            str(data / "journal"),
+            journal_bytes,
+        )
+        self.replayed = self.log.recover()  # before the state machine reads the store
+        self.sm.recover()
 
-def _fatal(exc: BaseException) -> None:
-    raise AssertionError(f"log failed: {exc}")
+    def close(self) -> None:
+        self.log.close()
+        self.store.close()
 
 
 def _ignore(_result: ApplyResult) -> None:
     pass
 
 
-def submits(start: int, n: int, size: int = 50) -> list[Command]:
-    return [Submit([TaskSpec(f"t{i:06d}", "echo", b"p" * size) for i in range(start, start + n)])]
-
-
-async def append_durably(log: LocalLog, now_ms: int, cmds: list[Command]) -> ApplyResult:
+async def commit(log: LocalLog, now_ms: int, cmds: list[Command]) -> list[Any]:
     fut: asyncio.Future[ApplyResult | BaseException] = asyncio.get_running_loop().create_future()
     log.append(now_ms, cmds, fut.set_result)
     log.kick()
     out = await fut
     assert isinstance(out, ApplyResult)
-    return out
+    return out.results
+
+
+def specs(start: int, n: int, size: int = 50, max_retries: int = 3) -> list[TaskSpec]:
+    return [
+        TaskSpec(f"t{i:06d}", "echo", b"p" * size, max_retries=max_retries, backoff_s=0.5)
+        for i in range(start, start + n)
+    ]
 
 
 def contents(store: Store) -> dict[str, list[tuple[bytes, bytes]]]:
     return {cf.value: list(store.items(cf)) for cf in CF}
 
 
-def test_replay_rebuilds_what_the_store_lost(tmp_path: Path) -> None:
-    """A power cut: RocksDB comes back at an older consistent point (here: a checkpoint taken
-    mid-run), the journal holds every acknowledged batch. Recovery must give the same store."""
-    a = tmp_path / "a"
-    store, sm, log = open_log(a)
-    older = tmp_path / "older-store"
+def leased(results: list[Any]) -> list[LeasedTask]:
+    out = results[-1]
+    assert isinstance(out, list)
+    return out
 
-    async def run() -> None:
-        log.start(asyncio.get_running_loop())
-        for k in range(20):
-            await append_durably(log, 1_000 + k, submits(k * 10, 10))
-            if k == 7:
-                store.checkpoint(str(older))
-        # several batches in one commit (some small enough to go inline, some not)
-        futs = []
-        for k in range(20, 40):
-            fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-            log.append(2_000 + k, submits(k * 10, 10, size=1000 if k % 3 else 10), fut.set_result)
-            futs.append(fut)
-        log.kick()
-        await asyncio.gather(*futs)
 
-    asyncio.run(run())
+async def workload(node: Node, cut: Path) -> None:
+    """Every kind of command, with the store copied (a consistent older point) half way: the
+    commands after the copy read memory a restarted machine does not have (who holds which
+    lease until when, which workers exist), so only an exact replay of the effects gets the
+    same store back."""
+    log = node.log
+    log.start(asyncio.get_running_loop())
+    t = 1_000_000
+    await commit(log, t, [RegisterWorker("w1"), RegisterWorker("w2"), Submit(specs(0, 20))])
+    first = leased(await commit(log, t + 10, [Claim("w1", ["default"], 5)]))
+    second = leased(await commit(log, t + 20, [Claim("w2", ["default"], 5)]))
+    await commit(log, t + 30, [Extend("w1", [LeaseRef(x.task.id, x.token) for x in first])])
+    node.store.checkpoint(str(cut))  # RocksDB after a power cut: this far and no further
+    # w2 finishes two, fails one (it will be retried), and leaves: its other two go back
+    failure = ErrorInfo("ValueError", "boom", "")
+    await commit(
+        log,
+        t + 40,
+        [
+            Report(
+                "w2",
+                [
+                    Outcome(second[0].task.id, second[0].token, True, b'"done"'),
+                    Outcome(second[1].task.id, second[1].token, True, b'"done"'),
+                    Outcome(second[2].task.id, second[2].token, False, None, failure),
+                ],
+            ),
+            WorkerLost("w2"),
+        ],
+    )
+    # w1 heartbeats, finishes what it holds; a tick after the retry is due but inside w1's
+    # extended leases (expiring those would reject the report that follows)
+    await commit(log, t + 600, [Extend("w1", [LeaseRef(x.task.id, x.token) for x in first])])
+    await commit(log, t + 1_100, [Tick()])
+    done = [Outcome(x.task.id, x.token, True, b"1") for x in first]
+    assert all(
+        r is None or not isinstance(r, Exception)
+        for r in await commit(log, t + 1_200, [Report("w1", done)])
+    )
+    await commit(log, t + 1_300, [Cancel("t000019"), Submit(specs(100, 5, size=3000))])
+    more = leased(await commit(log, t + 1_400, [Claim("w1", ["default"], 50)]))
+    assert len(more) > 5
+    # many batches in one write, some small enough to be written on the loop, some not
+    futs = []
+    for k in range(10):
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        log.append(t + 2_000 + k, [Submit(specs(200 + 10 * k, 10, size=900))], fut.set_result)
+        futs.append(fut)
+    log.kick()
+    await asyncio.gather(*futs)
     assert log.inline_flushes > 0
     assert log.flushes > log.inline_flushes
-    expected = contents(store)
-    assert sm.applied_index == 40
-    log.close()
-    store.close()
+
+
+def test_replay_gives_back_exactly_what_the_store_lost(tmp_path: Path) -> None:
+    """A power cut: RocksDB comes back at an older consistent point (a copy taken mid-run) while
+    the journal holds every acknowledged batch. Recovery must give a byte-identical store."""
+    a = tmp_path / "a"
+    node = Node(a)
+    cut = tmp_path / "cut"
+    asyncio.run(workload(node, cut))
+    expected = contents(node.store)
+    states = dict(node.sm.counts)
+    assert states["completed"] > 0
+    assert states["running"] > 0
+    assert states["cancelled"] == 1
+    last = node.sm.applied_index
+    node.close()
 
     b = tmp_path / "b"
     b.mkdir()
-    shutil.copytree(older, b / "store")
+    shutil.copytree(cut, b / "store")
     shutil.copy(a / "journal", b / "journal")
-    store2, sm2, log2 = open_log(b)
-    assert log2.replayed == 40 - 8
-    assert sm2.applied_index == 40
-    assert sm2.counts["pending"] == 400
-    assert contents(store2) == expected
-    log2.close()
-    store2.close()
+    again = Node(b)
+    assert again.replayed == last - 4  # the copy held the first four batches
+    assert again.sm.applied_index == last
+    assert again.sm.counts == states
+    assert contents(again.store) == expected
+    again.close()
 
     # Recovery made the store durable and started the journal afresh: a second start replays
     # nothing and changes nothing.
-    store3, _sm3, log3 = open_log(b)
-    assert log3.replayed == 0
-    assert contents(store3) == expected
-    log3.close()
-    store3.close()
+    third = Node(b)
+    assert third.replayed == 0
+    assert contents(third.store) == expected
+    third.close()
 
 
 def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:
-    store, sm, log = open_log(tmp_path, journal_bytes=16 * BLOCK)  # 60 KiB of records
+    node = Node(tmp_path, journal_bytes=16 * BLOCK)  # 60 KiB of records
+    store, sm, log = node.store, node.sm, node.log
     # The order that makes a checkpoint safe: the store's WAL is synced with every batch the
     # journal drops already in it, and only then does the journal start over.
     events: list[tuple[str, int]] = []
@@ -127,11 +197,22 @@ def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:
 
     store.flush_wal = spy_flush  # type: ignore[method-assign]
     log._journal.reset = spy_reset  # type: ignore[method-assign]
+    cut = tmp_path / "cut"
 
     async def run() -> None:
         log.start(asyncio.get_running_loop())
-        for k in range(60):
-            await append_durably(log, 5_000 + k, submits(k * 5, 5, size=2000))
+        # batches appended while checkpoints run, in waves of 3 per write
+        for wave in range(20):
+            futs = []
+            for k in range(3):
+                i = wave * 3 + k
+                fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                log.append(5_000 + i, [Submit(specs(i * 5, 5, size=2000))], fut.set_result)
+                futs.append(fut)
+            log.kick()
+            await asyncio.gather(*futs)
+            if wave == 10:
+                store.checkpoint(str(cut))
 
     asyncio.run(run())
     assert log.checkpoints >= 3
@@ -139,23 +220,58 @@ def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:
     for (what, synced), (then, first) in zip(events[::2], events[1::2], strict=True):
         assert (what, then) == ("store synced through", "journal restarts at")
         assert synced >= first - 1
-    log.close()
-    store.close()
-    store2, sm2, log2 = open_log(tmp_path, journal_bytes=16 * BLOCK)
-    assert sm2.counts["pending"] == 300
-    assert sm2.applied_index == 60
-    assert sm2.get_task("t000299") is not None
-    log2.close()
-    store2.close()
+    expected = contents(store)
+    node.close()
+    # a power cut after the last checkpoint: the copy is from before it, so what the journal
+    # no longer holds must be in the synced store... which a copy taken earlier is not. The
+    # real guarantee is the order checked above; here: a clean reopen keeps everything.
+    reopened = Node(tmp_path, journal_bytes=16 * BLOCK)
+    assert reopened.sm.counts["pending"] == 300
+    assert reopened.sm.applied_index == 60
+    assert contents(reopened.store) == expected
+    reopened.close()
 
 
-def test_journal_that_skips_batches_refuses_to_start(tmp_path: Path) -> None:
+def test_a_journal_that_skips_batches_refuses_to_start(tmp_path: Path) -> None:
     j = Journal(str(tmp_path / "journal"), 16 * BLOCK)
     list(j.open())
     j.reset(5)
     j.next_index = 5
-    j.append(5, b"\x92\x01\x90")  # batch 5, while the store has applied nothing
+    j.append(5, b"\x90")  # batch 5 (no effects), while the store has applied nothing
     j.write(j.take())
     j.close()
-    with pytest.raises(JournalError, match="resumes at batch 5"):
-        open_log(tmp_path)
+    with pytest.raises(JournalError, match="batches in between are missing"):
+        Node(tmp_path)
+
+
+def test_an_empty_journal_ahead_of_the_store_refuses_to_start(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path / "journal"), 16 * BLOCK)
+    list(j.open())
+    j.reset(50)  # the journal says everything before 50 is in the store; the store is empty
+    j.close()
+    with pytest.raises(JournalError, match="from 50 on, but the store only up to 0"):
+        Node(tmp_path)
+
+
+def test_a_failed_write_is_fatal_and_every_waiter_hears_it(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    log = node.log
+
+    async def run() -> list[Any]:
+        log.start(asyncio.get_running_loop())
+        await commit(log, 1, [Submit(specs(0, 1))])
+        os.close(log._journal._fd)  # the disk goes away: the next write fails (EBADF)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        log.append(2, [Submit(specs(1, 1))], fut.set_result)
+        log.kick()
+        first = await fut
+        later: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        log.when_durable(later.set_result)
+        return [first, await later]
+
+    first, later = asyncio.run(run())
+    assert isinstance(first, OSError)
+    assert later is first
+    assert node.fatal == [first]
+    log._journal._fd = -1
+    node.close()

@@ -174,8 +174,9 @@ class BrokerCore:
         self._loop = asyncio.get_running_loop()
         self.store.open()
         t0 = time.monotonic()
-        self.sm.recover()
+        # The journal first: what it writes back must be in the store the indexes are built from.
         replayed = self.log.recover() if isinstance(self.log, LocalLog) else 0
+        self.sm.recover()
         log.info(
             "store.recovered",
             extra=kv(

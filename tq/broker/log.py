@@ -1,9 +1,10 @@
 """The single-node command log: apply, journal, then group-commit one durable write.
 
 Each loop tick's commands are applied at once (RocksDB ``write`` with ``sync=False``, the index
-of the batch recorded in the same write) and appended, encoded, to the journal
-(tq/store/journal.py). A reply waits until the journal write covering its batch has returned:
-that write, ``O_DIRECT | O_DSYNC`` into preallocated blocks, is the only durable step of a commit.
+of the batch recorded in the same write) and the batch's effects, every put and delete it made,
+are appended to the journal (tq/store/journal.py). A reply waits until the journal write covering
+its batch has returned: that write, ``O_DIRECT | O_DSYNC`` into preallocated blocks, is the only
+durable step of a commit.
 Everything applied while a write runs joins the next one, so the write rate adapts to load.
 
 A small commit on an idle broker is written on the loop's own thread: handing it to the writer
@@ -13,8 +14,9 @@ larger one (a busy tick) goes to the writer thread so the loop keeps reading req
 When the journal is full, a checkpoint takes the place of a write: RocksDB's WAL, which holds
 every applied batch, is fsynced, and the journal starts over after the last applied index. After
 a crash, RocksDB recovers a consistent prefix of batches (its applied index says how far) and the
-journal's records after that index are applied again: the state machine is deterministic, each
-batch carries its own clock reading, so the replay reproduces exactly what was acknowledged.
+journal's effects after that index are written back, before the state machine rebuilds its
+memory from the store. Effects, not commands: re-running a command needs the memory of that
+moment (lease deadlines, the worker table), which a restarted state machine does not have.
 
 A failed write is fatal: the broker stops rather than acknowledge what it could not make durable.
 """
@@ -27,22 +29,17 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import msgspec
-
-from tq.broker.commands import Command, CommandBatch
+from tq.broker.commands import Command
 from tq.broker.state import ApplyResult, StateMachine
 from tq.errors import NotLeader
 from tq.logfields import kv
-from tq.store import Store
+from tq.store import CF, Store
 from tq.store.journal import SEGMENT_BYTES, Journal, JournalError
 
 log = logging.getLogger("tq.broker.log")
 
 DurableCallback = Callable[[BaseException | None], None]
 INLINE_BYTES = 4096  # commits up to this size are written on the loop thread (see above)
-
-_batch_enc = msgspec.msgpack.Encoder()
-_batch_dec = msgspec.msgpack.Decoder(CommandBatch)
 
 
 class LocalLog:
@@ -60,6 +57,7 @@ class LocalLog:
         self._on_fatal = on_fatal
         self._on_applied = on_applied
         self._journal = Journal(journal_path, journal_bytes)
+        store.record_effects = True  # each batch's effects are what the journal holds
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._index = 0  # the last batch applied (and appended to the journal)
@@ -94,20 +92,26 @@ class LocalLog:
         }
 
     def recover(self) -> int:
-        """Before serving (the store open, ``sm.recover()`` done): apply the journal's records
-        the store lost, make the store durable, start the journal afresh. Returns how many
-        batches were applied again."""
-        applied = self._sm.applied_index
+        """Before ``sm.recover()`` (the store open): write back the effects of the batches the
+        store lost, make the store durable, start the journal afresh. Returns how many batches
+        were written back."""
+        raw = self._store.get(CF.META, b"applied_index")
+        applied = int.from_bytes(raw, "big") if raw else 0
         replayed = 0
         for index, payload in self._journal.open(skip_through=applied):
             if index != applied + 1:
-                raise JournalError(
-                    f"journal resumes at batch {index} but the store holds only up to {applied}"
-                )
-            batch = _batch_dec.decode(payload)
-            self._sm.apply(batch.now_ms, batch.commands, applied_index=index)
+                break  # reported below
+            self._store.write_effects(payload)
             applied = index
             replayed += 1
+        if self._journal.next_index > applied + 1 or self._journal.first_index > applied + 1:
+            raise JournalError(
+                f"the journal holds batches from {self._journal.first_index} on, but the store "
+                f"only up to {applied}: batches in between are missing (was the data dir "
+                "restored from a copy?); refusing to start rather than lose them silently"
+            )
+        if self._journal.created and applied > 0:
+            log.warning("journal.missing", extra=kv(path=self._journal.path, applied=applied))
         self._store.flush_wal()
         self._journal.reset(applied + 1)
         self._journal.next_index = applied + 1
@@ -129,7 +133,7 @@ class LocalLog:
         cmds = commands if isinstance(commands, list) else list(commands)
         index = self._index + 1
         result = self._sm.apply(now_ms, cmds, applied_index=index)
-        self._journal.append(index, _batch_enc.encode(CommandBatch(now_ms, cmds)))
+        self._journal.append(index, self._store.take_effects())
         self._index = index
         self._on_applied(result)
 

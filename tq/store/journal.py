@@ -1,4 +1,4 @@
-"""The single-node command journal: what makes an acknowledged write durable.
+"""The single-node commit journal: what makes an acknowledged write durable.
 
 Why a journal of our own beside RocksDB's WAL: a durable acknowledgement costs one synchronous
 disk write, and how that write is made decides the latency of every submit. RocksDB's
@@ -8,19 +8,24 @@ file that was filled with zeros once: an overwrite in place of already-allocated
 device acknowledges without any filesystem metadata (measured on this machine's disk: p50 0.09 ms
 against 0.155 ms for RocksDB's flush; benchmarks/README.md). RocksDB still gets every batch
 through its WAL, unsynced; the journal is the durable copy until a checkpoint syncs that WAL.
+What a record holds is the caller's business (the broker stores a batch's effects).
 
 Layout (one file, ``SEGMENT_BYTES`` long, reused forever)::
 
-    block 0:  header  [magic 8][version 4][first_index 8][crc 4]      (one sector: atomic)
+    block 0:  header  [magic 8][version 4][first_index 8][generation 8][crc 4]  (one sector)
     block 1+: records [len 4][crc 4][index 8][payload len]  (packed, no padding)
 
-Records carry consecutive indexes starting at ``first_index``. Reading stops at the first record
-that is short, fails its CRC or breaks the sequence: that is the torn tail of a write that was
-never acknowledged, or a record of an older generation (the file is reused after each checkpoint
-with a higher ``first_index``, so a stale record's index is always below the one expected).
+Records carry consecutive indexes starting at ``first_index``; a record's CRC covers its index,
+its payload and the header's generation, which every ``reset`` increases. Reading stops at the
+first record that is short, fails its CRC or breaks the sequence: the torn tail of a write that
+was never acknowledged, or a record left from before a reset. (The generation is what makes the
+latter safe even when a reset starts again at the same index, as recovery after a torn write
+does: the leftover records after the tear then carry the right indexes but the wrong CRC.)
 
 Threads: ``append`` and ``take`` run in the event loop; ``write`` and ``reset`` in whichever
-thread makes the commit durable, one call at a time (the caller serialises them).
+thread makes the commit durable, one call at a time (the caller serialises them). CRCs are
+computed in ``write``, so records appended while a reset runs get the new generation, and the
+checksumming of large commits happens outside the event loop (``zlib`` releases the GIL).
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ log = logging.getLogger("tq.store.journal")
 SEGMENT_BYTES = 64 * 1024 * 1024
 BLOCK = 4096  # O_DIRECT alignment: a multiple of every logical block size in use
 _MAGIC = b"tqjrnl01"
-_VERSION = 1
-_HEADER = struct.Struct("<8sIQ")  # magic, version, first_index (+ crc32 after it)
+_VERSION = 2
+_HEADER = struct.Struct("<8sIQQ")  # magic, version, first_index, generation (+ crc32 after it)
 _REC = struct.Struct("<IIQ")  # payload length, crc32, index
+_SEED = struct.Struct("<QQ")  # index, generation: the start of every record's CRC
+_CRC = struct.Struct("<I")
 _ZEROS = bytes(1024 * 1024)
 
 
@@ -55,8 +62,8 @@ class JournalFull(JournalError):
     """The records since the last checkpoint no longer fit: checkpoint, then ``reset``."""
 
 
-def _crc(index: int, payload: bytes | memoryview) -> int:
-    return zlib.crc32(payload, zlib.crc32(index.to_bytes(8, "little")))
+def _crc(index: int, generation: int, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(_SEED.pack(index, generation)))
 
 
 class Journal:
@@ -75,6 +82,8 @@ class Journal:
         self.direct = False  # O_DIRECT | O_DSYNC, or plain writes + fdatasync where unsupported
         self.first_index = 1
         self.next_index = 1
+        self.generation = 0
+        self.created = False  # open() made the file (there was none)
         self._fd = -1
         self._end = BLOCK  # file offset where the next record goes (after what is durable)
         self._pending = bytearray()  # appended, not yet taken
@@ -88,9 +97,11 @@ class Journal:
         ``(index, payload)`` in order; afterwards ``next_index`` follows the last one.
 
         Records up to ``skip_through`` (already in the store) are stepped over unchecked and not
-        yielded: recovery reads a full journal in milliseconds instead of checksumming 64 MiB."""
+        yielded: recovery reads a full journal in milliseconds instead of checksumming 64 MiB.
+        The caller must then ``reset`` before writing (where the run really ends is unknown)."""
         if not os.path.exists(self.path):
-            self._create(1)
+            self._create(1, 0)
+            self.created = True
         self._fd = self._open_fd()
         with open(self.path, "rb") as f:
             # A map, not a read: only the pages holding records are touched (a journal is
@@ -102,11 +113,14 @@ class Journal:
                 yield from self._scan(data, skip_through)
 
     def _scan(self, data: mmap.mmap, skip_through: int) -> Iterator[tuple[int, bytes]]:
-        magic, version, first = _HEADER.unpack_from(data, 0)
-        (crc,) = struct.unpack_from("<I", data, _HEADER.size)
-        if magic != _MAGIC or version != _VERSION or zlib.crc32(data[: _HEADER.size]) != crc:
+        magic, version, first, generation = _HEADER.unpack_from(data, 0)
+        (crc,) = _CRC.unpack_from(data, _HEADER.size)
+        if magic != _MAGIC or zlib.crc32(data[: _HEADER.size]) != crc:
             raise JournalError(f"{self.path}: not a tq journal (or its header is damaged)")
+        if version != _VERSION:
+            raise JournalError(f"{self.path}: journal format {version}, this tq reads {_VERSION}")
         self.first_index = self.next_index = first
+        self.generation = generation
         off = BLOCK
         end = len(data)
         while off + _REC.size <= end:
@@ -116,7 +130,7 @@ class Journal:
                 break
             if index > skip_through:
                 payload = data[start : start + ln]
-                if _crc(index, payload) != crc:
+                if _crc(index, generation, payload) != crc:
                     break
                 yield index, payload
             self.next_index += 1
@@ -124,18 +138,23 @@ class Journal:
         self._end = off
         self._tail = data[off - off % BLOCK : off]
 
-    def _create(self, first_index: int) -> None:
+    def _create(self, first_index: int, generation: int) -> None:
         """Write the whole file once, so later writes never allocate (no metadata to commit)."""
         tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            done = 0
-            while done < self.segment_bytes:
-                done += os.write(fd, _ZEROS[: min(len(_ZEROS), self.segment_bytes - done)])
-            os.pwrite(fd, self._header(first_index), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                done = 0
+                while done < self.segment_bytes:
+                    done += os.write(fd, _ZEROS[: min(len(_ZEROS), self.segment_bytes - done)])
+                _pwrite_all(fd, self._header(first_index, generation), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            if os.path.exists(tmp):  # a disk that filled up: leave no half-made file behind
+                os.unlink(tmp)
+            raise
         os.replace(tmp, self.path)
         fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
@@ -152,13 +171,16 @@ class Journal:
             self.direct = True
             return fd
         self.direct = False
-        log.info("journal.buffered", extra={"path": self.path})
+        log.warning(
+            "journal.buffered",
+            extra={"path": self.path, "why": "no O_DIRECT here: writes + fdatasync instead"},
+        )
         return os.open(self.path, os.O_RDWR)
 
     @staticmethod
-    def _header(first_index: int) -> bytes:
-        head = _HEADER.pack(_MAGIC, _VERSION, first_index)
-        return head + struct.pack("<I", zlib.crc32(head))
+    def _header(first_index: int, generation: int) -> bytes:
+        head = _HEADER.pack(_MAGIC, _VERSION, first_index, generation)
+        return head + _CRC.pack(zlib.crc32(head))
 
     # --- append and write ------------------------------------------------------------------------
 
@@ -167,7 +189,7 @@ class Journal:
         after this call has returned."""
         if index != self.next_index:
             raise JournalError(f"journal index {index} out of sequence (next {self.next_index})")
-        self._pending += _REC.pack(len(payload), _crc(index, payload), index)
+        self._pending += _REC.pack(len(payload), 0, index)  # CRC filled in by ``write``
         self._pending += payload
         self.next_index = index + 1
 
@@ -187,8 +209,8 @@ class Journal:
             return
         if not self.fits(len(data)):
             raise JournalFull(f"{self.path}: {len(data)} bytes do not fit")
-        start = self._end - len(self._tail)  # block-aligned: rewrite the partial last block
         if self.direct:
+            start = self._end - len(self._tail)  # block-aligned: rewrite the partial last block
             size = len(self._tail) + len(data)
             span = -(-size // BLOCK) * BLOCK
             if span > len(self._buf):
@@ -198,49 +220,54 @@ class Journal:
             buf[: len(self._tail)] = self._tail
             buf[len(self._tail) : size] = data
             buf[size:span] = _ZEROS[: span - size]  # never stale bytes after the end
-            view = memoryview(buf)[:span]
-            try:
-                done = os.pwrite(self._fd, view, start)
-            finally:
-                view.release()
-            if done != span:
-                raise JournalError(f"{self.path}: short write ({done} of {span} bytes)")
+            with memoryview(buf) as view:
+                self._seal(view[len(self._tail) : size])
+                _pwrite_all(self._fd, view[:span], start)
+            end = start + size
+            # the partial last block as now on disk (sealed): the next write rewrites it
+            self._tail = buf[end - end % BLOCK - start : size] if end % BLOCK else b""
         else:
-            os.pwrite(self._fd, data, self._end)
+            records = bytearray(data)
+            with memoryview(records) as view:
+                self._seal(view)
+            _pwrite_all(self._fd, records, self._end)
             os.fdatasync(self._fd)
+            self._tail = b""  # not used without O_DIRECT: writes go at ``_end`` exactly
         self._end += len(data)
-        whole = self._tail + data if len(self._tail) + len(data) < BLOCK else data
-        self._tail = whole[len(whole) - self._end % BLOCK :] if self._end % BLOCK else b""
+
+    def _seal(self, records: memoryview) -> None:
+        """Fill in each record's CRC (this generation's) in place."""
+        off, end, generation = 0, len(records), self.generation
+        while off < end:
+            ln, _, index = _REC.unpack_from(records, off)
+            body = off + _REC.size
+            _CRC.pack_into(records, off + 4, _crc(index, generation, records[body : body + ln]))
+            off = body + ln
 
     def reset(self, first_index: int) -> None:
-        """Start over at ``first_index``, the index of the first record not yet written: every
-        record before it is durable elsewhere (the store's WAL was synced). The old records stay
-        on disk but read as stale. Records appended meanwhile are kept (they follow it).
+        """Start over at ``first_index``, the index of the first record not yet written, in a
+        new generation: every record before it is durable elsewhere (the store's WAL was synced).
+        The old records stay on disk but no longer pass their CRC. Records appended meanwhile are
+        kept (they follow it).
 
         A file of another size than ``segment_bytes`` (the size was changed since it was made)
         is made anew at this point, when nothing in it is needed any more."""
+        generation = self.generation + 1
         if os.fstat(self._fd).st_size != self.segment_bytes:
             os.close(self._fd)
             self._fd = -1
-            self._create(first_index)
+            self._create(first_index, generation)
             self._fd = self._open_fd()
-            self._after_reset(first_index)
-            return
-        header = self._header(first_index)
-        if self.direct:
+        elif self.direct:
+            header = self._header(first_index, generation)
             self._buf[:BLOCK] = header + _ZEROS[: BLOCK - len(header)]
-            view = memoryview(self._buf)[:BLOCK]
-            try:
-                os.pwrite(self._fd, view, 0)
-            finally:
-                view.release()
+            with memoryview(self._buf) as view:
+                _pwrite_all(self._fd, view[:BLOCK], 0)
         else:
-            os.pwrite(self._fd, header, 0)
+            _pwrite_all(self._fd, self._header(first_index, generation), 0)
             os.fdatasync(self._fd)
-        self._after_reset(first_index)
-
-    def _after_reset(self, first_index: int) -> None:
         self.first_index = first_index
+        self.generation = generation
         self._end = BLOCK
         self._tail = b""
 
@@ -248,4 +275,19 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._buf.close()
+        try:
+            self._buf.close()
+        except BufferError:  # a failed write's traceback still holds a view: freed with it
+            pass
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """``pwrite`` until everything is written: a short write must not leave a hole that would
+    cut off every later record (with O_DIRECT a partial write cannot be resumed: an error)."""
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            n = os.pwrite(fd, view[done:], offset + done)
+            if n <= 0:
+                raise JournalError(f"pwrite wrote {n} bytes")
+            done += n

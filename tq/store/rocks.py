@@ -14,12 +14,17 @@ import shutil
 from collections.abc import Iterator
 from typing import Any, cast
 
+import msgspec
 import rocksdict
 
 from tq.errors import TqError
 from tq.store.keys import CF
 
 _MISSING: Any = object()
+_CODES = {cf: i for i, cf in enumerate(CF)}  # a column family's number in an effects record
+_BY_CODE = list(CF)
+_effects_enc = msgspec.msgpack.Encoder()
+_effects_dec = msgspec.msgpack.Decoder(list[tuple[int, bytes, bytes | None]])
 CF_WRITE_BUFFER_BYTES = 8 * 1024 * 1024
 DB_WRITE_BUFFER_BYTES = 48 * 1024 * 1024
 MAX_WAL_BYTES = 64 * 1024 * 1024
@@ -47,32 +52,43 @@ class Batch:
 
     The state machine reads what it wrote earlier in the same apply (a task submitted and claimed
     in one tick), so puts and deletes are mirrored in a small overlay consulted by ``Store.get``.
+
+    With ``record`` the writes are also kept as ``(cf number, key, value or None)`` effects: the
+    single node's commit journal stores exactly those, so a replay after a power cut puts back
+    the very bytes RocksDB lost (replaying the *commands* instead would need the in-memory state
+    of that moment, lease deadlines and the worker table, which the store does not hold).
     """
 
-    __slots__ = ("_handles", "_n", "_overlays", "_wb")
+    __slots__ = ("_handles", "_n", "_overlays", "_wb", "ops")
 
-    def __init__(self, handles: dict[CF, Any]) -> None:
+    def __init__(self, handles: dict[CF, Any], record: bool = False) -> None:
         self._wb = rocksdict.WriteBatch(raw_mode=True)
         self._handles = handles
         # One dict per column family: no (cf, key) tuple to build and hash per write.
         self._overlays: dict[CF, dict[bytes, bytes | None]] = {cf: {} for cf in handles}
         self._n = 0
+        self.ops: list[tuple[int, bytes, bytes | None]] | None = [] if record else None
 
     def put(self, cf: CF, key: bytes, value: bytes) -> None:
         self._wb.put(key, value, self._handles[cf])
         self._overlays[cf][key] = value
         self._n += 1
+        if self.ops is not None:
+            self.ops.append((_CODES[cf], key, value))
 
     def delete(self, cf: CF, key: bytes) -> None:
         self._wb.delete(key, self._handles[cf])
         self._overlays[cf][key] = None
         self._n += 1
+        if self.ops is not None:
+            self.ops.append((_CODES[cf], key, None))
 
-    def writer(self, cf: CF) -> tuple[Any, Any, dict[bytes, bytes | None]]:
-        """For hot loops: the raw put function, the family's handle and its overlay, so a caller
-        can do ``put(key, value, handle); overlay[key] = value`` without method calls (then
-        report how many writes it made with ``count``)."""
-        return self._wb.put, self._handles[cf], self._overlays[cf]
+    def writer(self, cf: CF) -> tuple[Any, Any, dict[bytes, bytes | None], int]:
+        """For hot loops: the raw put function, the family's handle, its overlay and its effects
+        number, so a caller can do ``put(key, value, handle); overlay[key] = value`` (and, when
+        ``ops`` is a list, ``ops.append((number, key, value))``) without method calls, then
+        report how many writes it made with ``count``."""
+        return self._wb.put, self._handles[cf], self._overlays[cf], _CODES[cf]
 
     def count(self, n: int) -> None:
         self._n += n
@@ -98,6 +114,8 @@ class Store:
         self._handles: dict[CF, Any] = {}
         self._cfs: dict[CF, Any] = {}
         self._wo: Any = None
+        self.record_effects = False  # batches keep their effects (single node: the journal)
+        self._last: Batch | None = None
 
     def open(self) -> None:
         os.makedirs(self.path, exist_ok=True)
@@ -124,12 +142,34 @@ class Store:
     # --- writes ----------------------------------------------------------------------------------
 
     def batch(self) -> Batch:
-        return Batch(self._handles)
+        return Batch(self._handles, self.record_effects)
 
     def write(self, batch: Batch) -> None:
-        """Apply atomically, not yet durable: call ``flush_wal`` (in the writer thread) next."""
+        """Apply atomically, not yet durable: the journal (or ``flush_wal``) makes it so."""
         if len(batch):
             self._db.write(batch._wb, self._wo)
+        self._last = batch
+
+    def take_effects(self) -> bytes:
+        """The effects of the batch written last (``record_effects`` on), encoded for a journal."""
+        batch, self._last = self._last, None
+        if batch is None or batch.ops is None:
+            raise StoreError("no recorded batch to take effects from")
+        return _effects_enc.encode(batch.ops)
+
+    def write_effects(self, payload: bytes) -> None:
+        """Write back a batch's effects (from ``take_effects``), e.g. replayed from a journal.
+        Not yet durable, like ``write``. Putting back what the store already holds is harmless:
+        every effect is a whole value or a delete."""
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        handles = self._handles
+        for code, key, value in _effects_dec.decode(payload):
+            handle = handles[_BY_CODE[code]]
+            if value is None:
+                wb.delete(key, handle)
+            else:
+                wb.put(key, value, handle)
+        self._db.write(wb, self._wo)
 
     def flush_wal(self) -> None:
         """fsync the WAL: everything written before this call is durable when it returns."""
