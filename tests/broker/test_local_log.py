@@ -22,7 +22,7 @@ from tq.broker.commands import (
     Tick,
     WorkerLost,
 )
-from tq.broker.log import LocalLog
+from tq.broker.log import JOURNAL_OPS, LocalLog
 from tq.broker.state import ApplyResult, StateMachine
 from tq.model import ErrorInfo, RetryPolicy
 from tq.protocol.messages import LeasedTask, LeaseRef, Outcome, TaskSpec
@@ -131,7 +131,7 @@ async def workload(node: Node, cut: Path) -> None:
         for r in await commit(log, t + 1_200, [Report("w1", done)])
     )
     await commit(log, t + 1_300, [Cancel("t000019"), Submit(specs(100, 5, size=3000))])
-    more = leased(await commit(log, t + 1_400, [Claim("w1", ["default"], 50)]))
+    more = leased(await commit(log, t + 1_400, [Claim("w1", ["default"], 20)]))
     assert len(more) > 5
     # many batches in one write, some small enough to be written on the loop, some not
     futs = []
@@ -177,6 +177,37 @@ def test_replay_gives_back_exactly_what_the_store_lost(tmp_path: Path) -> None:
     assert third.replayed == 0
     assert contents(third.store) == expected
     third.close()
+
+
+def test_a_big_batch_is_made_durable_by_a_store_sync_and_the_journal_follows_it(
+    tmp_path: Path,
+) -> None:
+    node = Node(tmp_path)
+    synced: list[int] = []
+    flush = node.store.flush_wal
+
+    def spy_flush() -> None:
+        flush()
+        synced.append(node.sm.applied_index)
+
+    node.store.flush_wal = spy_flush  # type: ignore[method-assign]
+
+    async def run() -> None:
+        log = node.log
+        log.start(asyncio.get_running_loop())
+        await commit(log, 1, [Submit(specs(0, 3))])  # small: journalled
+        await commit(log, 2, [Submit(specs(10, JOURNAL_OPS + 1))])  # big: the store is synced
+        await commit(log, 3, [Submit(specs(100, 2))])  # small again, after the sync
+
+    asyncio.run(run())
+    assert synced == [2]
+    assert node.log.counters()["journal_store_syncs"] == 1
+    journal = node.log._journal
+    assert journal.first_index == 3  # restarted after the synced batch: records continue it
+    node.close()
+    j = Journal(str(tmp_path / "journal"), 1024 * 1024)
+    assert [index for index, _ in j.open()] == [3]
+    j.close()
 
 
 def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from tq.broker.commands import Command
+from tq.broker.commands import Claim, Command, Extend, Release, Report, Submit
 from tq.broker.state import ApplyResult, StateMachine
 from tq.errors import NotLeader
 from tq.logfields import kv
@@ -40,6 +40,7 @@ log = logging.getLogger("tq.broker.log")
 
 DurableCallback = Callable[[BaseException | None], None]
 INLINE_BYTES = 4096  # commits up to this size are written on the loop thread (see above)
+JOURNAL_OPS = 32  # a batch touching more tasks than this is made durable by a store sync
 
 
 class LocalLog:
@@ -71,7 +72,9 @@ class LocalLog:
         self.flushed_commits = 0
         self.inline_flushes = 0
         self.checkpoints = 0
+        self.store_syncs = 0
         self.replayed = 0
+        self._sync_store = False  # the commit being gathered holds a batch not in the journal
 
     is_leader = True  # a single node always serves
 
@@ -88,6 +91,7 @@ class LocalLog:
         return {
             "journal_inline_writes": self.inline_flushes,
             "journal_checkpoints": self.checkpoints,
+            "journal_store_syncs": self.store_syncs,
             "journal_replayed": self.replayed,
         }
 
@@ -132,8 +136,17 @@ class LocalLog:
         """Apply and journal now; ``done`` gets the result once it is durable."""
         cmds = commands if isinstance(commands, list) else list(commands)
         index = self._index + 1
+        small = _size(cmds) <= JOURNAL_OPS
+        self._store.record_effects = small
         result = self._sm.apply(now_ms, cmds, applied_index=index)
-        self._journal.append(index, self._store.take_effects())
+        if small:
+            self._journal.append(index, self._store.take_effects())
+        else:
+            # A big batch (a client's batch of submits, a worker's results): writing its effects
+            # twice, to RocksDB and to the journal, costs more than syncing RocksDB's WAL once,
+            # which the commit does instead (and which covers the whole commit).
+            self._journal.next_index = index + 1
+            self._sync_store = True
         self._index = index
         self._on_applied(result)
 
@@ -172,6 +185,12 @@ class LocalLog:
         upto = self._running_upto = self._index
         self._running_cbs, self._next_cbs = self._next_cbs, []
         data = self._journal.take()
+        sync_store, self._sync_store = self._sync_store, False
+        if sync_store:
+            loop = self._loop
+            fut = self._executor.submit(self._sync, upto)
+            fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._flush_finished, f))
+            return
         if len(data) <= INLINE_BYTES and self._journal.fits(len(data)):
             self.inline_flushes += 1
             try:
@@ -190,11 +209,16 @@ class LocalLog:
         if self._journal.fits(len(data)):
             self._journal.write(data)
             return
-        # Every batch up to ``upto`` is in RocksDB's WAL (applied before it was journalled):
-        # syncing that WAL makes them durable, and the journal can start over after them.
+        self._sync(upto)
+        self.checkpoints += 1
+
+    def _sync(self, upto: int) -> None:
+        """Writer thread: every batch up to ``upto`` is in RocksDB's WAL (each was applied before
+        it was journalled, or instead): syncing that WAL makes them durable, and the journal
+        starts over after them (so the next record it holds continues the store)."""
         self._store.flush_wal()
         self._journal.reset(upto + 1)
-        self.checkpoints += 1
+        self.store_syncs += 1
 
     def _flush_finished(self, fut: Future[None]) -> None:
         self._flush_done(fut.exception())
@@ -223,3 +247,20 @@ class LocalLog:
             self._executor.shutdown(wait=True)
             self._executor = None
         self._journal.close()
+
+
+def _size(commands: list[Command]) -> int:
+    """How many tasks a batch touches, about: what its effects cost to journal."""
+    n = 0
+    for cmd in commands:
+        if isinstance(cmd, Submit):
+            n += len(cmd.specs)
+        elif isinstance(cmd, Report):
+            n += len(cmd.outcomes)
+        elif isinstance(cmd, Claim):
+            n += cmd.max
+        elif isinstance(cmd, Extend | Release):
+            n += len(cmd.leases)
+        else:
+            n += 1
+    return n
