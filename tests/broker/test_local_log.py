@@ -222,9 +222,9 @@ def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:
         flush()
         events.append(("store synced through", sm.applied_index))
 
-    def spy_reset(first_index: int) -> None:
+    def spy_reset(first_index: int, lazy: bool = False) -> None:
         events.append(("journal restarts at", first_index))
-        reset(first_index)
+        reset(first_index, lazy)
 
     store.flush_wal = spy_flush  # type: ignore[method-assign]
     log._journal.reset = spy_reset  # type: ignore[method-assign]

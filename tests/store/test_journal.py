@@ -113,6 +113,24 @@ def test_records_after_a_tear_never_come_back_after_a_reset_to_the_same_index(
     assert opened(path, mode)[1] == new
 
 
+def test_a_lazy_reset_takes_effect_with_the_next_write(tmp_path: Path, mode: bool | None) -> None:
+    path = tmp_path / "j"
+    j, _ = opened(path, mode)
+    old = write_all(j, [b"a", b"b", b"c"])
+    j.reset(10, lazy=True)  # the store was synced through 9: nothing is written yet
+    j.close()
+    j2, records = opened(path, mode)
+    assert records == old  # still the old run, all of it before 10: what recovery expects
+    j2.reset(10, lazy=True)
+    j2.next_index = 10
+    new = write_all(j2, [b"x" * 5000, b"y"])  # header and records in one write
+    more = write_all(j2, [b"z"])
+    j2.close()
+    j3, records = opened(path, mode)
+    assert records == new + more
+    assert j3.first_index == 10
+
+
 def test_records_appended_while_a_checkpoint_runs_follow_the_reset(
     tmp_path: Path, mode: bool | None
 ) -> None:

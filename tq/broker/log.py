@@ -217,7 +217,7 @@ class LocalLog:
         it was journalled, or instead): syncing that WAL makes them durable, and the journal
         starts over after them (so the next record it holds continues the store)."""
         self._store.flush_wal()
-        self._journal.reset(upto + 1)
+        self._journal.reset(upto + 1, lazy=True)
         self.store_syncs += 1
 
     def _flush_finished(self, fut: Future[None]) -> None:

@@ -89,6 +89,7 @@ class Journal:
         self._pending = bytearray()  # appended, not yet taken
         self._tail = b""  # bytes of the partial block at the end of the durable records
         self._buf = mmap.mmap(-1, 1024 * 1024)  # page-aligned staging for O_DIRECT writes
+        self._header_due = False  # a lazy reset's header goes out with the next write
 
     # --- open and read ---------------------------------------------------------------------------
 
@@ -209,19 +210,23 @@ class Journal:
             return
         if not self.fits(len(data)):
             raise JournalFull(f"{self.path}: {len(data)} bytes do not fit")
+        header = self._header_block() if self._header_due else None
         if self.direct:
-            start = self._end - len(self._tail)  # block-aligned: rewrite the partial last block
-            size = len(self._tail) + len(data)
+            # Block-aligned: rewrite the partial last block, or after a lazy reset start with
+            # the header block (the records then begin right after it: one write for both).
+            prefix = self._tail if header is None else header
+            start = self._end - len(prefix)
+            size = len(prefix) + len(data)
             span = -(-size // BLOCK) * BLOCK
             if span > len(self._buf):
                 self._buf.close()
                 self._buf = mmap.mmap(-1, -(-span // (1 << 20)) * (1 << 20))
             buf = self._buf
-            buf[: len(self._tail)] = self._tail
-            buf[len(self._tail) : size] = data
+            buf[: len(prefix)] = prefix
+            buf[len(prefix) : size] = data
             buf[size:span] = _ZEROS[: span - size]  # never stale bytes after the end
             with memoryview(buf) as view:
-                self._seal(view[len(self._tail) : size])
+                self._seal(view[len(prefix) : size])
                 _pwrite_all(self._fd, view[:span], start)
             end = start + size
             # the partial last block as now on disk (sealed): the next write rewrites it
@@ -230,9 +235,12 @@ class Journal:
             records = bytearray(data)
             with memoryview(records) as view:
                 self._seal(view)
+            if header is not None:
+                _pwrite_all(self._fd, header, 0)
             _pwrite_all(self._fd, records, self._end)
             os.fdatasync(self._fd)
             self._tail = b""  # not used without O_DIRECT: writes go at ``_end`` exactly
+        self._header_due = False
         self._end += len(data)
 
     def _seal(self, records: memoryview) -> None:
@@ -244,16 +252,27 @@ class Journal:
             _CRC.pack_into(records, off + 4, _crc(index, generation, records[body : body + ln]))
             off = body + ln
 
-    def reset(self, first_index: int) -> None:
+    def _header_block(self) -> bytes:
+        header = self._header(self.first_index, self.generation)
+        return header + _ZEROS[: BLOCK - len(header)]
+
+    def reset(self, first_index: int, lazy: bool = False) -> None:
         """Start over at ``first_index``, the index of the first record not yet written, in a
         new generation: every record before it is durable elsewhere (the store's WAL was synced).
         The old records stay on disk but no longer pass their CRC. Records appended meanwhile are
         kept (they follow it).
 
+        ``lazy``: write the new header with the next records instead of now (one durable write
+        instead of two). Until then the file still holds the old header and records, all of
+        them before ``first_index``, which is what recovery expects after a store sync.
+
         A file of another size than ``segment_bytes`` (the size was changed since it was made)
         is made anew at this point, when nothing in it is needed any more."""
         generation = self.generation + 1
-        if os.fstat(self._fd).st_size != self.segment_bytes:
+        self._header_due = False
+        if lazy and os.fstat(self._fd).st_size == self.segment_bytes:
+            self._header_due = True
+        elif os.fstat(self._fd).st_size != self.segment_bytes:
             os.close(self._fd)
             self._fd = -1
             self._create(first_index, generation)
