@@ -4,7 +4,9 @@ Each loop tick's commands are applied at once (RocksDB ``write`` with ``sync=Fal
 of the batch recorded in the same write) and the batch's effects, every put and delete it made,
 are appended to the journal (tq/store/journal.py). A reply waits until the journal write covering
 its batch has returned: that write, ``O_DIRECT | O_DSYNC`` into preallocated blocks, is the only
-durable step of a commit.
+durable step of a commit. A batch touching more than ``JOURNAL_OPS`` tasks is not journalled:
+its commit syncs RocksDB's WAL instead (which holds every batch of the commit), since writing
+big effects twice costs more than that one sync, and the journal restarts after it.
 Everything applied while a write runs joins the next one, so the write rate adapts to load.
 
 A small commit on an idle broker is written on the loop's own thread: handing it to the writer
