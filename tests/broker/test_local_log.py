@@ -210,6 +210,27 @@ def test_a_big_batch_is_made_durable_by_a_store_sync_and_the_journal_follows_it(
     j.close()
 
 
+def test_a_small_command_with_big_effects_also_syncs_the_store(tmp_path: Path) -> None:
+    """``WorkerLost`` is one command, but requeueing 300 leases rewrites 300 records: more than
+    JOURNAL_MAX_BYTES of effects, so its commit syncs the store instead of journalling them."""
+    node = Node(tmp_path)
+
+    async def run() -> tuple[int, int]:
+        log = node.log
+        log.start(asyncio.get_running_loop())
+        await commit(log, 1, [RegisterWorker("w1"), Submit(specs(0, 300, size=400))])
+        for k in range(10):
+            await commit(log, 2 + k, [Claim("w1", ["default"], 30)])
+        before = log.counters()["journal_store_syncs"]
+        await commit(log, 20, [WorkerLost("w1")])
+        return before, log.counters()["journal_store_syncs"]
+
+    before, after = asyncio.run(run())
+    assert after == before + 1
+    assert node.sm.counts["pending"] == 300
+    node.close()
+
+
 def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:
     node = Node(tmp_path, journal_bytes=16 * BLOCK)  # 60 KiB of records
     store, sm, log = node.store, node.sm, node.log

@@ -113,6 +113,36 @@ def test_records_after_a_tear_never_come_back_after_a_reset_to_the_same_index(
     assert opened(path, mode)[1] == new
 
 
+def test_records_orphaned_by_a_lost_header_never_come_back(
+    tmp_path: Path, mode: bool | None
+) -> None:
+    """A lazy reset's header and its first records go out in one write; a power cut keeps the
+    records but not sector 0. Recovery (store synced through 2) restarts the journal at 3 again;
+    the orphaned record 4 must not pass as part of the new run, even when the next life adds no
+    record of its own (its batch 3 made durable by a store sync) and the following start skips
+    the stale record 3 as already in the store."""
+    path = tmp_path / "j"
+    j, _ = opened(path, mode)
+    write_all(j, [b"1", b"2"])
+    j.close()
+    before = path.read_bytes()[:BLOCK]  # the header as it was before the torn write
+    j, _ = opened(path, mode)
+    j.reset(3, lazy=True)
+    j.next_index = 3
+    write_all(j, [b"orphan 3", b"orphan 4"])
+    j.close()
+    raw = bytearray(path.read_bytes())
+    raw[:BLOCK] = before  # sector 0 lost, the records kept
+    path.write_bytes(bytes(raw))
+    j2, records = opened(path, mode, skip_through=2)
+    assert records == []
+    j2.reset(3)  # recovery: the store holds 1..2
+    j2.close()
+    # next life: batch 3 is durable through a store sync, no journal record; then a start with
+    # the store at 3 steps over record 3 unchecked and must not yield the orphaned 4
+    assert opened(path, mode, skip_through=3)[1] == []
+
+
 def test_a_lazy_reset_takes_effect_with_the_next_write(tmp_path: Path, mode: bool | None) -> None:
     path = tmp_path / "j"
     j, _ = opened(path, mode)

@@ -43,6 +43,7 @@ log = logging.getLogger("tq.broker.log")
 DurableCallback = Callable[[BaseException | None], None]
 INLINE_BYTES = 4096  # commits up to this size are written on the loop thread (see above)
 JOURNAL_OPS = 32  # a batch touching more tasks than this is made durable by a store sync
+JOURNAL_MAX_BYTES = 64 * 1024  # ... and so is one whose effects came out bigger (a Tick, a purge)
 
 
 class LocalLog:
@@ -141,8 +142,9 @@ class LocalLog:
         small = _size(cmds) <= JOURNAL_OPS
         self._store.record_effects = small
         result = self._sm.apply(now_ms, cmds, applied_index=index)
-        if small:
-            self._journal.append(index, self._store.take_effects())
+        effects = self._store.take_effects() if small else None
+        if effects is not None and len(effects) <= JOURNAL_MAX_BYTES:
+            self._journal.append(index, effects)
         else:
             # A big batch (a client's batch of submits, a worker's results): writing its effects
             # twice, to RocksDB and to the journal, costs more than syncing RocksDB's WAL once,
@@ -214,7 +216,7 @@ class LocalLog:
         self._sync(upto)
         self.checkpoints += 1
 
-    def _sync(self, upto: int) -> None:
+    def _sync(self, upto: int) -> None:  # counted in store_syncs (checkpoints included)
         """Writer thread: every batch up to ``upto`` is in RocksDB's WAL (each was applied before
         it was journalled, or instead): syncing that WAL makes them durable, and the journal
         starts over after them (so the next record it holds continues the store)."""

@@ -16,11 +16,13 @@ Layout (one file, ``SEGMENT_BYTES`` long, reused forever)::
     block 1+: records [len 4][crc 4][index 8][payload len]  (packed, no padding)
 
 Records carry consecutive indexes starting at ``first_index``; a record's CRC covers its index,
-its payload and the header's generation, which every ``reset`` increases. Reading stops at the
-first record that is short, fails its CRC or breaks the sequence: the torn tail of a write that
-was never acknowledged, or a record left from before a reset. (The generation is what makes the
-latter safe even when a reset starts again at the same index, as recovery after a torn write
-does: the leftover records after the tear then carry the right indexes but the wrong CRC.)
+its payload and the header's generation, a random 63-bit number drawn anew at every ``reset``.
+Reading stops at the first record that is short, fails its CRC or breaks the sequence: the torn
+tail of a write that was never acknowledged, or a record left from before a reset. The generation
+is what makes the latter safe when a reset starts again at an index the file already holds, as
+recovery after a torn write does. It is random, not counted up: a power cut can keep the records
+of a write whose header (sector 0) it lost, and a count resumed from the older header on disk
+would give the next reset the very generation those orphaned records were sealed with.
 
 Threads: ``append`` and ``take`` run in the event loop; ``write`` and ``reset`` in whichever
 thread makes the commit durable, one call at a time (the caller serialises them). CRCs are
@@ -62,6 +64,11 @@ class JournalFull(JournalError):
     """The records since the last checkpoint no longer fit: checkpoint, then ``reset``."""
 
 
+def _new_generation() -> int:
+    """Distinct from every generation this file ever had (with odds of 2**-63 per reset)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
 def _crc(index: int, generation: int, payload: bytes | memoryview) -> int:
     return zlib.crc32(payload, zlib.crc32(_SEED.pack(index, generation)))
 
@@ -82,7 +89,7 @@ class Journal:
         self.direct = False  # O_DIRECT | O_DSYNC, or plain writes + fdatasync where unsupported
         self.first_index = 1
         self.next_index = 1
-        self.generation = 0
+        self.generation = _new_generation()
         self.created = False  # open() made the file (there was none)
         self._fd = -1
         self._end = BLOCK  # file offset where the next record goes (after what is durable)
@@ -101,7 +108,7 @@ class Journal:
         yielded: recovery reads a full journal in milliseconds instead of checksumming 64 MiB.
         The caller must then ``reset`` before writing (where the run really ends is unknown)."""
         if not os.path.exists(self.path):
-            self._create(1, 0)
+            self._create(1, self.generation)
             self.created = True
         self._fd = self._open_fd()
         with open(self.path, "rb") as f:
@@ -268,7 +275,7 @@ class Journal:
 
         A file of another size than ``segment_bytes`` (the size was changed since it was made)
         is made anew at this point, when nothing in it is needed any more."""
-        generation = self.generation + 1
+        generation = _new_generation()
         self._header_due = False
         if lazy and os.fstat(self._fd).st_size == self.segment_bytes:
             self._header_due = True
