@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from tq.client.aio import CLOSE_WAIT_S, AsyncClient
 from tq.client.connection import EARLY_FLUSH_BYTES, Connection
 from tq.protocol.codec import encode
 from tq.protocol.messages import QueryStatus
@@ -61,3 +62,35 @@ async def test_a_large_burst_leaves_in_pieces_while_it_is_built() -> None:
     assert b"".join(transport.writes) == b"".join(encode(request(r)) for r in range(1, n + 1))
     assert len(transport.writes[-1]) < EARLY_FLUSH_BYTES  # the rest, at the end of the iteration
     conn.close()
+
+
+async def test_close_does_not_leave_a_transport_behind_when_the_peer_stops_reading() -> None:
+    """A broker that stopped reading (a partition): the requests stay buffered in the transport,
+    and a plain close() would wait for them forever. AsyncClient.close() gives up after
+    CLOSE_WAIT_S and aborts, so the socket is gone when it returns (before ``asyncio.run`` ends
+    and closes the loop, which would leak it)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_read(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.append(w)
+
+    server = await asyncio.start_server(never_read, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(lambda: Connection(1 << 20), "127.0.0.1", port)
+    client = AsyncClient(f"tcp://127.0.0.1:{port}")
+    client._conn = conn
+    payload = QueryStatus(1, "x" * 60_000)
+    for rid in range(1, 400):  # ~24 MB: far more than the kernel's buffers hold
+        conn.send(rid, payload)
+    await asyncio.sleep(0)
+    assert conn.transport is not None
+    assert conn.transport.get_write_buffer_size() > 0
+    started = loop.time()
+    await client.close()
+    assert loop.time() - started < CLOSE_WAIT_S + 0.5
+    assert conn.closed.is_set()
+    for w in accepted:
+        w.close()
+    server.close()
+    await server.wait_closed()

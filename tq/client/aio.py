@@ -67,6 +67,7 @@ from tq.protocol.messages import (
 )
 
 R = TypeVar("R", bound=Response)
+CLOSE_WAIT_S = 1.0  # how long close() lets a connection finish closing before aborting it
 
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
@@ -245,9 +246,18 @@ class AsyncClient:
         return conn
 
     async def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close the connection and wait (at most ``CLOSE_WAIT_S``) until it is closed: a
+        transport still flushing to a broker that stopped reading would otherwise outlive its
+        event loop (``asyncio.run`` returning right after ``close``) and leak its socket."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.close()
+        try:
+            await asyncio.wait_for(conn.closed.wait(), CLOSE_WAIT_S)
+        except TimeoutError:
+            conn.abort()
+            await asyncio.sleep(0)  # abort() reports connection_lost on the next iteration
 
     async def call(
         self,

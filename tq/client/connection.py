@@ -146,6 +146,11 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Close at once, dropping whatever is still buffered for the broker."""
+        if self.transport is not None:
+            self.transport.abort()
+
     @property
     def in_flight(self) -> int:
         return len(self._pending)
