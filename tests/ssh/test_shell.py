@@ -229,7 +229,8 @@ async def test_explain_says_why_for_dead_failed_and_running_tasks_and_retry_revi
 
     why = await explain(failed)
     assert (why["state"], why["attempt"], why["max_attempts"]) == ("failed", 1, 3)
-    assert why["retry_at_ms"] > time.time() * 1000 + 30_000
+    # retry base 60 s, jitter [0.5, 1): due 30-60 s after the failure, which was a moment ago
+    assert why["retry_at_ms"] > time.time() * 1000 + 20_000
     assert why["last_error"]["type"] == "ValueError"
     assert "retry is due" in why["why"]
 
