@@ -60,7 +60,7 @@ from tq.broker.openapi import (
     WorkerList,
     build_document,
 )
-from tq.broker.tcp import validate_spec
+from tq.broker.tcp import listening_socket, validate_spec
 from tq.errors import (
     BadRequest,
     BrokerUnavailable,
@@ -436,13 +436,14 @@ class HttpServer:
         await runner.setup()
         self._runner = runner
         try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            sock = listening_socket(host, port)
         except OSError as exc:
             if strict or port == 0:
                 raise OSError(exc.errno, f"HTTP port {port}: {exc.strerror or exc}") from exc
             log.warning("http.port_taken", extra=kv(port=port, error=exc.strerror))
-            await web.TCPSite(runner, host, 0, reuse_address=True).start()
-        self.port = int(runner.addresses[0][1])
+            sock = listening_socket(host, 0)
+        await web.SockSite(runner, sock).start()
+        self.port = int(sock.getsockname()[1])
         self.metrics.start()
         log.info("http.started", extra=kv(host=host, port=self.port))
         return self.port

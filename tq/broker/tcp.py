@@ -570,6 +570,24 @@ _HANDLERS: dict[type[Any], Callable[[Connection, Any], None]] = {
 }
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen here rather than inside ``create_server``: uvloop reports a failed
+    ``listen()`` only to the loop's exception handler and hands back a closed server, so the real
+    error (EADDRINUSE at listen time, e.g. two brokers racing for one default port) would surface
+    as a confusing ``'NoneType' object has no attribute 'getsockname'``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _nack(rid: int, exc: TqError) -> Nack:
     return Nack(rid, exc.code, exc.message, exc.leader if isinstance(exc, NotLeader) else None)
 
@@ -584,19 +602,7 @@ class TcpServer:
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
-        # Bind and listen here rather than inside create_server: uvloop reports a failed
-        # listen() only to the loop's exception handler and hands back a closed server, so the
-        # real error (EADDRINUSE at listen time) would surface as a confusing AttributeError.
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(1024)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(host, port)
         self._server = await loop.create_server(lambda: Connection(self.core, self), sock=sock)
         self.port = int(sock.getsockname()[1])
         return self.port
