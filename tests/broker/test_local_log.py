@@ -126,10 +126,8 @@ async def workload(node: Node, cut: Path) -> None:
     await commit(log, t + 600, [Extend("w1", [LeaseRef(x.task.id, x.token) for x in first])])
     await commit(log, t + 1_100, [Tick()])
     done = [Outcome(x.task.id, x.token, True, b"1") for x in first]
-    assert all(
-        r is None or not isinstance(r, Exception)
-        for r in await commit(log, t + 1_200, [Report("w1", done)])
-    )
+    accepted = await commit(log, t + 1_200, [Report("w1", done)])
+    assert accepted == [([x.task.id for x in first], [])]  # the extended leases still held
     await commit(log, t + 1_300, [Cancel("t000019"), Submit(specs(100, 5, size=3000))])
     more = leased(await commit(log, t + 1_400, [Claim("w1", ["default"], 20)]))
     assert len(more) > 5
@@ -249,7 +247,6 @@ def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:
 
     store.flush_wal = spy_flush  # type: ignore[method-assign]
     log._journal.reset = spy_reset  # type: ignore[method-assign]
-    cut = tmp_path / "cut"
 
     async def run() -> None:
         log.start(asyncio.get_running_loop())
@@ -263,8 +260,6 @@ def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:
                 futs.append(fut)
             log.kick()
             await asyncio.gather(*futs)
-            if wave == 10:
-                store.checkpoint(str(cut))
 
     asyncio.run(run())
     assert log.checkpoints >= 3
@@ -274,9 +269,6 @@ def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:
         assert synced >= first - 1
     expected = contents(store)
     node.close()
-    # a power cut after the last checkpoint: the copy is from before it, so what the journal
-    # no longer holds must be in the synced store... which a copy taken earlier is not. The
-    # real guarantee is the order checked above; here: a clean reopen keeps everything.
     reopened = Node(tmp_path, journal_bytes=16 * BLOCK)
     assert reopened.sm.counts["pending"] == 300
     assert reopened.sm.applied_index == 60

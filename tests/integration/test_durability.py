@@ -167,8 +167,7 @@ def test_acknowledged_work_survives_sigkill_across_journal_writes_and_store_sync
             counters: dict[str, int] = (await c.stats())["counters"]
             broker.kill()  # submits are in flight: the client retries them after the restart
             broker.restart()
-            await asyncio.sleep(0.3)
-            stop = True
+            stop = True  # the lanes' in-flight submits are retried until acknowledged
             await asyncio.gather(*jobs)
             return counters
 

@@ -61,7 +61,6 @@ class LocalLog:
         self._on_fatal = on_fatal
         self._on_applied = on_applied
         self._journal = Journal(journal_path, journal_bytes)
-        store.record_effects = True  # each batch's effects are what the journal holds
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._index = 0  # the last batch applied (and appended to the journal)
@@ -111,7 +110,7 @@ class LocalLog:
             self._store.write_effects(payload)
             applied = index
             replayed += 1
-        if self._journal.next_index > applied + 1 or self._journal.first_index > applied + 1:
+        if self._journal.next_index > applied + 1:  # (never below first_index)
             raise JournalError(
                 f"the journal holds batches from {self._journal.first_index} on, but the store "
                 f"only up to {applied}: batches in between are missing (was the data dir "

@@ -106,15 +106,18 @@ class Connection(asyncio.Protocol):
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._out_bytes >= EARLY_FLUSH_BYTES:
-            self._flush()
+            self._write_out()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return fut
 
     def _flush(self) -> None:
-        """Write what is queued (the scheduled call finds nothing if an early flush took it)."""
+        """The end of the loop iteration: write what is queued."""
         self._flush_scheduled = False
+        self._write_out()
+
+    def _write_out(self) -> None:
         self._out_bytes = 0
         if self._out and self.transport is not None and not self.transport.is_closing():
             out, self._out = self._out, []

@@ -148,7 +148,8 @@ class Store:
         """Apply atomically, not yet durable: the journal (or ``flush_wal``) makes it so."""
         if len(batch):
             self._db.write(batch._wb, self._wo)
-        self._last = batch
+        if batch.ops is not None:  # only a recording batch is asked for its effects
+            self._last = batch
 
     def take_effects(self) -> bytes:
         """The effects of the batch written last (``record_effects`` on), encoded for a journal."""
