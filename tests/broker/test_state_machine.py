@@ -11,9 +11,11 @@ whose lease ended without a result (expired, worker lost, released) keeps its ol
 number but goes to the back of the in-memory FIFO; a restart rebuilds the FIFOs in sequence
 order. That last pair disagrees, see test_recovered_machine_claims_like_the_live_one.
 
-Three machines share the rules: the plain one; one whose teardown replays the whole history on a
-fresh store and demands identical results and identical store contents (determinism); and one
-whose teardown closes the store, reopens it, recovers and checks that nothing was lost.
+Four machines share the rules: the plain one; one whose teardown replays the whole history on a
+fresh store and demands identical results and identical store contents (determinism); one whose
+replay restarts at other points than the original did, as a Raft replica that was killed and
+restarted while the others went on (a restart must change nothing); and one whose teardown
+closes the store, reopens it, recovers and checks that nothing was lost.
 """
 
 from __future__ import annotations
@@ -350,12 +352,9 @@ class Model:
         return min(times, default=None)
 
     def restart(self) -> None:
-        """What a broker process restart keeps: the store, not the workers. Running tasks are
-        held under an already expired lease (same token), the FIFOs are rebuilt in seq order."""
-        self.workers.clear()
-        for t in self.tasks.values():
-            if t.state is RUNNING:
-                t.deadline = 0
+        """A restart keeps everything a command's outcome depends on: the leases with their
+        deadlines and the worker table included (a restarted Raft replica must go on exactly as
+        the others do). The FIFOs are rebuilt in seq order."""
         for fifo in self.ready.values():
             fifo.sort(key=lambda task_id: self.tasks[task_id].seq)
 
@@ -775,23 +774,29 @@ class QueueMachine(RuleBasedStateMachine):
 class ReplayMachine(QueueMachine):
     """Teardown replays the recorded history on a fresh store: same results, same bytes."""
 
+    def restart_points(self) -> set[int]:
+        """Before which entries the replay restarts: where the original did."""
+        return {i for i, entry in enumerate(self.history) if entry[0] == "restart"}
+
     def teardown(self) -> None:
         root = tempfile.mkdtemp(prefix="tq-replay-")
         path = f"{root}/store"
         store = Store(path)
         store.open()
+        restarts = self.restart_points()
         try:
             sm = self._machine(store)
-            for entry in self.history:
-                if entry[0] == "restart":
+            for i, entry in enumerate(self.history):
+                if i in restarts:
                     store.close()
                     store = Store(path)
                     store.open()
                     sm = self._machine(store)
                     sm.recover()
+                if entry[0] == "restart":  # (the replay restarts before entry i, if it does)
                     continue
                 _, now, commands, results = entry
-                assert normalize(sm.apply(now, commands).results) == results
+                assert normalize(sm.apply(now, commands).results) == results, (i, commands)
             assert dump_store(store) == dump_store(self.store)
             assert sm.counts == self.sm.counts
             assert sm.counters == self.sm.counters
@@ -802,9 +807,23 @@ class ReplayMachine(QueueMachine):
             super().teardown()
 
 
+class ReplicaMachine(ReplayMachine):
+    """The replay restarts where the original did not (and not where it did): a follower
+    killed and restarted mid-run while the leader went on must give the same results and hold
+    the same bytes, or it has diverged (it would, were lease deadlines or the worker table kept
+    in memory only: its next Tick would expire what the others keep)."""
+
+    def restart_points(self) -> set[int]:
+        n = len(self.history)
+        original = super().restart_points()
+        return {i for i in (n // 4, n // 2, 3 * n // 4) if i not in original and 0 < i < n}
+
+
 class RecoveryMachine(QueueMachine):
-    """Teardown closes the store, reopens it and recovers: every task is still there, and the
-    first Tick puts every task that was running back to pending (or dead if out of attempts)."""
+    """Teardown closes the store, reopens it and recovers: every task is still there, under the
+    same lease with the same deadline, and once the workers have been silent past the timeout
+    and the leases past their deadlines a Tick puts every task that was running back to pending
+    (or dead if out of attempts)."""
 
     def teardown(self) -> None:
         try:
@@ -815,6 +834,7 @@ class RecoveryMachine(QueueMachine):
             self.one_live_lease_per_running_task()
             self.counts_match()
             assert {t.id: t.state for t in self.model.tasks.values()} == before
+            self.now += max(self.lease_ms, self.heartbeat_timeout_ms) + 1
             self.apply([Tick()])
             assert not self.sm.leases
             for task_id, state in before.items():
@@ -834,6 +854,8 @@ TestStateMachine.settings = SETTINGS
 TestReplayIsDeterministic = ReplayMachine.TestCase
 TestReplayIsDeterministic.settings = TEARDOWN_SETTINGS
 TestRecoveryKeepsEveryTask = RecoveryMachine.TestCase
+TestRestartedReplicaDoesNotDiverge = ReplicaMachine.TestCase
+TestRestartedReplicaDoesNotDiverge.settings = TEARDOWN_SETTINGS
 TestRecoveryKeepsEveryTask.settings = TEARDOWN_SETTINGS
 
 
@@ -873,15 +895,24 @@ def test_recover_after_reopen_keeps_pending_failed_and_running_tasks() -> None:
         assert {k: v for k, v in sm.counts.items() if v} == expected_counts
         assert set(sm.leases) == {"t1", "t4"}
 
-        (moved,) = sm.apply(START_MS + 1, [Tick()]).results  # the first Tick requeues them
-        assert moved == 2
+        assert sm.apply(START_MS + 1, [Tick()]).results == [0]  # the leases still hold
+        assert {k: lease.deadline_ms for k, lease in sm.leases.items()} == {
+            "t1": START_MS + LEASE_MS, "t4": START_MS + LEASE_MS
+        }  # fmt: skip
+        assert set(sm.workers) == {"w1", "w2"}
+        assert sm.workers["w1"].leases == {"t1"}
+        # Past the deadlines (and the heartbeat timeout): both leases end, one task back to
+        # pending, the other to the dead letters (out of attempts); t0's retry is due too.
+        (moved,) = sm.apply(START_MS + LEASE_MS, [Tick()]).results
+        assert moved == 3
         assert sm.get_task("t1").state == "pending"  # type: ignore[union-attr]
-        assert sm.get_task("t4").state == "dead"  # type: ignore[union-attr]  (out of attempts)
-        assert sm.get_task("t0").state == "failed"  # type: ignore[union-attr]
+        assert sm.get_task("t4").state == "dead"  # type: ignore[union-attr]
+        assert sm.get_task("t0").state == "pending"  # type: ignore[union-attr]
         assert not sm.leases
-        assert {k: v for k, v in sm.counts.items() if v} == {"pending": 3, "failed": 1, "dead": 1}
-        (again,) = sm.apply(START_MS + 2, [Claim("w3", ["alpha"], 5)]).results
-        assert sorted(lt.task.id for lt in again) == ["t1", "t2", "t3"]
+        assert not sm.workers  # both silent past the timeout
+        assert {k: v for k, v in sm.counts.items() if v} == {"pending": 4, "dead": 1}
+        (again,) = sm.apply(START_MS + LEASE_MS, [Claim("w3", ["alpha"], 5)]).results
+        assert sorted(lt.task.id for lt in again) == ["t0", "t1", "t2", "t3"]
         assert all(lt.token > tail[0].token for lt in again)  # tokens never reused
     finally:
         store.close()

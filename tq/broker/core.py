@@ -46,6 +46,7 @@ log = logging.getLogger("tq.broker")
 Reply = Callable[[Any], None]
 RETENTION_SCAN = 20_000  # finished records looked at per retention run
 JOURNAL_FILE = "tq-journal"  # beside RocksDB's files in a single node's data dir
+TICK_RESEND_S = 2.0  # a Tick not applied by then (lost in a leader change) is sent again
 
 
 def wall_ms() -> int:
@@ -159,6 +160,7 @@ class BrokerCore:
         self._waiters: dict[str, list[Reply]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
+        self._tick_in_flight = False
         self._retention: asyncio.TimerHandle | None = None
         self._retention_cursor: bytes | None = None
         self._rate_samples: deque[tuple[float, dict[str, int], dict[str, int]]] = deque(maxlen=61)
@@ -256,7 +258,6 @@ class BrokerCore:
         cmds, replies = _coalesce_submits(items)
         self.log.append(self.clock(), cmds, self._deliverer(replies))
         self.log.kick()
-        self._arm_timer()
 
     def _on_applied(self, result: ApplyResult) -> None:
         """Every applied batch passes here (on every node): serve parked claims at once."""
@@ -270,6 +271,10 @@ class BrokerCore:
                 self.on_worker_lost(worker_id)
         if self._parked and result.readied:
             self._serve_parked(self.clock())
+        # After the apply, not after the append: in a cluster a command is applied only once
+        # committed, and a timer armed from the state before it would miss what it changed (a
+        # retry falling due, a new lease) until some unrelated command came along.
+        self._arm_timer()
 
     def _deliverer(
         self, replies: list[Reply | None]
@@ -407,8 +412,12 @@ class BrokerCore:
     # --- timers ----------------------------------------------------------------------------------
 
     def _arm_timer(self) -> None:
+        """Wake up when the next Tick has work to do. Only the leader ticks; while a Tick is in
+        flight its reply re-arms the timer."""
+        if self._tick_in_flight or self.closing or not self.log.is_leader:
+            return
         due = self.sm.next_deadline_ms()
-        if due is None or self.closing:
+        if due is None:
             return
         if self._timer is not None and self._timer_at <= due:
             return
@@ -489,10 +498,27 @@ class BrokerCore:
         self._timer = None
         self._timer_at = 0
         due = self.sm.next_deadline_ms()
-        if due is not None and due <= self.clock():
-            self.submit(Tick(), None)
-        else:
+        if due is None or due > self.clock():
             self._arm_timer()
+            return
+        # One Tick at a time. In a cluster it is applied once committed, and until then the state
+        # still says a Tick is due: re-arming at once sent Tick after Tick into the log.
+        self._tick_in_flight = True
+        assert self._loop is not None
+        self._timer = self._loop.call_later(TICK_RESEND_S, self._tick_lost)
+        self.submit(Tick(), self._tick_done)
+
+    def _tick_done(self, _result: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._tick_in_flight = False
+        self._arm_timer()
+
+    def _tick_lost(self) -> None:
+        self._timer = None
+        self._tick_in_flight = False
+        self._arm_timer()
 
     def _schedule_retention(self) -> None:
         assert self._loop is not None

@@ -17,8 +17,9 @@ When the journal is full, a checkpoint takes the place of a write: RocksDB's WAL
 every applied batch, is fsynced, and the journal starts over after the last applied index. After
 a crash, RocksDB recovers a consistent prefix of batches (its applied index says how far) and the
 journal's effects after that index are written back, before the state machine rebuilds its
-memory from the store. Effects, not commands: re-running a command needs the memory of that
-moment (lease deadlines, the worker table), which a restarted state machine does not have.
+memory from the store. Effects, not commands: writing them back needs no state machine, so the
+store is whole before anything reads it (commands would replay the same since lease deadlines and
+the worker table are stored too, but recovery need not depend on that).
 
 A failed write is fatal: the broker stops rather than acknowledge what it could not make durable.
 """

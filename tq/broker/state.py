@@ -92,16 +92,41 @@ UNLISTED_GRACE_MS: Final = 5_000  # a lease a heartbeat omits is released after 
 class LeaseMark(msgspec.Struct, frozen=True, array_like=True):
     """What ``in_progress`` holds for a running task. The task record itself stays in
     ``pending`` while it runs, so a claim writes this small marker instead of moving the record,
-    and a crash leaves running tasks exactly where a restart must put them: pending."""
+    and a crash leaves running tasks exactly where a restart must put them: pending.
+
+    The deadline is stored (and rewritten by every extend) because a Tick decides by it: a
+    replica that restarts must come back with the very leases the others still hold, or the next
+    Tick expires on it what the others keep, and the replicas diverge. Marks written before the
+    field existed decode with 0: already expired, as every restart used to treat them."""
 
     key: bytes
     attempt: int
     started_at_ms: int
     worker_id: str
     token: int
+    deadline_ms: int = 0
 
 
 _mark_dec = msgspec.msgpack.Decoder(LeaseMark)
+
+
+class WorkerRecord(msgspec.Struct, frozen=True, array_like=True):
+    """A worker as ``meta`` keeps it (key ``worker:<id>``), written whenever an apply touches
+    it. Ticks and heartbeats decide by the worker table (who has been silent too long, which
+    leases a worker holds), so it is state like any other: kept in the store, a restarted
+    replica has the table the others have. Its leases are not stored twice: recovery reads them
+    from the marks."""
+
+    last_seen_ms: int
+    host: str = ""
+    pid: int = 0
+    concurrency: int = 0
+    queues: list[str] = msgspec.field(default_factory=list)
+    done: int = 0
+
+
+_worker_dec = msgspec.msgpack.Decoder(WorkerRecord)
+WORKER_PREFIX: Final = b"worker:"
 
 
 class ReadyQueue:
@@ -230,6 +255,7 @@ class StateMachine:
         self._readied = False
         self._lost: list[str] = []
         self._mirror = True
+        self._touched_workers: set[str] = set()  # workers to write back at the end of the apply
         self.delayed: dict[str, int] = {}  # queue -> tasks in `failed` waiting for a retry
 
     def reset(self) -> None:
@@ -248,12 +274,18 @@ class StateMachine:
         self.next_token = 1
         self.applied_index = 0
         self.max_id = b""
+        self._touched_workers.clear()
 
     # --- recovery --------------------------------------------------------------------------------
 
     def recover(self) -> None:
         """Rebuild every in-memory index from the store. Pending keys are scanned without their
-        values; only running and retry-waiting tasks (few) are decoded."""
+        values; only running and retry-waiting tasks (few) are decoded.
+
+        Everything a command's outcome depends on comes back as it was, lease deadlines and the
+        worker table included: a restarted Raft replica then applies the next entries exactly as
+        the replicas that never stopped do, and a single node's workers keep their leases across
+        a quick broker restart."""
         store = self.store
         running_keys: set[bytes] = set()
         for _key, value in store.items(CF.IN_PROGRESS):
@@ -268,9 +300,9 @@ class StateMachine:
                 started_at_ms=mark.started_at_ms,
                 worker_id=mark.worker_id,
             )
-            # The worker went with the old process: an already expired lease makes the first
-            # Tick requeue (or dead-letter) the task through an ordinary command.
-            self.leases[task.id] = Lease(task, mark.token, mark.worker_id, 0, mark.key)
+            self.leases[task.id] = Lease(
+                task, mark.token, mark.worker_id, mark.deadline_ms, mark.key
+            )
             running_keys.add(mark.key)
         max_seq = 0
         pending = 0
@@ -287,26 +319,43 @@ class StateMachine:
             task = _task_dec.decode(value)
             heapq.heappush(self.timers, (task.eta_ms, task.id))
             self.delayed[task.queue] = self.delayed.get(task.queue, 0) + 1
-        for key, value in store.items(CF.META):
+        self._recover_meta()
+        for task_id, lease in self.leases.items():
+            worker = self.workers.get(lease.worker_id)
+            if worker is not None:
+                worker.leases.add(task_id)
+        self.counts[TaskState.FAILED] = len(self.timers)
+        self.next_seq = max(self.next_seq, max_seq + 1)
+        self.max_id = next(store.keys(CF_IDS, backwards=True), b"")
+
+    def _recover_meta(self) -> None:
+        for key, value in self.store.items(CF.META):
             name = key.decode()
-            number = int.from_bytes(value, "big")
-            if name == "next_seq":
-                self.next_seq = number
-            elif name == "next_token":
-                self.next_token = number
-            elif name.startswith("count:"):
-                self.counts[name[6:]] = number
-            elif name.startswith("counter:"):
-                self.counters[name[8:]] = number
-            elif name == "applied_index":
-                self.applied_index = number
+            if name.startswith("worker:"):
+                rec = _worker_dec.decode(value)
+                self.workers[name[7:]] = WorkerState(
+                    name[7:],
+                    rec.host,
+                    rec.pid,
+                    rec.concurrency,
+                    list(rec.queues),
+                    rec.last_seen_ms,
+                    rec.done,
+                )
             elif name.startswith("node:"):
                 self.nodes[name[5:]] = value.decode()
             elif name.startswith("paused:"):
                 self.paused.add(name[7:])
-        self.counts[TaskState.FAILED] = len(self.timers)
-        self.next_seq = max(self.next_seq, max_seq + 1)
-        self.max_id = next(store.keys(CF_IDS, backwards=True), b"")
+            elif name == "next_seq":
+                self.next_seq = int.from_bytes(value, "big")
+            elif name == "next_token":
+                self.next_token = int.from_bytes(value, "big")
+            elif name.startswith("count:"):
+                self.counts[name[6:]] = int.from_bytes(value, "big")
+            elif name.startswith("counter:"):
+                self.counters[name[8:]] = int.from_bytes(value, "big")
+            elif name == "applied_index":
+                self.applied_index = int.from_bytes(value, "big")
 
     # --- apply -----------------------------------------------------------------------------------
 
@@ -406,6 +455,18 @@ class StateMachine:
         for name, n in self.counters.items():
             if counters.get(name) != n:
                 batch.put(meta, f"counter:{name}".encode(), n.to_bytes(8, "big"))
+        if self._touched_workers:
+            for worker_id in sorted(self._touched_workers):
+                key = WORKER_PREFIX + worker_id.encode()
+                w = self.workers.get(worker_id)
+                if w is None:
+                    batch.delete(meta, key)
+                else:
+                    record = WorkerRecord(
+                        w.last_seen_ms, w.host, w.pid, w.concurrency, w.queues, w.done
+                    )
+                    batch.put(meta, key, _enc.encode(record))
+            self._touched_workers.clear()
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -585,6 +646,7 @@ class StateMachine:
         if worker is None:
             worker = self.workers[worker_id] = WorkerState(worker_id, last_seen_ms=now)
         worker.last_seen_ms = now
+        self._touched_workers.add(worker_id)
         deadline = now + self.lease_ms
         lease_ms = self.lease_ms
         get = self.store.get
@@ -624,7 +686,7 @@ class StateMachine:
                     put(
                         CF_IN_PROGRESS,
                         stored.id.encode(),
-                        encode(LeaseMark(key, attempt, now, worker_id, token)),
+                        encode(LeaseMark(key, attempt, now, worker_id, token, deadline)),
                     )
                     leases[task.id] = Lease(task, token, worker_id, deadline, key)
                     held.add(task.id)
@@ -654,6 +716,7 @@ class StateMachine:
         worker = self.workers.get(worker_id)
         if worker is not None:
             worker.last_seen_ms = now
+            self._touched_workers.add(worker_id)
         replace = msgspec.structs.replace
         completed = 0
         for outcome in outcomes:
@@ -702,14 +765,23 @@ class StateMachine:
         worker = self.workers.get(worker_id)
         if worker is not None:
             worker.last_seen_ms = now
+            self._touched_workers.add(worker_id)
         rejected: list[tuple[str, str]] = []
         deadline = now + self.lease_ms
+        batch = self._batch
+        assert batch is not None
+        encode = _enc.encode
         for ref in leases:
             lease = self.leases.get(ref.task_id)
             if lease is None or lease.token != ref.token or lease.worker_id != worker_id:
                 rejected.append((ref.task_id, LeaseLost.code))
             else:
                 lease.deadline_ms = deadline
+                task = lease.task
+                mark = LeaseMark(
+                    lease.key, task.attempt, task.started_at_ms, worker_id, lease.token, deadline
+                )
+                batch.put(CF_IN_PROGRESS, ref.task_id.encode(), encode(mark))
         if worker is not None and len(worker.leases) > len(leases):
             # A heartbeat lists everything the worker runs or has not yet reported. A lease it
             # does not list, claimed long enough ago for the claim's reply to have arrived, is
@@ -732,6 +804,7 @@ class StateMachine:
         worker.host, worker.pid = cmd.host, cmd.pid
         worker.concurrency, worker.queues = cmd.concurrency, list(cmd.queues)
         worker.last_seen_ms = now
+        self._touched_workers.add(cmd.worker_id)
 
     def _requeue(self, now: int, lease: Lease, reason: str, counts_attempt: bool = True) -> None:
         """A lease ended without a result: back to pending at once, or to the dead-letter queue
@@ -763,6 +836,7 @@ class StateMachine:
         if worker is None:
             return 0
         self._lost.append(worker_id)
+        self._touched_workers.add(worker_id)  # deleted from the store with the batch
         lost = 0
         for tid in sorted(worker.leases):
             lease = self.leases.pop(tid, None)

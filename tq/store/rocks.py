@@ -55,8 +55,7 @@ class Batch:
 
     With ``record`` the writes are also kept as ``(cf number, key, value or None)`` effects: the
     single node's commit journal stores exactly those, so a replay after a power cut puts back
-    the very bytes RocksDB lost (replaying the *commands* instead would need the in-memory state
-    of that moment, lease deadlines and the worker table, which the store does not hold).
+    the very bytes RocksDB lost, without running the state machine.
     """
 
     __slots__ = ("_handles", "_n", "_overlays", "_wb", "ops")
