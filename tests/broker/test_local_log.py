@@ -22,7 +22,7 @@ from tq.broker.commands import (
     Tick,
     WorkerLost,
 )
-from tq.broker.log import JOURNAL_OPS, LocalLog
+from tq.broker.log import INLINE_BYTES, JOURNAL_OPS, LocalLog
 from tq.broker.state import ApplyResult, StateMachine
 from tq.model import ErrorInfo, RetryPolicy
 from tq.protocol.messages import LeasedTask, LeaseRef, Outcome, TaskSpec
@@ -93,9 +93,7 @@ def leased(results: list[Any]) -> list[LeasedTask]:
 
 async def workload(node: Node, cut: Path) -> None:
     """Every kind of command, with the store copied (a consistent older point) half way: the
-    commands after the copy read memory a restarted machine does not have (who holds which
-    lease until when, which workers exist), so only an exact replay of the effects gets the
-    same store back."""
+    journal's effects must bring that copy to exactly the bytes of the store that went on."""
     log = node.log
     log.start(asyncio.get_running_loop())
     t = 1_000_000
@@ -274,6 +272,40 @@ def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:
     assert reopened.sm.applied_index == 60
     assert contents(reopened.store) == expected
     reopened.close()
+
+
+async def test_a_commits_replies_are_handed_over_before_the_next_write(tmp_path: Path) -> None:
+    """``on_delivered`` runs once a commit's callbacks have run and before the next commit's
+    write starts: the broker sends those replies then, not a loop iteration later."""
+    node = Node(tmp_path)
+    try:
+        log = node.log
+        loop = asyncio.get_running_loop()
+        log.start(loop)
+        events: list[str] = []
+        log.on_delivered = lambda: events.append("delivered")
+        real_write = node.log._journal.write
+
+        def write(data: bytes) -> None:
+            events.append("write big" if len(data) > INLINE_BYTES else "write small")
+            real_write(data)
+
+        node.log._journal.write = write  # type: ignore[method-assign]
+        second: asyncio.Future[Any] = loop.create_future()
+        # a commit too big to write on the loop goes to the writer thread; the next batch,
+        # appended meanwhile, waits for it and gets a write of its own
+        log.append(1, [Submit(specs(0, 3, size=2000))], lambda _: events.append("done 1"))
+        log.kick()
+        log.append(
+            2, [Submit(specs(3, 1))], lambda r: (events.append("done 2"), second.set_result(r))
+        )
+        log.kick()
+        await second
+        assert events == [
+            "write big", "done 1", "delivered", "write small", "done 2", "delivered"
+        ]  # fmt: skip
+    finally:
+        node.close()
 
 
 def test_a_journal_that_skips_batches_refuses_to_start(tmp_path: Path) -> None:

@@ -150,6 +150,8 @@ class BrokerCore:
                 journal_path=os.path.join(config.data_dir, JOURNAL_FILE),
                 journal_bytes=config.journal_bytes,
             )
+            # a commit's replies leave as soon as they are queued (see TcpServer.flush)
+            self.log.on_delivered = self._replies_queued
         self.started_at = time.monotonic()
         self.fatal: BaseException | None = None
         self.closing = False
@@ -167,6 +169,7 @@ class BrokerCore:
         self._rate_timer: asyncio.TimerHandle | None = None
         self.worker_metrics: dict[str, dict[str, Any]] = {}
         self.on_worker_lost: Callable[[str], None] | None = None
+        self.on_replies: Callable[[], None] | None = None  # a batch's replies are queued: send
         self.stopped = asyncio.Event()
         self.watch = WatchHub(self.sm, self.stats, self.clock, self.after_durable)
 
@@ -275,6 +278,10 @@ class BrokerCore:
         # committed, and a timer armed from the state before it would miss what it changed (a
         # retry falling due, a new lease) until some unrelated command came along.
         self._arm_timer()
+
+    def _replies_queued(self) -> None:
+        if self.on_replies is not None:
+            self.on_replies()
 
     def _deliverer(
         self, replies: list[Reply | None]

@@ -78,6 +78,9 @@ class LocalLog:
         self.store_syncs = 0
         self.replayed = 0
         self._sync_store = False  # the commit being gathered holds a batch not in the journal
+        # Called once a commit's callbacks ran (their replies are queued): send them now, before
+        # the next commit's write, rather than at the end of the loop iteration.
+        self.on_delivered: Callable[[], None] | None = None
 
     is_leader = True  # a single node always serves
 
@@ -243,6 +246,8 @@ class LocalLog:
         self._running_upto = -1
         for cb in cbs:
             cb(None)
+        if self.on_delivered is not None:
+            self.on_delivered()
         if self._next_cbs:
             self._start_flush()
 
