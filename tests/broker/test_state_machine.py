@@ -45,6 +45,7 @@ from tq.broker.commands import (
     Extend,
     Release,
     Report,
+    Retention,
     Submit,
     Tick,
     WorkerLost,
@@ -991,3 +992,41 @@ def test_resubmits_are_found_above_and_below_the_id_watermark_and_after_recovery
     finally:
         store.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_stale_retry_timer_decides_nothing() -> None:
+    """A failed task cancelled leaves its retry timer behind in memory (a recovered heap does
+    not have it). Once retention frees the id and the same id is submitted and fails again, the
+    old timer must not fire the new retry early: the live and the restarted machine agree."""
+    roots = [tempfile.mkdtemp(prefix="tq-stale-") for _ in range(2)]
+    opened: list[Store] = []
+    spec = TaskSpec(id="t", name="job", payload=b"", queue="alpha", max_retries=3, backoff_s=10)
+    boom = ErrorInfo("E", "x")
+    try:
+        outcomes = []
+        for restart, root in zip((False, True), roots, strict=True):
+            store, sm = _open(f"{root}/store")
+            opened.append(store)
+            sm.apply(START_MS, [Submit([spec])])
+            ((lease,),) = sm.apply(START_MS, [Claim("w1", ["alpha"], 1)]).results
+            sm.apply(START_MS, [Report("w1", [Outcome("t", lease.token, False, error=boom)])])
+            ((first_eta, _),) = sm.timers
+            sm.apply(START_MS + 1, [Cancel("t")])
+            sm.apply(START_MS + 2, [Retention(START_MS + 3, ["t"])])  # the id is free again
+            sm.apply(START_MS + 3, [Submit([spec])])
+            ((lease,),) = sm.apply(START_MS + 3, [Claim("w1", ["alpha"], 1)]).results
+            failed_at = first_eta - 1_000  # the new retry is due well after the old one
+            sm.apply(failed_at, [Report("w1", [Outcome("t", lease.token, False, error=boom)])])
+            if restart:
+                store.close()
+                store, sm = _open(f"{root}/store")
+                opened[-1] = store
+                sm.recover()
+            outcomes.append((sm.apply(first_eta, [Tick()]).results, dump_store(store)))
+            assert sm.get_task("t").state == "failed"  # type: ignore[union-attr]
+        assert outcomes[0] == outcomes[1]
+    finally:
+        for store in opened:
+            store.close()
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)

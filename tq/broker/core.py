@@ -163,6 +163,7 @@ class BrokerCore:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
         self._tick_in_flight = False
+        self._tick_gen = 0  # which Tick is in flight: a late reply of a resent one is ignored
         self._retention: asyncio.TimerHandle | None = None
         self._retention_cursor: bytes | None = None
         self._rate_samples: deque[tuple[float, dict[str, int], dict[str, int]]] = deque(maxlen=61)
@@ -511,11 +512,15 @@ class BrokerCore:
         # One Tick at a time. In a cluster it is applied once committed, and until then the state
         # still says a Tick is due: re-arming at once sent Tick after Tick into the log.
         self._tick_in_flight = True
+        self._tick_gen += 1
+        gen = self._tick_gen
         assert self._loop is not None
         self._timer = self._loop.call_later(TICK_RESEND_S, self._tick_lost)
-        self.submit(Tick(), self._tick_done)
+        self.submit(Tick(), lambda _result: self._tick_done(gen))
 
-    def _tick_done(self, _result: object) -> None:
+    def _tick_done(self, gen: int) -> None:
+        if gen != self._tick_gen:
+            return  # the reply of a Tick given up for lost: the one sent since is in flight
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

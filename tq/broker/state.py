@@ -322,8 +322,12 @@ class StateMachine:
         self._recover_meta()
         for task_id, lease in self.leases.items():
             worker = self.workers.get(lease.worker_id)
-            if worker is not None:
-                worker.leases.add(task_id)
+            if worker is None:
+                # A store written before workers were stored: a worker unheard of since epoch 0,
+                # so the first Tick declares it lost and requeues its leases (as restarts did
+                # then), the same on every replica; a heartbeat meanwhile finds it and its leases.
+                worker = self.workers[lease.worker_id] = WorkerState(lease.worker_id)
+            worker.leases.add(task_id)
         self.counts[TaskState.FAILED] = len(self.timers)
         self.next_seq = max(self.next_seq, max_seq + 1)
         self.max_id = next(store.keys(CF_IDS, backwards=True), b"")
@@ -902,13 +906,18 @@ class StateMachine:
             self._count("lease_expired")
             changed += 1
         while self.timers and self.timers[0][0] <= now:
-            _, tid = heapq.heappop(self.timers)
+            eta, tid = heapq.heappop(self.timers)
             raw = self.store.get(CF.FAILED, tid.encode(), batch)
             if raw is None:
                 continue  # cancelled meanwhile
+            task = _task_dec.decode(raw)
+            if task.eta_ms != eta:
+                # A stale entry: that task was cancelled, then (its id freed by retention and
+                # submitted again) failed anew with another eta, which has its own entry. The
+                # heap keeps stale entries; a recovered heap does not, so they must decide nothing.
+                continue
             batch.delete(CF.FAILED, tid.encode())
             self.counts[FAILED] -= 1
-            task = _task_dec.decode(raw)
             self.delayed[task.queue] -= 1
             self._pend(task)
             changed += 1
