@@ -308,6 +308,28 @@ async def test_a_commits_replies_are_handed_over_before_the_next_write(tmp_path:
         node.close()
 
 
+async def test_a_failing_reply_hand_off_does_not_stop_the_next_commit(tmp_path: Path) -> None:
+    """Socket code runs inside the commit path now (``on_delivered``): if it raised, the next
+    commit must still be written and its waiters answered."""
+    node = Node(tmp_path)
+    try:
+        log = node.log
+        log.start(asyncio.get_running_loop())
+
+        def broken() -> None:
+            raise RuntimeError("a transport went away")
+
+        log.on_delivered = broken
+        first = await commit(log, 1, [Submit(specs(0, 3, size=2000))])  # writer thread
+        second = await commit(log, 2, [Submit(specs(3, 1))])  # written on the loop
+        assert first[0][0] == ["t000000", "t000001", "t000002"]
+        assert second[0][0] == ["t000003"]
+        assert not log.failed
+        assert not node.fatal
+    finally:
+        node.close()
+
+
 def test_a_journal_that_skips_batches_refuses_to_start(tmp_path: Path) -> None:
     j = Journal(str(tmp_path / "journal"), 16 * BLOCK)
     list(j.open())

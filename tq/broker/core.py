@@ -47,6 +47,7 @@ Reply = Callable[[Any], None]
 RETENTION_SCAN = 20_000  # finished records looked at per retention run
 JOURNAL_FILE = "tq-journal"  # beside RocksDB's files in a single node's data dir
 TICK_RESEND_S = 2.0  # a Tick not applied by then (lost in a leader change) is sent again
+TICK_RETRY_S = 0.1  # after a Tick failed (a full Raft queue, a term change): not at once
 
 
 def wall_ms() -> int:
@@ -516,14 +517,20 @@ class BrokerCore:
         gen = self._tick_gen
         assert self._loop is not None
         self._timer = self._loop.call_later(TICK_RESEND_S, self._tick_lost)
-        self.submit(Tick(), lambda _result: self._tick_done(gen))
+        self.submit(Tick(), lambda result: self._tick_done(gen, result))
 
-    def _tick_done(self, gen: int) -> None:
+    def _tick_done(self, gen: int, result: object) -> None:
         if gen != self._tick_gen:
             return  # the reply of a Tick given up for lost: the one sent since is in flight
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if isinstance(result, BaseException) and not self.closing:
+            # Refused or failed while this node may still lead: the state still says a Tick is
+            # due, and re-arming would send the next one at once, every loop iteration.
+            assert self._loop is not None
+            self._timer = self._loop.call_later(TICK_RETRY_S, self._tick_lost)
+            return
         self._tick_in_flight = False
         self._arm_timer()
 

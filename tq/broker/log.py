@@ -247,7 +247,10 @@ class LocalLog:
         for cb in cbs:
             cb(None)
         if self.on_delivered is not None:
-            self.on_delivered()
+            try:
+                self.on_delivered()
+            except Exception:  # socket code must never stand between a commit and the next
+                log.exception("log.on_delivered_failed")
         if self._next_cbs:
             self._start_flush()
 
