@@ -26,8 +26,10 @@ from tq.broker.log import INLINE_BYTES, JOURNAL_OPS, LocalLog
 from tq.broker.state import ApplyResult, StateMachine
 from tq.model import ErrorInfo, RetryPolicy
 from tq.protocol.messages import LeasedTask, LeaseRef, Outcome, TaskSpec
-from tq.store import CF, Store
+from tq.store import Store
 from tq.store.journal import BLOCK, Journal, JournalError
+
+from tests.broker.support import dump_store
 
 LEASE_MS = 1_000
 
@@ -79,10 +81,6 @@ def specs(start: int, n: int, size: int = 50, max_retries: int = 3) -> list[Task
         TaskSpec(f"t{i:06d}", "echo", b"p" * size, max_retries=max_retries, backoff_s=0.5)
         for i in range(start, start + n)
     ]
-
-
-def contents(store: Store) -> dict[str, list[tuple[bytes, bytes]]]:
-    return {cf.value: list(store.items(cf)) for cf in CF}
 
 
 def leased(results: list[Any]) -> list[LeasedTask]:
@@ -148,7 +146,7 @@ def test_replay_gives_back_exactly_what_the_store_lost(tmp_path: Path) -> None:
     node = Node(a)
     cut = tmp_path / "cut"
     asyncio.run(workload(node, cut))
-    expected = contents(node.store)
+    expected = dump_store(node.store)
     states = dict(node.sm.counts)
     assert states["completed"] > 0
     assert states["running"] > 0
@@ -164,14 +162,14 @@ def test_replay_gives_back_exactly_what_the_store_lost(tmp_path: Path) -> None:
     assert again.replayed == last - 4  # the copy held the first four batches
     assert again.sm.applied_index == last
     assert again.sm.counts == states
-    assert contents(again.store) == expected
+    assert dump_store(again.store) == expected
     again.close()
 
     # Recovery made the store durable and started the journal afresh: a second start replays
     # nothing and changes nothing.
     third = Node(b)
     assert third.replayed == 0
-    assert contents(third.store) == expected
+    assert dump_store(third.store) == expected
     third.close()
 
 
@@ -265,12 +263,12 @@ def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:
     for (what, synced), (then, first) in zip(events[::2], events[1::2], strict=True):
         assert (what, then) == ("store synced through", "journal restarts at")
         assert synced >= first - 1
-    expected = contents(store)
+    expected = dump_store(store)
     node.close()
     reopened = Node(tmp_path, journal_bytes=16 * BLOCK)
     assert reopened.sm.counts["pending"] == 300
     assert reopened.sm.applied_index == 60
-    assert contents(reopened.store) == expected
+    assert dump_store(reopened.store) == expected
     reopened.close()
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,7 +35,9 @@ from tq.broker.commands import (
 from tq.broker.state import StateMachine
 from tq.model import ErrorInfo
 from tq.protocol.messages import LeaseRef, Outcome, TaskSpec
-from tq.store import CF, Store
+from tq.store import Store
+
+from tests.broker.support import dump_store, normalize
 
 IDS = [f"t{i}" for i in range(8)]
 QUEUES = ["a", "b"]
@@ -47,18 +48,6 @@ STEPS = 40
 KINDS = ["submit"] * 4 + ["claim"] * 3 + ["report"] * 3 + ["extend"] * 2 + ["tick"] * 3
 KINDS += ["register", "lost", "release", "cancel", "retention", "pause", "retry_dead"]
 KINDS += ["purge_dead", "announce"]
-
-
-def normalize(value: Any) -> Any:
-    if isinstance(value, BaseException):
-        return ("error", type(value).__name__, str(value))
-    if isinstance(value, list | tuple):
-        return type(value)(normalize(v) for v in value)
-    return value
-
-
-def dump(store: Store) -> dict[str, list[tuple[bytes, bytes]]]:
-    return {cf.value: list(store.items(cf)) for cf in CF}
 
 
 class Replica:
@@ -157,7 +146,7 @@ def test_a_restarted_machine_applies_like_the_one_that_never_stopped(
                 restarted.restart()
             got = normalize(restarted.sm.apply(now, commands).results)
             assert got == normalize(live.sm.apply(now, commands).results), commands
-            assert dump(restarted.store) == dump(live.store), commands
+            assert dump_store(restarted.store) == dump_store(live.store), commands
             assert restarted.sm.next_deadline_ms() == live.sm.next_deadline_ms()
     finally:
         live.close()

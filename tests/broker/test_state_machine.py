@@ -56,6 +56,8 @@ from tq.model import ErrorInfo, Priority, Task, TaskState
 from tq.protocol.messages import LeaseRef, Outcome, QueueStats, TaskSpec
 from tq.store import CF, Store, split_pending_key
 
+from tests.broker.support import dump_store, normalize
+
 QUEUES = ("alpha", "beta")
 CLAIM_QUEUES = (*QUEUES, "gamma")  # gamma never has tasks
 WORKERS = ("w1", "w2")
@@ -360,20 +362,7 @@ class Model:
             fifo.sort(key=lambda task_id: self.tasks[task_id].seq)
 
 
-# --- comparing results ---------------------------------------------------------------------------
-
-
-def normalize(value: Any) -> Any:
-    """Results as comparable data: exceptions do not compare equal by value."""
-    if isinstance(value, BaseException):
-        return ("error", type(value).__name__, str(value))
-    if isinstance(value, list | tuple):
-        return type(value)(normalize(v) for v in value)
-    return value
-
-
-def dump_store(store: Store) -> dict[str, list[tuple[bytes, bytes]]]:
-    return {cf.value: list(store.items(cf)) for cf in CF}
+# --- machines ------------------------------------------------------------------------------------
 
 
 def make_machine(

@@ -335,10 +335,11 @@ class StateMachine:
     def _recover_meta(self) -> None:
         for key, value in self.store.items(CF.META):
             name = key.decode()
-            if name.startswith("worker:"):
+            if key.startswith(WORKER_PREFIX):
+                worker_id = name[len(WORKER_PREFIX) :]
                 rec = _worker_dec.decode(value)
-                self.workers[name[7:]] = WorkerState(
-                    name[7:],
+                self.workers[worker_id] = WorkerState(
+                    worker_id,
                     rec.host,
                     rec.pid,
                     rec.concurrency,
