@@ -106,6 +106,11 @@ class RaftProxy:
         self.unidentified = 0  # connections whose origin could not be matched to a node
         self.refused = 0  # connections closed at accept (reset mode) or upstream unreachable
         self.events: list[tuple[float, str]] = []  # (monotonic time, what): for failure reports
+        # Every stream the proxy accepted or dialed, and the accepts still setting a link up:
+        # close() ends them all, so no socket outlives the proxy's loop.
+        self._writers: list[asyncio.StreamWriter] = []
+        self._accepting: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     # --- thread plumbing -------------------------------------------------------------------------
 
@@ -123,19 +128,28 @@ class RaftProxy:
             self._loop.close()
 
     async def _close_all(self) -> None:
+        # Accepts still identifying their dialer or dialing the node would otherwise resume
+        # after this pass (or never, once the loop stops), their sockets open until GC.
+        self._stopping = True
         for lst in self._listeners.values():
             if lst.server is not None:
                 lst.server.close()
         for link in list(self._links):
             link.close()
         self._links.clear()
-        # Let the aborted transports and cancelled pumps finish before the loop stops.
-        for lst in self._listeners.values():
-            if lst.server is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(lst.server.wait_closed(), 1.0)
-        for _ in range(3):
+        for _ in range(3):  # accepts of connections the listeners took just before closing
             await asyncio.sleep(0)
+        accepting = list(self._accepting)
+        for task in accepting:
+            task.cancel()
+        await asyncio.gather(*accepting, return_exceptions=True)
+        for w in self._writers:
+            w.transport.abort()
+        # The aborted transports close their sockets on the next iteration: wait for it.
+        closing = [w.wait_closed() for w in self._writers]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 2.0)
+        self._writers.clear()
         await self._loop.shutdown_default_executor()
 
     def __enter__(self) -> RaftProxy:
@@ -258,6 +272,21 @@ class RaftProxy:
     async def _accept(
         self, lst: _Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        self._writers.append(writer)
+        if self._stopping:
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._accepting.add(task)
+        try:
+            await self._set_up(lst, reader, writer)
+        finally:
+            self._accepting.discard(task)
+
+    async def _set_up(
+        self, lst: _Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         peer = writer.get_extra_info("peername")[:2]
         loop = asyncio.get_running_loop()
         src = await loop.run_in_executor(None, self._identify, (peer[0], peer[1]), lst.listen)
@@ -282,6 +311,7 @@ class RaftProxy:
             self.refused += 1
             self._drop(link)
             return
+        self._writers.append(up_writer)
         link.upstream = up_writer
         if link.closed:  # dropped while we connected
             up_writer.transport.abort()

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import socketserver
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
+import psutil
 import pytest
 
 from tests.cluster.harness import HOST, pick_ports
@@ -172,3 +175,57 @@ def test_unidentified_origin_is_in_the_default_group(
         assert echoes(s)
         proxy.partition("b")
         assert not echoes(s)
+
+
+def open_sockets(*, local: Iterable[int] = (), remote: Iterable[int] = ()) -> list[Any]:
+    """This process's TCP sockets (connected or connecting) on a ``local`` port or to a
+    ``remote`` one."""
+    local, remote = set(local), set(remote)
+    return [
+        c
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.laddr and c.raddr and (c.laddr.port in local or c.raddr.port in remote)
+    ]
+
+
+@pytest.fixture
+def stalled_target() -> Iterator[tuple[tuple[str, int], set[int]]]:
+    """An address whose connects hang (a listener that never accepts, its backlog full: the
+    kernel then drops further SYNs), like a node too busy or dying when a peer redials it; and
+    the local ports of the sockets that fill it."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(0)
+    addr = listener.getsockname()[:2]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(addr)
+        fillers.append(s)
+    yield addr, {s.getsockname()[1] for s in fillers}
+    for s in [*fillers, listener]:
+        s.close()
+
+
+def test_close_while_a_link_is_being_set_up_leaks_no_socket(
+    stalled_target: tuple[tuple[str, int], set[int]],
+) -> None:
+    """Regression (a CI run failed on the ResourceWarning of a leaked proxy transport): at a
+    cluster's teardown the survivors redial dead nodes through the proxy, and the proxy was closed
+    while such a connection was still being set up (identified, then its upstream dialed). That
+    accept outlived the proxy's loop with its sockets open, until GC. Closing now cancels
+    unfinished accepts and closes every socket the proxy made or accepted."""
+    target, fillers = stalled_target
+    proxy = RaftProxy()
+    port = pick_ports(1)[0]
+    proxy.add("b", (HOST, port), target)
+    with socket.create_connection((HOST, port), timeout=5):
+        wait_until(lambda: any("accept" in what for _, what in proxy.events), 5, what="the accept")
+        assert len(open_sockets(remote=[target[1]])) == len(fillers) + 1  # the upstream dial
+        proxy.close()
+        leaked = [
+            c for c in open_sockets(local=[port], remote=[target[1]]) if c.laddr.port not in fillers
+        ]
+    assert leaked == [], f"sockets left open by the closed proxy: {leaked}"
