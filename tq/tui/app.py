@@ -99,6 +99,8 @@ class TopApp(App[None]):
         self.active_view().focus_main()
 
     async def on_unmount(self) -> None:
+        # Workers still waiting on the broker stop here, not with a closed-connection error.
+        self.workers.cancel_all()
         await self.link.close()
 
     # --- drawing ---------------------------------------------------------------------------------

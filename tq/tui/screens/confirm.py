@@ -15,6 +15,7 @@ from textual.widgets import Button, Static
 
 from tq.errors import TqError
 from tq.tui.theme import tone
+from tq.tui.widgets.teardown import widgets_gone
 
 Action = Callable[[], Awaitable[str]]
 
@@ -77,8 +78,9 @@ class Confirm(ModalScreen[bool]):
             self.answer = answer
             text = Text(f"✔ {answer}", style=f"bold {tone(self.app, 'success')}")
         self.phase = "done"
-        self.query_one("#answer", Static).update(text)
-        self.query_one("#yes", Button).display = False
-        no = self.query_one("#no", Button)
-        no.label = "Close (esc)"
-        no.focus()
+        with widgets_gone:
+            self.query_one("#answer", Static).update(text)
+            self.query_one("#yes", Button).display = False
+            no = self.query_one("#no", Button)
+            no.label = "Close (esc)"
+            no.focus()

@@ -21,6 +21,7 @@ from tq.tui import humanize
 from tq.tui.data import LiveModel
 from tq.tui.link import BrokerLink
 from tq.tui.theme import tone
+from tq.tui.widgets.teardown import widgets_gone
 
 FINAL = ("completed", "dead", "cancelled")
 
@@ -83,7 +84,8 @@ class TaskDetail(ModalScreen[None]):
             self.error = ""
         except TqError as exc:
             self.error = f"{exc.code}: {exc.message}"
-        self.render_info()
+        with widgets_gone:
+            self.render_info()
 
     def render_info(self) -> None:
         info = self.info

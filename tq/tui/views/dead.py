@@ -20,6 +20,7 @@ from tq.tui.theme import tone, toned
 from tq.tui.views.base import LiveView
 from tq.tui.views.tasks import short_id
 from tq.tui.widgets.table import LiveTable, Row
+from tq.tui.widgets.teardown import widgets_gone
 
 LIMIT = 1000
 
@@ -82,7 +83,8 @@ class DeadView(LiveView):
             self._dirty = True
         ids = {t.id for t in self._tasks}
         self.marked &= ids
-        self.refresh_view()
+        with widgets_gone:
+            self.refresh_view()
 
     def refresh_view(self) -> None:
         if not self.is_mounted:

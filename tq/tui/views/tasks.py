@@ -20,6 +20,7 @@ from tq.tui.link import BrokerLink
 from tq.tui.theme import tone, toned
 from tq.tui.views.base import LiveView
 from tq.tui.widgets.table import LiveTable, Row
+from tq.tui.widgets.teardown import widgets_gone
 
 PAGE = 500
 STATE_TONES = {
@@ -133,7 +134,8 @@ class TasksView(LiveView):
         else:
             self._tasks = tasks
             self._error = ""
-        self.refresh_view()
+        with widgets_gone:
+            self.refresh_view()
 
     def shown_tasks(self) -> list[TaskInfo]:
         needle = self.query_one("#f-search", Input).value.strip().lower()
