@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import HealthCheck, settings
 from tq import Client
+
+# Property tests are judged by their examples, not their speed: on a loaded machine generating
+# one example of a big message can exceed Hypothesis's 200 ms deadline or its too_slow health check.
+settings.register_profile("tq", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tq")
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLERS_APP = str(ROOT / "tests" / "apps" / "handlers.py")

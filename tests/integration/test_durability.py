@@ -232,7 +232,7 @@ def test_worker_sigterm_finishes_running_task_then_exits_zero(
 ) -> None:
     worker = start_worker(broker.url, "--grace", "10")
     with Client(broker.url) as c:
-        tid = c.submit("sleep", 1.5)
+        tid = c.submit("sleep", 3.0)  # long enough to be running still when the signal lands
         wait_until(lambda: c.status(tid).state == "running", what="task running")
         worker.send_signal(signal.SIGTERM)
         signalled = time.time()
@@ -242,9 +242,9 @@ def test_worker_sigterm_finishes_running_task_then_exits_zero(
         info = c.status(tid)
         assert info.state == "completed", info
         assert info.attempt == 1  # finished by its first worker, not redelivered
-        assert info.result == 1.5
+        assert info.result == 3.0
         assert info.worker_id == worker.worker_id
-        assert info.finished_at_ms >= info.started_at_ms + 1400
+        assert info.finished_at_ms >= info.started_at_ms + 2900
         assert info.finished_at_ms / 1000 >= signalled - 0.05
         assert c.stats()["states"]["completed"] == 1
 
@@ -254,7 +254,7 @@ def test_worker_sigterm_does_not_claim_new_work(
 ) -> None:
     worker = start_worker(broker.url, "--grace", "10", "--concurrency", "1")
     with Client(broker.url) as c:
-        first = c.submit("sleep", 1.0)
+        first = c.submit("sleep", 3.0)  # still running when the signal lands, on a slow machine too
         wait_until(lambda: c.status(first).state == "running", what="first task running")
         second = c.submit("echo", "later")
         worker.send_signal(signal.SIGTERM)

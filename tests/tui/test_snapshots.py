@@ -8,6 +8,7 @@ from typing import Any
 
 from textual.pilot import Pilot
 from tq.tui import TopApp
+from tq.tui.screens.detail import TaskDetail
 from tq.tui.views.dead import DeadView
 from tq.tui.views.tasks import TasksView
 
@@ -67,7 +68,14 @@ def test_task_detail_with_error_and_traceback(snap_compare: SnapCompare) -> None
     async def run(pilot: Pilot[None]) -> None:
         await keys_then_settle("4")(pilot)
         await pilot.press("enter")
-        await pilot.pause(0.3)
+        app = app_of(pilot)
+        await until(
+            pilot,
+            lambda: isinstance(app.screen, TaskDetail) and app.screen.info is not None,
+            what="the task loaded",
+        )
+        app.redraw(force=True)
+        await pilot.pause(0.1)
 
     assert snap_compare(make_app(), terminal_size=(80, 24), run_before=run)
 
