@@ -336,8 +336,8 @@ class StateMachine:
         for key, value in self.store.items(CF.META):
             name = key.decode()
             if key.startswith(WORKER_PREFIX):
-                worker_id = name[len(WORKER_PREFIX) :]
                 rec = _worker_dec.decode(value)
+                worker_id = name[len(WORKER_PREFIX) :]
                 self.workers[worker_id] = WorkerState(
                     worker_id,
                     rec.host,
@@ -347,20 +347,22 @@ class StateMachine:
                     rec.last_seen_ms,
                     rec.done,
                 )
+                continue
+            number = int.from_bytes(value, "big")
+            if name == "next_seq":
+                self.next_seq = number
+            elif name == "next_token":
+                self.next_token = number
+            elif name.startswith("count:"):
+                self.counts[name[6:]] = number
+            elif name.startswith("counter:"):
+                self.counters[name[8:]] = number
+            elif name == "applied_index":
+                self.applied_index = number
             elif name.startswith("node:"):
                 self.nodes[name[5:]] = value.decode()
             elif name.startswith("paused:"):
                 self.paused.add(name[7:])
-            elif name == "next_seq":
-                self.next_seq = int.from_bytes(value, "big")
-            elif name == "next_token":
-                self.next_token = int.from_bytes(value, "big")
-            elif name.startswith("count:"):
-                self.counts[name[6:]] = int.from_bytes(value, "big")
-            elif name.startswith("counter:"):
-                self.counters[name[8:]] = int.from_bytes(value, "big")
-            elif name == "applied_index":
-                self.applied_index = int.from_bytes(value, "big")
 
     # --- apply -----------------------------------------------------------------------------------
 
