@@ -5,6 +5,7 @@ Its numbers mean nothing and are not checked: targets live in the benchmark, not
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,7 @@ def test_bench_quick_writes_every_scenario(tmp_path: Path) -> None:
         assert figure["min"] <= figure["median"] <= figure["max"]
         assert figure["unit"] in {"tasks/s", "ms", "MB", "s"}
     assert "tq bench (quick" in proc.stdout  # the table is printed too
+    # ... and what the machine is, since the latency figures depend on it
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["cpus"] == os.cpu_count()
+    assert "machine: " in proc.stdout

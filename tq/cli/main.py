@@ -724,10 +724,14 @@ def bench(
     repeats: int | None = typer.Option(None, "--repeats", min=1, help="runs per scenario"),
 ) -> None:
     """Measure throughput, latency, memory and recovery (benchmarks/README.md)."""
+    import tempfile
     from dataclasses import replace
 
+    from tq.bench.machine import describe, machine_info
     from tq.bench.runner import QUICK, Sizes, run_all, verdict
 
+    # The brokers tq bench starts keep their data under the temp dir: that disk is measured.
+    machine = machine_info(None if broker else tempfile.gettempdir())
     sizes = QUICK if quick else Sizes()
     if repeats:
         sizes = replace(sizes, repeats=repeats)
@@ -754,9 +758,11 @@ def bench(
             for name, s in summary.items()
         ],
     )
+    for line in describe(machine):
+        say(line)
     if json_out:
         with open(json_out, "w") as fh:
-            json.dump({"scenarios": summary}, fh, indent=2)
+            json.dump({"scenarios": summary, "machine": machine}, fh, indent=2)
 
 
 cluster_app = typer.Typer(help="Raft cluster: status and membership.", no_args_is_help=True)
