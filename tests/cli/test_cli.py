@@ -231,9 +231,18 @@ def test_no_broker_running_is_one_line_and_exit_1() -> None:
         )
         for cmd in commands
     ]  # all at once: each spends its connect timeout retrying
-    for cmd, proc in zip(commands, procs, strict=True):
-        out, err = proc.communicate(timeout=60)
-        result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    results = []
+    try:  # every process is reaped before anything is asserted: a failure leaks none of them
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for cmd, result in zip(commands, results, strict=True):
+        out = result.stdout
         line = one_line_error(result)
         assert "cannot reach a broker" in line, (cmd, line)
         assert url.removeprefix("tcp://") in line, (cmd, line)

@@ -192,8 +192,12 @@ class Cluster:
         self.nodes: list[Node] = []
         self.proxy: RaftProxy | None = RaftProxy(self._pids) if proxy else None
         self._used_ports: set[int] = set()
-        for _ in range(size):
-            self.new_node()
+        try:
+            for _ in range(size):
+                self.new_node()
+        except BaseException:  # the caller gets no harness to close: end the proxy's threads here
+            self.close()
+            raise
         members = [n.raft_addr for n in self.nodes]
         for n in self.nodes:
             n.peers = [a for a in members if a != n.raft_addr]
