@@ -504,7 +504,10 @@ class Connection(asyncio.Protocol):
                 RegisterWorker(msg.client_id, msg.host, msg.pid, msg.concurrency, msg.queues),
                 None,
             )
-        self._send(Welcome(msg.rid, PROTOCOL_VERSION, self.core.node_id))
+        timeout_ms = int(self.core.config.heartbeat_timeout_s * 1000)
+        self._send(
+            Welcome(msg.rid, PROTOCOL_VERSION, self.core.node_id, heartbeat_timeout_ms=timeout_ms)
+        )
 
     def _require_worker(self) -> str:
         if self.worker_id is None:
@@ -637,6 +640,17 @@ class TcpServer:
             return
         for conn in list(self.connections):
             if conn.worker_id == worker_id:
+                # Still connected, so it was declared lost for its silence (a closed connection
+                # reports itself): say so, since the worker will only see a reset and reconnect.
+                log.warning(
+                    "worker.lost",
+                    extra=kv(
+                        worker=worker_id,
+                        why="silent longer than the heartbeat timeout: its connection is closed "
+                        "and its leases requeued",
+                        heartbeat_timeout_s=self.core.config.heartbeat_timeout_s,
+                    ),
+                )
                 conn.worker_id = None  # already lost: closing must not report it again
                 conn._close_after_flush()
 

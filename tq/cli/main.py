@@ -332,7 +332,11 @@ def worker(
     concurrency: int = typer.Option(8, "--concurrency", "-c", min=1, max=10_000),
     queue: list[str] | None = typer.Option(None, "--queue", "-q", help="queue(s) to serve"),
     app_module: list[str] | None = typer.Option(None, "--app", help="module of @task handlers"),
-    heartbeat: float = typer.Option(2.0, "--heartbeat", help="heartbeat interval (s)"),
+    heartbeat: float = typer.Option(
+        2.0,
+        "--heartbeat",
+        help="heartbeat interval (s); at most a third of the broker's heartbeat timeout",
+    ),
     grace: float = typer.Option(30.0, "--grace", help="SIGTERM: time to finish running tasks"),
     burst: bool = typer.Option(False, "--burst", help="exit once the queues are empty"),
     log_level: str = typer.Option("info", "--log-level"),

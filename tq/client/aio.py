@@ -64,6 +64,7 @@ from tq.protocol.messages import (
     WaitTask,
     Watch,
     WatchUpdate,
+    Welcome,
 )
 
 R = TypeVar("R", bound=Response)
@@ -184,6 +185,11 @@ class AsyncClient:
     def connected(self) -> bool:
         return self._conn is not None and self._conn.error is None
 
+    @property
+    def welcome(self) -> Welcome | None:
+        """What the broker of the current connection said in answer to hello."""
+        return self._conn.welcome if self._conn is not None else None
+
     async def connect(self) -> Connection:
         """Connect (or return the live connection), trying every address with backoff until
         ``connect_timeout_s`` passes."""
@@ -243,6 +249,8 @@ class AsyncClient:
         except BaseException:
             conn.close()
             raise
+        if isinstance(reply, Welcome):
+            conn.welcome = reply
         return conn
 
     async def close(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any, cast
 from tq.errors import BrokerUnavailable, NotLeader, TqError, error_from_code
 from tq.protocol.codec import decode_response, encode
 from tq.protocol.framing import FrameDecoder
-from tq.protocol.messages import Nack, Response
+from tq.protocol.messages import Nack, Response, Welcome
 
 log = logging.getLogger("tq.client")
 SWEEP_S = 0.25
@@ -30,6 +30,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.Event()
         self.error: TqError | None = None
+        self.welcome: Welcome | None = None  # the broker's answer to hello, once connected
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._flush_scheduled = False

@@ -323,10 +323,14 @@ Request = (
 
 
 class Welcome(_Msg, tag="welcome", frozen=True):
+    """The answer to ``hello``. ``heartbeat_timeout_ms``: how long this broker lets a worker stay
+    silent before declaring it lost (0: not said), so a worker can beat often enough."""
+
     rid: int
     version: int
     node_id: str = ""
     server: str = "tq"
+    heartbeat_timeout_ms: int = 0
 
 
 class Ack(_Msg, tag="ack", frozen=True):

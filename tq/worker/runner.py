@@ -331,9 +331,19 @@ class Worker:
 
     # --- heartbeats ------------------------------------------------------------------------------
 
+    def heartbeat_interval(self) -> float:
+        """``heartbeat_s``, shortened to a third of the broker's heartbeat timeout when that is
+        shorter: a worker that beats once per timeout is declared lost by any late beat, and
+        the broker's timeout is its operator's choice, not the worker's."""
+        welcome = self._client.welcome if self._client is not None else None
+        if welcome is None or welcome.heartbeat_timeout_ms <= 0:
+            return self.heartbeat_s
+        return min(self.heartbeat_s, welcome.heartbeat_timeout_ms / 3000)
+
     async def _heartbeat_loop(self) -> None:
+        await self.connected.wait()  # the interval depends on what the broker said in Welcome
         while True:
-            await asyncio.sleep(self.heartbeat_s)
+            await asyncio.sleep(self.heartbeat_interval())
             client = self._client
             if client is None or not client.connected:
                 continue

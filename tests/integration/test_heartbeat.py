@@ -1,0 +1,90 @@
+"""Worker liveness: the broker's heartbeat timeout decides how often a worker must beat.
+
+A worker that beat once per timeout (its own 2 s default against a broker run with
+``--heartbeat-timeout 2``) used to be declared lost between two beats: the broker closed its
+connection and requeued its leases, and the worker reconnected, every few seconds. The broker
+now says its timeout in ``Welcome`` and the worker beats at least three times per timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tq import AsyncClient, Client
+from tq.protocol.messages import Welcome
+
+from tests.conftest import BrokerProcess, WorkerProcess, wait_until
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+def broker_events(broker: BrokerProcess, event: str) -> list[dict[str, object]]:
+    """The broker's JSON log records (stderr) with this ``event``."""
+    out = []
+    for path in broker.logs:
+        if path.suffix != ".err":
+            continue
+        for line in path.read_text().splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                if record.get("event") == event:
+                    out.append(record)
+    return out
+
+
+def test_welcome_says_the_brokers_heartbeat_timeout(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    broker = broker_factory("--heartbeat-timeout", "1.5")
+
+    async def hello() -> Welcome | None:
+        async with AsyncClient(broker.url) as c:
+            return c.welcome
+
+    welcome = asyncio.run(hello())
+    assert welcome is not None
+    assert welcome.heartbeat_timeout_ms == 1500
+
+
+def test_an_idle_worker_with_a_slower_heartbeat_stays_connected(
+    broker_factory: Callable[..., BrokerProcess], start_worker: StartWorker
+) -> None:
+    # The worker's own interval (2 s, the default) is longer than the broker's whole timeout.
+    broker = broker_factory("--heartbeat-timeout", "1.5")
+    worker = start_worker(broker.url)
+    time.sleep(5)  # more than three timeouts with nothing to do but heartbeats
+    with Client(broker.url) as c:
+        workers = c.stats()["workers"]
+    assert [w["id"] for w in workers] == [worker.worker_id]
+    assert worker.poll() is None
+    assert len(broker_events(broker, "worker.connected")) == 1, "the worker had to reconnect"
+    assert broker_events(broker, "worker.lost") == []
+    assert "broker_unavailable" not in Path(worker.stderr_path).read_text()
+
+
+def test_a_silent_worker_is_logged_as_lost_and_its_connection_closed(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    broker = broker_factory("--heartbeat-timeout", "1")
+
+    async def silent_worker() -> bool:
+        """Whether the broker closed the connection of a worker that never heartbeats (a hung
+        process would look the same) within 10 s."""
+        c = AsyncClient(broker.url, role="worker", client_id="silent-1")
+        try:
+            conn = await c.connect()
+            try:
+                await asyncio.wait_for(conn.closed.wait(), 10)
+            except TimeoutError:
+                return False
+            return True
+        finally:
+            await c.close()
+
+    assert asyncio.run(silent_worker()), "the broker kept the silent worker connected"
+    lost = wait_until(lambda: broker_events(broker, "worker.lost"), 5, what="worker.lost logged")
+    assert lost[0]["worker"] == "silent-1"
+    assert lost[0]["heartbeat_timeout_s"] == 1.0
