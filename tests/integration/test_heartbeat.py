@@ -3,7 +3,9 @@
 A worker that beat once per timeout (its own 2 s default against a broker run with
 ``--heartbeat-timeout 2``) used to be declared lost between two beats: the broker closed its
 connection and requeued its leases, and the worker reconnected, every few seconds. The broker
-now says its timeout in ``Welcome`` and the worker beats at least three times per timeout."""
+now says its timeout in ``Welcome`` and the worker beats at least three times per timeout.
+The same holds for the lease: with ``--lease 2`` every lease of a longer task expired before the
+next beat, and the task went to the dead-letter queue without ever finishing."""
 
 from __future__ import annotations
 
@@ -35,10 +37,10 @@ def broker_events(broker: BrokerProcess, event: str) -> list[dict[str, object]]:
     return out
 
 
-def test_welcome_says_the_brokers_heartbeat_timeout(
+def test_welcome_says_the_brokers_heartbeat_timeout_and_lease(
     broker_factory: Callable[..., BrokerProcess],
 ) -> None:
-    broker = broker_factory("--heartbeat-timeout", "1.5")
+    broker = broker_factory("--heartbeat-timeout", "1.5", "--lease", "4")
 
     async def hello() -> Welcome | None:
         async with AsyncClient(broker.url) as c:
@@ -47,6 +49,7 @@ def test_welcome_says_the_brokers_heartbeat_timeout(
     welcome = asyncio.run(hello())
     assert welcome is not None
     assert welcome.heartbeat_timeout_ms == 1500
+    assert welcome.lease_ms == 4000
 
 
 def test_an_idle_worker_with_a_slower_heartbeat_stays_connected(
@@ -88,3 +91,18 @@ def test_a_silent_worker_is_logged_as_lost_and_its_connection_closed(
     lost = wait_until(lambda: broker_events(broker, "worker.lost"), 5, what="worker.lost logged")
     assert lost[0]["worker"] == "silent-1"
     assert lost[0]["heartbeat_timeout_s"] == 1.0
+
+
+def test_a_task_longer_than_a_short_lease_finishes_on_its_first_attempt(
+    broker_factory: Callable[..., BrokerProcess], start_worker: StartWorker
+) -> None:
+    # The lease (1.5 s) is shorter than the worker's own heartbeat interval (2 s, the default).
+    broker = broker_factory("--lease", "1.5")
+    start_worker(broker.url)
+    with Client(broker.url) as c:
+        tid = c.submit("sleep", {"seconds": 4})
+        info = c.wait(tid, timeout_s=30)
+        counters = c.stats()["counters"]
+    assert info.state == "completed", info
+    assert info.attempt == 1
+    assert counters.get("lease_expired", 0) == 0

@@ -504,9 +504,15 @@ class Connection(asyncio.Protocol):
                 RegisterWorker(msg.client_id, msg.host, msg.pid, msg.concurrency, msg.queues),
                 None,
             )
-        timeout_ms = int(self.core.config.heartbeat_timeout_s * 1000)
+        config = self.core.config
         self._send(
-            Welcome(msg.rid, PROTOCOL_VERSION, self.core.node_id, heartbeat_timeout_ms=timeout_ms)
+            Welcome(
+                msg.rid,
+                PROTOCOL_VERSION,
+                self.core.node_id,
+                heartbeat_timeout_ms=int(config.heartbeat_timeout_s * 1000),
+                lease_ms=int(config.lease_s * 1000),
+            )
         )
 
     def _require_worker(self) -> str:

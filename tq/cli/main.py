@@ -335,7 +335,7 @@ def worker(
     heartbeat: float = typer.Option(
         2.0,
         "--heartbeat",
-        help="heartbeat interval (s); at most a third of the broker's heartbeat timeout",
+        help="heartbeat interval (s); at most a third of the broker's heartbeat timeout and lease",
     ),
     grace: float = typer.Option(30.0, "--grace", help="SIGTERM: time to finish running tasks"),
     burst: bool = typer.Option(False, "--burst", help="exit once the queues are empty"),

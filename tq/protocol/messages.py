@@ -324,13 +324,15 @@ Request = (
 
 class Welcome(_Msg, tag="welcome", frozen=True):
     """The answer to ``hello``. ``heartbeat_timeout_ms``: how long this broker lets a worker stay
-    silent before declaring it lost (0: not said), so a worker can beat often enough."""
+    silent before declaring it lost; ``lease_ms``: how long a lease lasts unless a heartbeat
+    extends it (0: not said). A worker fits its heartbeat interval to both."""
 
     rid: int
     version: int
     node_id: str = ""
     server: str = "tq"
     heartbeat_timeout_ms: int = 0
+    lease_ms: int = 0
 
 
 class Ack(_Msg, tag="ack", frozen=True):

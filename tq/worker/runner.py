@@ -332,13 +332,18 @@ class Worker:
     # --- heartbeats ------------------------------------------------------------------------------
 
     def heartbeat_interval(self) -> float:
-        """``heartbeat_s``, shortened to a third of the broker's heartbeat timeout when that is
-        shorter: a worker that beats once per timeout is declared lost by any late beat, and
-        the broker's timeout is its operator's choice, not the worker's."""
+        """``heartbeat_s``, shortened to a third of the broker's heartbeat timeout or lease when
+        either is shorter. A worker that beats once per timeout is declared lost by any late
+        beat, and one that beats once per lease sees every lease expire under a running task
+        (``--lease 2`` against the 2 s default dead-lettered every task longer than 2 s).
+        Both are the broker operator's choice, so the broker says them in ``Welcome``."""
         welcome = self._client.welcome if self._client is not None else None
-        if welcome is None or welcome.heartbeat_timeout_ms <= 0:
-            return self.heartbeat_s
-        return min(self.heartbeat_s, welcome.heartbeat_timeout_ms / 3000)
+        interval = self.heartbeat_s
+        if welcome is not None:
+            for limit_ms in (welcome.heartbeat_timeout_ms, welcome.lease_ms):
+                if limit_ms > 0:
+                    interval = min(interval, limit_ms / 3000)
+        return interval
 
     async def _heartbeat_loop(self) -> None:
         await self.connected.wait()  # the interval depends on what the broker said in Welcome
