@@ -57,12 +57,12 @@ class Priority(enum.IntEnum):
             return hit
         if isinstance(value, Priority):
             return value
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return cls(value)
-        try:
-            return _PRIORITY_NAMES[value.lower()]
-        except KeyError:
-            raise ValueError(f"priority must be high, normal or low, not {value!r}") from None
+        hit = _PRIORITY_NAMES.get(value.lower()) if isinstance(value, str) else None
+        if hit is None:  # also whatever is neither a name nor an int: a float, a bool
+            raise ValueError(f"priority must be high, normal or low, not {value!r}")
+        return hit
 
     @property
     def label(self) -> str:

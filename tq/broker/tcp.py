@@ -512,6 +512,7 @@ class Connection(asyncio.Protocol):
                 self.core.node_id,
                 heartbeat_timeout_ms=int(config.heartbeat_timeout_s * 1000),
                 lease_ms=int(config.lease_s * 1000),
+                max_frame_bytes=config.max_frame_bytes,
             )
         )
 

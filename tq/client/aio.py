@@ -80,7 +80,7 @@ def encode_payload(payload: Any) -> bytes:
         return bytes(payload)
     try:
         return _json_encode(payload)
-    except (TypeError, msgspec.EncodeError) as exc:
+    except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:  # (a lone surrogate)
         raise BadRequest(f"payload is not JSON-serializable: {exc}") from None
 
 
@@ -343,7 +343,7 @@ class AsyncClient:
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         return TaskSpec(
-            id=task_id or new_ids.new(),
+            id=new_ids.new() if task_id is None else task_id,  # "" is invalid, not "pick one"
             name=name,
             payload=encode_payload(payload),
             queue=queue,

@@ -8,9 +8,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
-from tq.errors import BrokerUnavailable, NotLeader, TqError, error_from_code
+from tq.errors import BrokerUnavailable, FrameTooLarge, NotLeader, TqError, error_from_code
 from tq.protocol.codec import decode_response, encode
-from tq.protocol.framing import FrameDecoder
+from tq.protocol.framing import HEADER_BYTES, FrameDecoder
 from tq.protocol.messages import Nack, Response, Welcome
 
 log = logging.getLogger("tq.client")
@@ -97,13 +97,21 @@ class Connection(asyncio.Protocol):
         ``TimeoutError`` if no reply comes within ``timeout_s`` (checked about every 0.25 s)."""
         if self.error is not None or self.transport is None or self.transport.is_closing():
             raise self.error or BrokerUnavailable("not connected to the broker")
+        frame = encode(msg)
+        limit = self.welcome.max_frame_bytes if self.welcome is not None else 0
+        if limit and len(frame) - HEADER_BYTES > limit:
+            # Refused here, for this request alone: sent, it would make the broker close the
+            # connection, failing every other request in flight on it (other threads' too).
+            raise FrameTooLarge(
+                f"request of {len(frame) - HEADER_BYTES} bytes is over the broker's frame limit "
+                f"of {limit} bytes (tq broker --max-frame)"
+            )
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Response] = loop.create_future()
         self._pending[rid] = fut
         self._deadlines[rid] = loop.time() + timeout_s
         if self._sweeper is None:
             self._sweeper = loop.call_later(SWEEP_S, self._sweep)
-        frame = encode(msg)
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._out_bytes >= EARLY_FLUSH_BYTES:

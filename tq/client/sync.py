@@ -27,26 +27,41 @@ class _Portal:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def stop(self) -> None:
+        if self._loop.is_closed():
+            return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()
+
+    @property
+    def stopped(self) -> bool:
+        return self._loop.is_closed()
 
 
 class Client:
     """``with Client("tcp://127.0.0.1:7700") as c: c.submit("echo", {"x": 1})``"""
 
     def __init__(self, url: str | None = None, **kwargs: Any) -> None:
+        self.aio = AsyncClient(url, **kwargs)  # first: a bad URL must not leave a thread behind
         self._portal = _Portal()
-        self.aio = AsyncClient(url, **kwargs)
 
     def __enter__(self) -> Client:
-        self._portal.call(self.aio.connect())
+        try:
+            self._portal.call(self.aio.connect())
+        except BaseException:
+            # ``__exit__`` does not run when ``__enter__`` raises: a producer retrying an
+            # unreachable broker in a loop would leak a thread and a loop per attempt.
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
+        """Close the connection and stop the portal thread; closing again does nothing."""
+        if self._portal.stopped:
+            return
         try:
             self._portal.call(self.aio.close())
         finally:

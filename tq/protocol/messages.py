@@ -325,7 +325,8 @@ Request = (
 class Welcome(_Msg, tag="welcome", frozen=True):
     """The answer to ``hello``. ``heartbeat_timeout_ms``: how long this broker lets a worker stay
     silent before declaring it lost; ``lease_ms``: how long a lease lasts unless a heartbeat
-    extends it (0: not said). A worker fits its heartbeat interval to both."""
+    extends it (0: not said). A worker fits its heartbeat interval to both. ``max_frame_bytes``:
+    what a client must not send more than (a bigger frame closes the connection)."""
 
     rid: int
     version: int
@@ -333,6 +334,7 @@ class Welcome(_Msg, tag="welcome", frozen=True):
     server: str = "tq"
     heartbeat_timeout_ms: int = 0
     lease_ms: int = 0
+    max_frame_bytes: int = 0  # the largest frame body this broker takes (--max-frame)
 
 
 class Ack(_Msg, tag="ack", frozen=True):

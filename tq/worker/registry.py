@@ -29,13 +29,23 @@ class Registry:
     def register(self, name: str, fn: Callable[[Any], Any]) -> None:
         if not valid_name(name):
             raise ValueError(f"task name {name!r} must be 1-200 of [A-Za-z0-9_.:-]")
-        self._handlers[name] = Handler(name, fn, inspect.iscoroutinefunction(fn))
+        self._handlers[name] = Handler(name, fn, _is_async(fn))
 
     def get(self, name: str) -> Handler | None:
         return self._handlers.get(name)
 
     def names(self) -> list[str]:
         return sorted(self._handlers)
+
+
+def _is_async(fn: Callable[[Any], Any]) -> bool:
+    """Whether to run ``fn`` on the event loop: an ``async def``, one behind a plain decorator
+    (``functools.wraps`` leaves ``__wrapped__``), or an object whose ``__call__`` is async.
+    (Whatever slips through still works: the worker awaits an awaitable a handler returns.)"""
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(inspect.unwrap(fn)):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - the method itself is what is inspected
+    return call is not None and inspect.iscoroutinefunction(call)
 
 
 registry = Registry()

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import os
 import socket
-import traceback
 from collections.abc import Callable
 
 import psutil
 
 from tq.client import AsyncClient, decode_value, encode_payload
+from tq.config import DEFAULT_FRAME_LIMIT
 from tq.errors import TqError
 from tq.logfields import kv
-from tq.model import ErrorInfo
 from tq.protocol.messages import (
     Ack,
     ClaimTask,
@@ -35,7 +35,7 @@ from tq.protocol.messages import (
     Response,
     ResultBatch,
 )
-from tq.worker import context
+from tq.worker import context, outcomes
 from tq.worker.builtin import register_builtins
 from tq.worker.registry import Registry, registry
 from tq.worker.threads import DaemonThreadPool
@@ -87,6 +87,7 @@ class Worker:
         self._pool: DaemonThreadPool | None = None
         self._proc = psutil.Process()
         self._inflight_reports: set[asyncio.Task[None]] = set()
+        self._threads_short = False  # the last _free() was limited by stuck handler threads
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -126,7 +127,7 @@ class Worker:
     async def _claim_loop(self, client: AsyncClient) -> None:
         delay = 0.05
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._running)
+            free = self._free()
             if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
@@ -148,6 +149,33 @@ class Worker:
                 self._start(lt)
             if self.burst and not leased and not self._running:
                 return
+
+    def _thread_freed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A handler thread finished (any thread; maybe after the worker stopped)."""
+        try:
+            loop.call_soon_threadsafe(self._slot_free.set)
+        except RuntimeError:  # the loop is closed: nobody is waiting for a slot any more
+            pass
+
+    def _free(self) -> int:
+        """How many tasks to claim. A sync handler past its timeout frees its slot but not its
+        thread (Python cannot kill one), so the pool may have fewer free threads than there are
+        free slots: claim no more than both, or a claimed sync task would wait for a thread
+        while its timeout runs, and time out without ever starting."""
+        free = self.concurrency - len(self._running)
+        threads = self._pool.free if self._pool is not None else free
+        short = threads < free
+        if short and not self._threads_short:
+            log.warning(
+                "worker.threads_stuck",
+                extra=kv(
+                    free_slots=free,
+                    free_threads=threads,
+                    why="sync handlers past their timeout are still running",
+                ),
+            )
+        self._threads_short = short
+        return min(free, threads)
 
     async def _claim(self, client: AsyncClient, free: int) -> list[LeasedTask]:
         wait_ms = 0 if self.burst else CLAIM_WAIT_MS
@@ -217,6 +245,9 @@ class Worker:
             self._running.pop(lt.token, None)
             self._slot_free.set()
             raise
+        except BaseException as exc:  # a bug here must not leave the task running forever
+            log.exception("worker.execute_failed", extra=kv(task=lt.task.id))
+            outcome = outcomes.failure(lt.task.id, lt.token, "INTERNAL", outcomes.describe(exc))
         self._running.pop(lt.token, None)
         self._unacked[lt.token] = LeaseRef(lt.task.id, lt.token)
         if outcome.ok:
@@ -233,46 +264,58 @@ class Worker:
         task = lt.task
         handler = self.handlers.get(task.name)
         if handler is None:
-            return Outcome(
-                task.id,
-                lt.token,
-                False,
-                error=ErrorInfo("UnknownTask", f"no handler named {task.name!r} on this worker"),
+            return outcomes.failure(
+                task.id, lt.token, "UnknownTask", f"no handler named {task.name!r} on this worker"
             )
+        # asyncio.timeout cancels this task in place: no second Task per run, as wait_for
+        # creates on Python 3.11. A sync handler's thread cannot be killed: on timeout its
+        # slot is freed and the thread finishes in the background.
+        deadline = asyncio.timeout(task.timeout_s)
         try:
             payload = decode_value(task.payload)
             context.current.set(context.TaskContext(task.id, lt.token, self._progress_sender))
-            # asyncio.timeout cancels this task in place: no second Task per run, as wait_for
-            # creates on Python 3.11. A sync handler's thread cannot be killed: on timeout its
-            # slot is freed and the thread finishes in the background.
-            async with asyncio.timeout(task.timeout_s):
+            async with deadline:
                 if handler.is_async:
                     value = await handler.fn(payload)
                 else:
+                    assert self._pool is not None
                     loop = asyncio.get_running_loop()
-                    value = await loop.run_in_executor(
-                        self._pool, contextvars.copy_context().run, handler.fn, payload
-                    )
-            return Outcome(task.id, lt.token, True, result=encode_payload(value))
-        except TimeoutError:
-            return Outcome(
+                    work = self._pool.submit(contextvars.copy_context().run, handler.fn, payload)
+                    # A thread that outlived its timeout frees its slot only now (see _free).
+                    work.add_done_callback(lambda _: self._thread_freed(loop))
+                    value = await asyncio.wrap_future(work)
+                if inspect.isawaitable(value):
+                    # an async function behind a plain decorator, or an async callable object
+                    value = await value
+        except TimeoutError as exc:
+            if not deadline.expired():  # the handler's own TimeoutError: an ordinary failure
+                return outcomes.from_exception(task.id, lt.token, exc)
+            return outcomes.failure(
                 task.id,
                 lt.token,
-                False,
-                error=ErrorInfo(
-                    "TIMEOUT", f"{task.name} exceeded its timeout of {task.timeout_s}s"
-                ),
+                "TIMEOUT",
+                f"{task.name} exceeded its timeout of {task.timeout_s}s",
             )
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the worker is cancelling this run (shutdown past its grace)
+            # Raised by the handler itself: reporting nothing would hand the task back without
+            # counting the attempt, and it would run again, forever.
+            return outcomes.from_exception(task.id, lt.token, exc)
         except TqError as exc:
-            return Outcome(
-                task.id, lt.token, False, error=ErrorInfo(type(exc).__name__, exc.message)
-            )
-        except Exception as exc:
-            return Outcome(
-                task.id,
-                lt.token,
-                False,
-                error=ErrorInfo(type(exc).__name__, str(exc), traceback.format_exc(limit=20)),
+            return outcomes.failure(task.id, lt.token, type(exc).__name__, exc.message)
+        except BaseException as exc:
+            # BaseException, not Exception: a handler's SystemExit (argparse on bad input) or
+            # KeyboardInterrupt is that task's failure, not the end of the worker and of every
+            # other task it runs. (Signals reach the worker through its loop's handlers, never
+            # as exceptions inside a task.)
+            return outcomes.from_exception(task.id, lt.token, exc)
+        try:
+            return Outcome(task.id, lt.token, True, result=encode_payload(value))
+        except TqError as exc:
+            return outcomes.failure(
+                task.id, lt.token, "ResultNotSerializable", f"the handler's result: {exc.message}"
             )
 
     # --- reporting -------------------------------------------------------------------------------
@@ -296,30 +339,37 @@ class Worker:
         self._results_scheduled = False
         if not self._results or self._client is None:
             return
-        outcomes, self._results = self._results, []
-        task = asyncio.create_task(self._report(outcomes))
-        self._inflight_reports.add(task)
-        task.add_done_callback(self._inflight_reports.discard)
+        pending, self._results = self._results, []
+        welcome = self._client.welcome
+        limit = welcome.max_frame_bytes if welcome is not None and welcome.max_frame_bytes else 0
+        limit = limit or DEFAULT_FRAME_LIMIT
+        # A frame the broker refuses would close the connection (and end every lease on it),
+        # then be sent again: so each result must fit, and each batch too.
+        fitted = [outcomes.fit(o, limit) for o in pending]
+        for batch in outcomes.batches(fitted, limit):
+            task = asyncio.create_task(self._report(batch))
+            self._inflight_reports.add(task)
+            task.add_done_callback(self._inflight_reports.discard)
 
-    async def _report(self, outcomes: list[Outcome]) -> None:
+    async def _report(self, batch: list[Outcome]) -> None:
         assert self._client is not None
         try:
             # Resending is safe: each outcome names its lease's fencing token, so a result the
             # broker already took, or from a lease it ended, is refused, never applied twice.
             # After a cluster failover the results reach the new leader instead of being lost.
-            ack = await self._client.call(lambda rid: ResultBatch(rid, outcomes), Ack, retry=True)
+            ack = await self._client.call(lambda rid: ResultBatch(rid, batch), Ack, retry=True)
         except TqError as exc:
-            log.warning("worker.report_failed", extra=kv(tasks=len(outcomes), error=str(exc)))
+            log.warning("worker.report_failed", extra=kv(tasks=len(batch), error=str(exc)))
             if not self._stopping.is_set() and len(self._results) < MAX_UNREPORTED:
                 # Keep them for the next report; the broker may also requeue the tasks when it
                 # notices us gone: at-least-once holds either way.
-                self._results[:0] = outcomes
+                self._results[:0] = batch
                 asyncio.get_running_loop().call_later(1.0, self._send_results)
             else:
-                for outcome in outcomes:
+                for outcome in batch:
                     self._unacked.pop(outcome.token, None)
             return
-        for outcome in outcomes:
+        for outcome in batch:
             self._unacked.pop(outcome.token, None)
         if ack.rejected:
             log.warning("worker.results_refused", extra=kv(tasks=len(ack.rejected)))

@@ -45,6 +45,12 @@ class DaemonThreadPool(Executor):
                 t.start()
         return fut
 
+    @property
+    def free(self) -> int:
+        """Threads that could start a handler now: idle ones, plus those not yet created."""
+        with self._lock:
+            return self._max - len(self._threads) + self._idle
+
     def _run(self) -> None:
         while True:
             with self._lock:
