@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from tq import AsyncClient, Client, TaskInfo
-from tq.errors import TqError
+from tq.errors import TqError, WaitTimeout
 
 from tests.apps.handlers import read_runs
 from tests.conftest import HANDLERS_APP, BrokerProcess, WorkerProcess, wait_until
@@ -264,12 +266,13 @@ def test_worker_sigterm_does_not_claim_new_work(
         assert c.status(second).attempt == 0
 
 
-def test_worker_sigterm_past_grace_with_async_handler_leaves_and_task_is_requeued(
+def test_worker_sigterm_past_grace_hands_the_task_back_without_counting_the_attempt(
     broker: BrokerProcess, start_worker: StartWorker
 ) -> None:
     worker = start_worker(broker.url, "--grace", "0.5")
     with Client(broker.url) as c:
-        tid = c.submit("sleep", 60)
+        # On its last attempt: a graceful stop must not dead-letter it (nor use up an attempt).
+        tid = c.submit("sleep", 60, max_retries=0)
         wait_until(lambda: c.status(tid).state == "running", what="task running")
         t0 = time.monotonic()
         worker.send_signal(signal.SIGTERM)
@@ -278,7 +281,7 @@ def test_worker_sigterm_past_grace_with_async_handler_leaves_and_task_is_requeue
         info = wait_until(
             lambda: (i := c.status(tid)).state == "pending" and i, what="task requeued"
         )
-        assert info.attempt == 1
+        assert info.attempt == 0  # handed back: the cut-short run is not counted
 
 
 def test_worker_sigterm_past_grace_with_blocking_handler_leaves_within_grace(
@@ -361,3 +364,32 @@ def test_client_reconnects_to_restarted_broker(broker: BrokerProcess) -> None:
         broker.restart()
         after = c.submit("echo", 2)  # the same client object, a new connection
         assert {t.id for t in c.list("pending")} == {before, after}
+
+
+def test_a_wait_across_a_broker_restart_keeps_its_timeout(broker: BrokerProcess) -> None:
+    """A wait resent after a reconnect asks for what is left of its timeout, not all of it
+    again (it took 8.2 s for a 6 s timeout across a restart)."""
+    with Client(broker.url) as c:
+        tid = c.submit("echo", 1)  # no worker: it stays pending, the wait must time out
+
+        restarted: list[float] = []
+
+        def restart_soon() -> None:
+            time.sleep(1.0)
+            broker.kill()
+            broker.restart()
+            restarted.append(time.monotonic() - t0)
+
+        bounce = threading.Thread(target=restart_soon)
+        t0 = time.monotonic()
+        bounce.start()
+        try:
+            with pytest.raises(WaitTimeout):
+                c.wait(tid, timeout_s=3.0)
+            elapsed = time.monotonic() - t0
+        finally:
+            bounce.join()
+    # The resend goes out once the broker is back (``restarted[0]`` s in) and asks for what is
+    # left; the old one asked for 3 s again, so it could not end before restarted[0] + 3.
+    due = max(3.0, restarted[0])
+    assert 2.9 <= elapsed < due + 0.9, f"a 3 s wait took {elapsed:.1f} s ({restarted[0]:.1f} s)"

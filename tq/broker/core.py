@@ -353,9 +353,13 @@ class BrokerCore:
         if parked.timer is not None:
             parked.timer.cancel()
 
-    def drop_parked(self, owner: object) -> None:
+    def drop_parked(self, owner: object, answer: bool = False) -> None:
+        """Forget ``owner``'s parked claims (its connection closed); with ``answer``, reply to
+        each with no tasks."""
         for parked in [p for p in self._parked.values() if p.owner is owner]:
             self._unpark(parked)
+            if answer:
+                parked.reply([])
 
     def _serve_parked(self, now: int) -> None:
         """Tasks became ready: lease them to parked claims in this tick (one fsync for both)."""

@@ -320,6 +320,10 @@ class Connection(asyncio.Protocol):
 
     def _on_release(self, msg: ReleaseTasks) -> None:
         worker_id = self._require_worker()
+        # Only a stopping worker releases. Its claim still parked here would be handed the very
+        # tasks it gives back, and they would be requeued again (attempt counted) when it
+        # leaves a moment later: so that claim ends now, empty.
+        self.core.drop_parked(self, answer=True)
         rid = msg.rid
         self.core.submit(
             Release(worker_id, msg.leases), self._replier(rid, lambda r: Ack(rid, [], r))

@@ -418,12 +418,15 @@ class AsyncClient:
         """Return once the task is completed, dead or cancelled (the broker pushes it: no polling).
 
         Raises ``WaitTimeout`` if it is not finished within ``timeout_s``."""
-        timeout_ms = int(timeout_s * 1000)
-        reply = await self.call(
-            lambda rid: WaitTask(rid, task_id, timeout_ms),
-            TaskInfoReply,
-            timeout_s=timeout_s + self.timeout_s,
-        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+
+        def request(rid: int) -> WaitTask:
+            # Built again for each resend (a reconnect, a new leader): only what is left of
+            # ``timeout_s``, so a broker restart does not stretch the caller's timeout.
+            return WaitTask(rid, task_id, max(0, int((deadline - loop.time()) * 1000)))
+
+        reply = await self.call(request, TaskInfoReply, timeout_s=timeout_s + self.timeout_s)
         return TaskInfo.from_task(reply.task)
 
     async def list_page(

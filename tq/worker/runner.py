@@ -206,6 +206,18 @@ class Worker:
         if not fut.cancelled() and fut.exception() is None:
             self._release(fut.result().tasks)
 
+    async def _release_now(self, tasks: list[LeasedTask]) -> None:
+        """Release and wait (briefly) for the broker's answer: the worker is about to leave."""
+        if not tasks or self._client is None or not self._client.connected:
+            return  # the broker requeues them when the connection closes (attempt counted)
+        refs = [LeaseRef(t.task.id, t.token) for t in tasks]
+        try:
+            await self._client.call(
+                lambda rid: ReleaseTasks(rid, refs), Ack, retry=False, timeout_s=5.0
+            )
+        except TqError as exc:
+            log.warning("worker.release_failed", extra=kv(tasks=len(refs), error=str(exc)))
+
     def _on_unsolicited(self, msg: Response) -> None:
         if isinstance(msg, Leased):
             self._release(msg.tasks)
@@ -223,12 +235,18 @@ class Worker:
     async def _drain(self) -> None:
         if self._running:
             log.info("worker.draining", extra=kv(running=len(self._running), grace_s=self.grace_s))
-            tasks = [t for _, t in self._running.values()]
-            _, still = await asyncio.wait(tasks, timeout=self.grace_s)
+            running = list(self._running.values())
+            _, still = await asyncio.wait([t for _, t in running], timeout=self.grace_s)
             for t in still:
                 t.cancel()
             if still:
                 await asyncio.wait(still, timeout=1.0)
+                # A graceful stop is not the task's failure: hand the cut-short runs back
+                # without counting the attempt (as Sidekiq does), or every deploy would use up
+                # an attempt of each long task, and dead-letter those on their last one.
+                cut = [lt for lt, t in running if t in still]
+                log.warning("worker.grace_exceeded", extra=kv(tasks=len(cut), action="released"))
+                await self._release_now(cut)
         if self._inflight_reports:
             await asyncio.wait(self._inflight_reports, timeout=5.0)
 
