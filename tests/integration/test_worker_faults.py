@@ -181,3 +181,11 @@ def test_bad_submit_arguments_are_bad_requests(
     payload = kwargs.pop("payload", None)
     with Client(broker.url) as c, pytest.raises(BadRequest, match=match):
         c.submit("echo", payload, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout_s", [float("inf"), float("nan"), -1.0])
+def test_bad_wait_timeouts_are_bad_requests(broker: BrokerProcess, timeout_s: float) -> None:
+    with Client(broker.url) as c:
+        tid = c.submit("echo", 1)
+        with pytest.raises(BadRequest, match="timeout_s"):
+            c.wait(tid, timeout_s=timeout_s)

@@ -68,6 +68,7 @@ from tq.protocol.messages import (
 )
 
 R = TypeVar("R", bound=Response)
+MAX_WAIT_S = 366 * 86400.0  # a wait longer than a year is a mistake (or inf, which has no ms)
 CLOSE_WAIT_S = 1.0  # how long close() lets a connection finish closing before aborting it
 
 _json_encode = msgspec.json.encode
@@ -418,6 +419,8 @@ class AsyncClient:
         """Return once the task is completed, dead or cancelled (the broker pushes it: no polling).
 
         Raises ``WaitTimeout`` if it is not finished within ``timeout_s``."""
+        if not 0 <= timeout_s < MAX_WAIT_S:  # NaN and inf fail this too
+            raise BadRequest(f"timeout_s must be from 0 to {MAX_WAIT_S:g} seconds, not {timeout_s}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
 
