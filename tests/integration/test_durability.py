@@ -393,3 +393,25 @@ def test_a_wait_across_a_broker_restart_keeps_its_timeout(broker: BrokerProcess)
     # left; the old one asked for 3 s again, so it could not end before restarted[0] + 3.
     due = max(3.0, restarted[0])
     assert 2.9 <= elapsed < due + 0.9, f"a 3 s wait took {elapsed:.1f} s ({restarted[0]:.1f} s)"
+
+
+def test_a_second_sigterm_cuts_the_grace_short(
+    broker: BrokerProcess, start_worker: StartWorker
+) -> None:
+    """As with Celery's second Ctrl-C: the first signal waits out ``--grace`` for running tasks,
+    a second one hands them back at once."""
+    worker = start_worker(broker.url, "--grace", "60")
+    with Client(broker.url) as c:
+        tid = c.submit("sleep", 60)
+        wait_until(lambda: c.status(tid).state == "running", what="task running")
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert worker.poll() is None, "the first SIGTERM must wait for the running task"
+        t0 = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0, worker.describe()
+        assert time.monotonic() - t0 < 5
+        info = wait_until(
+            lambda: (i := c.status(tid)).state == "pending" and i, what="task handed back"
+        )
+        assert info.attempt == 0

@@ -83,6 +83,7 @@ class Worker:
         self._results_scheduled = False
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # stopped a second time: no more grace
         self._client: AsyncClient | None = None
         self._pool: DaemonThreadPool | None = None
         self._proc = psutil.Process()
@@ -92,7 +93,11 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def stop(self) -> None:
-        """Graceful stop: no new claims; running tasks get ``grace_s`` to finish."""
+        """Graceful stop: no new claims; running tasks get ``grace_s`` to finish. A second call
+        (a second SIGTERM or Ctrl-C) cuts the grace short: what still runs is handed back now."""
+        if self._stopping.is_set() and not self._hurry.is_set():
+            log.warning("worker.stop_now", extra=kv(why="stopped again during the grace period"))
+            self._hurry.set()
         self._stopping.set()
         self._slot_free.set()
 
@@ -236,7 +241,22 @@ class Worker:
         if self._running:
             log.info("worker.draining", extra=kv(running=len(self._running), grace_s=self.grace_s))
             running = list(self._running.values())
-            _, still = await asyncio.wait([t for _, t in running], timeout=self.grace_s)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.grace_s
+            still = {t for _, t in running}
+            hurry = asyncio.create_task(self._hurry.wait())
+            # Until every run has ended, the grace has run out, or a second stop says not to
+            # wait any more.
+            while still and not hurry.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                done, _ = await asyncio.wait(
+                    {hurry, *still}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                still -= done
+            hurry.cancel()
+            still = {t for t in still if not t.done()}
             for t in still:
                 t.cancel()
             if still:
