@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 DEFAULT_BROKER_URL = "tcp://127.0.0.1:7700"
 DEFAULT_PORT = 7700
 DEFAULT_FRAME_LIMIT = 16 * 1024 * 1024
+MAX_WAIT_S = 366 * 86400.0  # a wait longer than a year is a mistake (or inf, which has no ms)
 
 
 @dataclass(frozen=True, slots=True)

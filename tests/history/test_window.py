@@ -42,8 +42,11 @@ def test_an_iso_time_without_an_offset_is_utc(text: str, expected: datetime) -> 
     assert parse_when(text, NOW_MS) == int(expected.timestamp() * 1000)
 
 
-def test_an_age_older_than_the_epoch_is_zero() -> None:
-    assert parse_when("100000w", NOW_MS) == 0
+def test_a_time_before_the_epoch_still_bounds_the_window() -> None:
+    # 1 ms after the epoch, not 0: on the wire 0 means "no bound", and `--until 1960-01-01`
+    # exported everything.
+    assert parse_when("100000w", NOW_MS) == 1
+    assert parse_when("1960-01-01", NOW_MS) == 1
 
 
 @pytest.mark.parametrize("text", ["", "soon", "2h ago", "-2h", "2024-13-01", "5 years"])

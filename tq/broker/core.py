@@ -47,6 +47,7 @@ Reply = Callable[[Any], None]
 RETENTION_SCAN = 20_000  # finished records looked at per retention run
 JOURNAL_FILE = "tq-journal"  # beside RocksDB's files in a single node's data dir
 TICK_RESEND_S = 2.0  # a Tick not applied by then (lost in a leader change) is sent again
+MAX_WAIT_MS = 366 * 86_400_000  # a longer wait is clamped to this (the client refuses it)
 TICK_RETRY_S = 0.1  # after a Tick failed (a full Raft queue, a term change): not at once
 
 
@@ -161,6 +162,7 @@ class BrokerCore:
         self._tick_scheduled = False
         self._parked: dict[int, ParkedClaim] = {}
         self._waiters: dict[str, list[Reply]] = {}
+        self._owned_waits: dict[object, set[Callable[[], None]]] = {}  # see drop_waits
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
         self._tick_in_flight = False
@@ -385,7 +387,10 @@ class BrokerCore:
 
     # --- waiting for a result --------------------------------------------------------------------
 
-    def wait(self, task_id: str, timeout_ms: int, reply: Reply) -> None:
+    def wait(self, task_id: str, timeout_ms: int, reply: Reply, owner: object = None) -> None:
+        """Reply when the task is final, or with ``WaitTimeout``. An ``owner`` (a connection)
+        can drop its waits with ``drop_waits`` when it goes: a client that gave up (Ctrl-C on
+        ``tq wait``) must not leave a waiter, and its timer, behind until the timeout."""
         if not self.serving:
             reply(self.refusal())
             return
@@ -400,27 +405,48 @@ class BrokerCore:
         waiters = self._waiters.setdefault(task_id, [])
         done = False
 
+        owned = self._owned_waits.setdefault(owner, set()) if owner is not None else None
+
         def on_done(value: Task | TqError) -> None:
             nonlocal done
             if not done:
                 done = True
                 timer.cancel()
+                if owned is not None:
+                    owned.discard(forget)
                 reply(value)
 
-        def on_timeout() -> None:
+        def forget() -> None:
+            """No reply at all: end the timer and take the waiter off the task."""
             nonlocal done
             if done:
                 return
             done = True
+            timer.cancel()
             lst = self._waiters.get(task_id)
             if lst is not None and on_done in lst:
                 lst.remove(on_done)
                 if not lst:
                     del self._waiters[task_id]
+
+        def on_timeout() -> None:
+            if done:
+                return
+            forget()
+            if owned is not None:
+                owned.discard(forget)
             reply(WaitTimeout(f"task {task_id} did not finish within {timeout_ms} ms"))
 
-        timer = self._loop.call_later(max(timeout_ms, 0) / 1000, on_timeout)
+        # Clamped: a timeout beyond a year (or one a client sent as 2**63) is not a timer.
+        timer = self._loop.call_later(min(max(timeout_ms, 0), MAX_WAIT_MS) / 1000, on_timeout)
         waiters.append(on_done)
+        if owned is not None:
+            owned.add(forget)
+
+    def drop_waits(self, owner: object) -> None:
+        """``owner`` (a connection) is gone: its waits end without a reply."""
+        for forget in self._owned_waits.pop(owner, ()):
+            forget()
 
     # --- timers ----------------------------------------------------------------------------------
 
@@ -451,16 +477,29 @@ class BrokerCore:
         older_than_s: float | None = None,
         limit: int = 1000,
     ) -> list[Task]:
-        """The dead-lettered tasks named by ``ids``, else those matching every filter given:
-        the one selection behind ``tq dlq`` (TCP) and ``/api/v1/dead-letters`` (HTTP)."""
+        """The dead-lettered tasks named by ``ids`` (if any) that match every filter given: the
+        one selection behind ``tq dlq`` (TCP) and ``/api/v1/dead-letters`` (HTTP). Filters
+        apply to named ids too, as documented: ``purge ID --queue q`` must not purge ``ID``
+        from another queue."""
         sm = self.sm
-        if ids:
-            found = (sm.get_task(i) for i in ids[:limit])
-            return [t for t in found if t is not None and t.state == "dead"]
+        if older_than_s is not None and not older_than_s >= 0:  # NaN fails this too
+            raise BadRequest("older_than_s must be a number >= 0")
         before = None
         if older_than_s is not None:
             # clamp: an absurd age means "everything", not an overflow
             before = self.clock() - int(min(older_than_s, 10 * 365 * 86400.0) * 1000)
+        if ids:
+            found = (sm.get_task(i) for i in ids[:limit])
+            return [
+                t
+                for t in found
+                if t is not None
+                and t.state == "dead"
+                and (queue is None or t.queue == queue)
+                and (name is None or t.name == name)
+                and (error_type is None or (t.error is not None and t.error.type == error_type))
+                and (before is None or t.finished_at_ms < before)
+            ]
         return sm.dead_letters(
             queue=queue, name=name, error_type=error_type, finished_before_ms=before, limit=limit
         )
@@ -597,6 +636,7 @@ class BrokerCore:
             counters=dict(self.sm.counters)
             | {"wal_flushes": self.log.flushes, "wal_commits": self.log.flushed_commits}
             | (self.log.counters() if isinstance(self.log, LocalLog) else {})
-            | watch_counters(self.watch),
+            | watch_counters(self.watch)
+            | {"waits": sum(len(w) for w in self._waiters.values())},
             cluster=self.log.status(),
         )

@@ -245,7 +245,10 @@ class LocalLog:
         self._durable = self._running_upto
         self._running_upto = -1
         for cb in cbs:
-            cb(None)
+            try:
+                cb(None)
+            except Exception:  # one bad callback must not cost the replies of the others
+                log.exception("log.durable_callback_failed")
         if self.on_delivered is not None:
             try:
                 self.on_delivered()

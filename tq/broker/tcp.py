@@ -193,6 +193,7 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self.server.connections.discard(self)
         self.core.drop_parked(self)
+        self.core.drop_waits(self)
         self.core.watch.unsubscribe(self)
         if self.worker_id is not None and not self.server.worker_connected(self.worker_id):
             log.info("worker.disconnected", extra=kv(worker=self.worker_id))
@@ -252,6 +253,17 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    def _guarded(self, rid: int, fn: Callable[[], None]) -> None:
+        """Run a deferred part of a request (after a durable write) as ``_handle_frames`` runs
+        the first: its error is that request's NACK, never an exception in the commit path."""
+        try:
+            fn()
+        except TqError as exc:
+            self._send(_nack(rid, exc))
+        except Exception as exc:  # a bug must cost one request, never the broker
+            log.exception("tcp.handler_failed")
+            self._send(Nack(rid, "INTERNAL", f"internal error: {type(exc).__name__}"))
 
     def _replier(self, rid: int, build: Any) -> Any:
         """A reply callback: TqError values become NACKs, anything else goes through ``build``."""
@@ -335,17 +347,19 @@ class Connection(asyncio.Protocol):
 
     def _on_status(self, msg: QueryStatus) -> None:
         self._require_serving()
-        self.core.after_durable(lambda: self._status(msg.rid, msg.task_id))
+        self.core.after_durable(
+            lambda: self._guarded(msg.rid, lambda: self._status(msg.rid, msg.task_id))
+        )
 
     def _on_wait(self, msg: WaitTask) -> None:
         rid = msg.rid
         self.core.wait(
-            msg.task_id, msg.timeout_ms, self._replier(rid, lambda t: TaskInfoReply(rid, t))
+            msg.task_id, msg.timeout_ms, self._replier(rid, lambda t: TaskInfoReply(rid, t)), self
         )
 
     def _on_list(self, msg: ListTasks) -> None:
         self._require_serving()
-        self.core.after_durable(lambda: self._list(msg))
+        self.core.after_durable(lambda: self._guarded(msg.rid, lambda: self._list(msg)))
 
     def _on_cancel(self, msg: CancelTask) -> None:
         rid = msg.rid
@@ -353,7 +367,11 @@ class Connection(asyncio.Protocol):
 
     def _on_stats(self, msg: GetStats) -> None:
         # Any node answers (a follower from its local state): `tq cluster status` needs it.
-        self.core.after_durable(lambda: self._send(StatsReply(msg.rid, self.core.stats())))
+        self.core.after_durable(
+            lambda: self._guarded(
+                msg.rid, lambda: self._send(StatsReply(msg.rid, self.core.stats()))
+            )
+        )
 
     def _on_pause(self, msg: PauseQueue) -> None:
         if not valid_name(msg.queue):
@@ -370,9 +388,9 @@ class Connection(asyncio.Protocol):
             raise BadRequest("op must be list, retry or purge")
         if not 0 < msg.limit <= MAX_LIST:
             raise BadRequest(f"limit must be 1 to {MAX_LIST}")
-        if msg.older_than_s is not None and msg.older_than_s < 0:
-            raise BadRequest("older_than_s must be >= 0")
-        self.core.after_durable(lambda: self._dead_letters(msg))
+        if msg.older_than_s is not None and not msg.older_than_s >= 0:  # NaN fails this too
+            raise BadRequest("older_than_s must be a number >= 0")
+        self.core.after_durable(lambda: self._guarded(msg.rid, lambda: self._dead_letters(msg)))
 
     def _dead_letters(self, msg: DeadLetters) -> None:
         rid = msg.rid
@@ -456,7 +474,7 @@ class Connection(asyncio.Protocol):
             raise BadRequest("states must name at least one state")
         if msg.since_ms < 0 or msg.until_ms < 0:
             raise BadRequest("since_ms and until_ms must be >= 0")
-        self.core.after_durable(lambda: self._export(msg, states))
+        self.core.after_durable(lambda: self._guarded(msg.rid, lambda: self._export(msg, states)))
 
     def _export(self, msg: ExportTasks, states: list[TaskState]) -> None:
         try:

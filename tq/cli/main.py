@@ -30,6 +30,7 @@ from tq.cli.output import (
 )
 from tq.config import (
     MAX_JOURNAL_MB,
+    MAX_WAIT_S,
     BrokerConfig,
     auth_token_from_env,
     broker_url_from_env,
@@ -96,6 +97,11 @@ def _run_client(fn: Callable[[Any], Awaitable[T]], broker: str | None) -> T:
 # --- servers -------------------------------------------------------------------------------------
 
 
+def _check_range(option: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:  # NaN fails this too
+        fail(f"{option} must be from {low:g} to {high:g}, not {value}", code=2)
+
+
 def _broker_config(
     host: str,
     port: int,
@@ -112,6 +118,14 @@ def _broker_config(
         journal_bytes = journal_mb_from_env(journal_mb) * 1024 * 1024
     except ValueError as exc:
         fail(str(exc), code=2)
+    # Checked here, in one readable line each: NaN or inf reached the timers as a traceback,
+    # --retention-interval 0 made an idle broker spin on a core, --max-frame 0 refused even hello.
+    _check_range("--lease", lease_s, 0.1, 86_400 * 7)
+    _check_range("--heartbeat-timeout", heartbeat_timeout_s, 0.1, 86_400)
+    _check_range("--retry-base", retry_base_s, 0.0, 86_400)
+    _check_range("--retention", retention_s, 0.0, 86_400 * 3650)
+    _check_range("--retention-interval", cluster.get("retention_interval_s", 60.0), 0.1, 86_400)
+    _check_range("--max-frame", max_frame_bytes, 1024, 1024 * 1024 * 1024)
     return BrokerConfig(
         journal_bytes=journal_bytes,
         host=host,
@@ -459,6 +473,11 @@ def _show_task(info: Any, fmt: Format) -> None:
     emit_table(f"task {info.id}", ["field", "value"], rows)
 
 
+def _check_wait_timeout(value: float, option: str) -> None:
+    if not 0 <= value < MAX_WAIT_S:  # NaN and inf fail this too
+        fail(f"{option} must be from 0 to {MAX_WAIT_S:g} seconds, not {value}", code=2)
+
+
 @app.command()
 def submit(
     name: str = typer.Argument(..., help="task name (a registered handler)"),
@@ -479,6 +498,8 @@ def submit(
         fail(f"payload is not valid JSON: {exc}", code=2)
     if priority.lower() not in ("high", "normal", "low"):
         fail("--priority must be high, normal or low", code=2)
+    if wait:
+        _check_wait_timeout(wait_timeout, "--wait-timeout")  # before submitting, not after
 
     async def go(c: Any) -> Any:
         tid = await c.submit(
@@ -525,6 +546,7 @@ def wait_cmd(
     output: Format = OutputOpt,
 ) -> None:
     """Wait until a task finishes and show it (exit 1 if it did not complete)."""
+    _check_wait_timeout(timeout, "--timeout")
     info = _run_client(lambda c: c.wait(task_id, timeout_s=timeout), broker)
     _show_task(info, output)
     if info.state != "completed":
@@ -985,6 +1007,9 @@ def dlq_show(task_id: str, broker: str | None = BrokerOpt, output: Format = Outp
     _show_task(info, output)
 
 
+DLQ_PAGE = 10_000  # dead letters per request (the broker's MAX_LIST)
+
+
 def _dlq_change(
     op: str,
     task_ids: list[str] | None,
@@ -1000,9 +1025,25 @@ def _dlq_change(
         fail(f"name task ids, or give a filter (--queue, --name, ...) to {op} many", code=2)
 
     async def go(c: Any) -> list[str]:
+        """Every dead letter named or matching, in requests of at most ``DLQ_PAGE`` (a broker
+        answers at most that many at once; one request stopped at 1,000 and said nothing)."""
         fn = c.retry_dead if op == "retry" else c.purge_dead
-        ids: list[str] = await fn(task_ids or None, dry_run=dry_run, **filters)
-        return ids
+        done: list[str] = []
+        if task_ids:
+            for i in range(0, len(task_ids), DLQ_PAGE):
+                page = task_ids[i : i + DLQ_PAGE]
+                done += await fn(page, dry_run=dry_run, limit=DLQ_PAGE, **filters)
+            return done
+        seen: set[str] = set()
+        while True:
+            ids: list[str] = await fn(None, dry_run=dry_run, limit=DLQ_PAGE, **filters)
+            fresh = [tid for tid in ids if tid not in seen]  # (a retried task may die again)
+            seen.update(fresh)
+            done += fresh
+            if dry_run or len(ids) < DLQ_PAGE or not fresh:
+                if dry_run and len(ids) == DLQ_PAGE:
+                    err_console.print(f"tq: only the first {DLQ_PAGE:,} are shown", highlight=False)
+                return done
 
     ids = _run_client(go, broker)
     verb = {"retry": "retried", "purge": "purged"}[op]

@@ -20,6 +20,7 @@ import msgspec
 from tq.client.connection import Connection, raise_for
 from tq.config import (
     DEFAULT_FRAME_LIMIT,
+    MAX_WAIT_S,
     auth_token_from_env,
     broker_url_from_env,
     parse_broker_url,
@@ -68,7 +69,6 @@ from tq.protocol.messages import (
 )
 
 R = TypeVar("R", bound=Response)
-MAX_WAIT_S = 366 * 86400.0  # a wait longer than a year is a mistake (or inf, which has no ms)
 CLOSE_WAIT_S = 1.0  # how long close() lets a connection finish closing before aborting it
 
 _json_encode = msgspec.json.encode

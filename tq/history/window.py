@@ -22,10 +22,13 @@ _UNIT_MS: Final = {
 def parse_when(text: str, now_ms: int) -> int:
     """Milliseconds since the epoch for ``text``: an age (``2h`` = two hours before ``now_ms``)
     or an ISO-8601 date or time (``2024-05-01``, ``2024-05-01T12:30:00+02:00``; without an
-    offset it is UTC)."""
+    offset it is UTC).
+
+    Never below 1: a time before 1970 must still bound the window, and 0 means "no bound" on
+    the wire (``--until 1960-01-01`` exported everything)."""
     m = _AGE.match(text)
     if m:
-        return max(0, now_ms - int(float(m[1]) * _UNIT_MS[m[2]]))
+        return max(1, now_ms - int(float(m[1]) * _UNIT_MS[m[2]]))
     raw = text.strip()
     if raw.endswith(("Z", "z")):
         raw = raw[:-1] + "+00:00"
@@ -37,4 +40,4 @@ def parse_when(text: str, now_ms: int) -> int:
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0, int(when.timestamp() * 1000))
+    return max(1, int(when.timestamp() * 1000))
