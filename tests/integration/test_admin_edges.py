@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 from tq import AsyncClient, Client
 from tq.errors import BadRequest
-from tq.protocol.messages import TaskSpec, WaitTask
+from tq.protocol.messages import Ack, Heartbeat, TaskSpec, WaitTask
 
 from tests.cli.test_cli import tq
 from tests.conftest import BrokerProcess, WorkerProcess, one_line_error, wait_until
@@ -113,3 +113,20 @@ def test_bad_broker_options_are_one_line_and_exit_2(option: str, value: str) -> 
     result = tq("broker", "--port", "0", option, value, timeout=30)
     line = one_line_error(result, code=2)
     assert option in line
+
+
+def test_a_heartbeat_with_nan_metrics_still_extends_and_stores_no_nan(
+    broker: BrokerProcess,
+) -> None:
+    async def go() -> list[dict[str, object]]:
+        w = AsyncClient(broker.url, role="worker", client_id="odd-1")
+        try:
+            await w.call(lambda rid: Heartbeat(rid, [], math.nan, 5), Ack)
+            async with AsyncClient(broker.url) as c:
+                workers: list[dict[str, object]] = (await c.stats())["workers"]
+                return workers
+        finally:
+            await w.close()
+
+    (odd,) = [w for w in asyncio.run(go()) if w["id"] == "odd-1"]
+    assert odd["cpu_percent"] == 0.0  # not NaN: `tq workers -o json` must stay valid JSON

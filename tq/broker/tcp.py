@@ -321,10 +321,12 @@ class Connection(asyncio.Protocol):
 
     def _on_heartbeat(self, msg: Heartbeat) -> None:
         worker_id = self._require_worker()
-        self.core.worker_metrics[worker_id] = {
-            "cpu_percent": msg.cpu_percent,
-            "rss_bytes": msg.rss_bytes,
-        }
+        cpu, rss = msg.cpu_percent, msg.rss_bytes
+        if not (0 <= cpu <= 100_000 and 0 <= rss < 1 << 53):
+            # Dropped, not refused: the leases must still be extended. Stored, a NaN would make
+            # `tq workers -o json` and /api/v1/workers invalid JSON.
+            cpu, rss = 0.0, 0
+        self.core.worker_metrics[worker_id] = {"cpu_percent": cpu, "rss_bytes": rss}
         rid = msg.rid
         self.core.submit(
             Extend(worker_id, msg.leases), self._replier(rid, lambda r: Ack(rid, [], r))
@@ -451,7 +453,7 @@ class Connection(asyncio.Protocol):
         lease = self.core.sm.leases.get(msg.task_id)
         if lease is None or lease.token != msg.token or lease.worker_id != worker_id:
             raise LeaseLost(f"no lease on {msg.task_id} with that token")
-        if not -1.0 <= msg.fraction <= 1.0 or len(msg.message) > 1000:
+        if not (0.0 <= msg.fraction <= 1.0 or msg.fraction == -1.0) or len(msg.message) > 1000:
             raise BadRequest("fraction must be 0..1 (or -1 for none), message at most 1000 chars")
         self.core.watch.progress(msg.task_id, msg.fraction, msg.message)
         self._send(Ack(msg.rid))
