@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from tq import AsyncClient, Client
@@ -109,8 +110,10 @@ def test_a_bad_wait_timeout_is_refused_before_anything_is_submitted(
         ("--retry-base", "-1"),
     ],
 )
-def test_bad_broker_options_are_one_line_and_exit_2(option: str, value: str) -> None:
-    result = tq("broker", "--port", "0", option, value, timeout=30)
+def test_bad_broker_options_are_one_line_and_exit_2(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    result = tq("broker", "--port", "0", "--data-dir", str(tmp_path), option, value, timeout=30)
     line = one_line_error(result, code=2)
     assert option in line
 
