@@ -57,3 +57,14 @@ def test_batches_each_fit_in_a_frame_and_keep_the_order() -> None:
     for part in parts:
         assert sum(len(encode_body(o)) for o in part) + outcomes.ENVELOPE_BYTES <= 65_536
     assert len(outcomes.batches([Outcome("t", 1, True)] * 25_000, 1 << 30)) == 3  # 10,000 each
+
+
+def test_prepare_sends_what_fits_as_is_and_fits_the_rest() -> None:
+    small = [Outcome(f"t{i}", i, True, result=b"1") for i in range(3)]
+    assert outcomes.prepare(small, 65_536) == [small]
+    mixed = [*small, Outcome("big", 9, True, result=b"x" * 100_000)]
+    parts = outcomes.prepare(mixed, 65_536)
+    flat = [o for part in parts for o in part]
+    assert flat[:3] == small
+    assert flat[3].error is not None
+    assert flat[3].error.type == "ResultTooLarge"

@@ -104,6 +104,18 @@ def fit(outcome: Outcome, frame_limit: int) -> Outcome:
     )
 
 
+def prepare(outcomes: list[Outcome], frame_limit: int) -> list[list[Outcome]]:
+    """``outcomes`` fitted and cut into batches that fit. The common case, everything fitting
+    in one batch, costs one ``bound`` per outcome."""
+    if len(outcomes) <= MAX_BATCH:
+        total = ENVELOPE_BYTES
+        for outcome in outcomes:
+            total += bound(outcome)
+        if total <= frame_limit:
+            return [outcomes]
+    return batches([fit(o, frame_limit) for o in outcomes], frame_limit)
+
+
 def batches(outcomes: list[Outcome], frame_limit: int) -> list[list[Outcome]]:
     """``outcomes`` (each already ``fit``) in batches that each fit in one frame."""
     out: list[list[Outcome]] = []

@@ -383,8 +383,7 @@ class Worker:
         limit = limit or DEFAULT_FRAME_LIMIT
         # A frame the broker refuses would close the connection (and end every lease on it),
         # then be sent again: so each result must fit, and each batch too.
-        fitted = [outcomes.fit(o, limit) for o in pending]
-        for batch in outcomes.batches(fitted, limit):
+        for batch in outcomes.prepare(pending, limit):
             task = asyncio.create_task(self._report(batch))
             self._inflight_reports.add(task)
             task.add_done_callback(self._inflight_reports.discard)
