@@ -26,7 +26,7 @@ from tq.protocol.codec import (
     guess_rid,
 )
 from tq.protocol.framing import HEADER_BYTES, FrameDecoder, encode_frame
-from tq.protocol.messages import REQUEST_TYPES, RESPONSE_TYPES
+from tq.protocol.messages import REQUEST_TYPES, RESPONSE_TYPES, Welcome
 
 LIMIT = 16 * 1024 * 1024
 
@@ -431,3 +431,22 @@ def test_framing_of_random_bytes_yields_prefix_frames_or_frame_too_large(
     if decoder.buffered >= HEADER_BYTES:  # only an incomplete frame may remain
         (size,) = struct.unpack_from(">I", wire, len(consumed))
         assert size > decoder.buffered - HEADER_BYTES
+
+
+def test_welcome_from_an_older_broker_gets_defaults_and_a_newer_ones_extra_fields_are_ignored() -> (
+    None
+):
+    """Messages grow by trailing fields with defaults (docs/architecture.md): mixed versions
+    still talk."""
+    old = msgspec.msgpack.encode(["welcome", 1, 1, "n1", "tq"])  # before the three new fields
+    welcome = decode_response(old)
+    assert isinstance(welcome, Welcome)
+    assert (welcome.heartbeat_timeout_ms, welcome.lease_ms, welcome.max_frame_bytes) == (0, 0, 0)
+    newer = msgspec.msgpack.encode(["welcome", 1, 1, "n1", "tq", 2000, 30000, 65536, "future"])
+    welcome = decode_response(newer)
+    assert isinstance(welcome, Welcome)
+    assert (welcome.heartbeat_timeout_ms, welcome.lease_ms, welcome.max_frame_bytes) == (
+        2000,
+        30000,
+        65536,
+    )
