@@ -56,7 +56,7 @@ async def test_admin_pauses_a_queue_and_the_command_is_logged_with_the_key_comme
     [line] = ssh_broker.log_events("ssh.command")
     entry = json.loads(line)
     assert entry["key"] == "admin@laptop"
-    assert entry["command"] == "queue pause q1"
+    assert (entry["command"], entry["arguments"]) == ("queue pause", 1)
     assert entry["role"] == "admin"
     assert entry["exit"] == 0
     assert "PRIVATE KEY" not in ssh_broker.log()
@@ -79,7 +79,7 @@ async def test_read_only_key_can_look_but_changes_are_refused(
         assert c.stats()["states"]["pending"] == 0
 
     logged = [json.loads(line) for line in ssh_broker.log_events("ssh.refused")]
-    assert logged[0]["command"] == "queue pause q1"
+    assert logged[0]["command"] == "queue pause"
     assert {e["key"] for e in logged} == {"readonly@laptop"}
 
 
@@ -266,3 +266,35 @@ def test_ssh_options_are_checked_before_the_broker_starts(tmp_path: Path, keys: 
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+async def test_the_audit_log_names_the_command_but_never_a_payload(
+    ssh_broker: SshBroker, keys: Keys
+) -> None:
+    secret = "sk-live-0123456789"
+    result = await run(ssh_broker.port, keys.admin, f'submit echo \'{{"api_key": "{secret}"}}\'')
+    assert result.exit_status == 0, result.stderr
+    refused = await run(ssh_broker.port, keys.readonly, f"submit echo '\"{secret}\"'")
+    assert refused.exit_status == EXIT_REFUSED
+    [line] = ssh_broker.log_events("ssh.command")
+    assert json.loads(line)["command"] == "submit"
+    assert secret not in ssh_broker.log()
+
+
+async def test_user_text_is_neither_markup_nor_terminal_control(
+    ssh_broker: SshBroker, keys: Keys
+) -> None:
+    markup = await run(ssh_broker.port, keys.readonly, "status '[/foo]'")
+    assert markup.exit_status == 1
+    assert markup.stderr == "tq: TASK_NOT_FOUND: no task [/foo]\n"
+    control = await run(ssh_broker.port, keys.readonly, "status 'a\x1b]0;PWN\x07b'")
+    assert control.exit_status == 1
+    assert "\x1b" not in str(control.stderr)  # the ESC itself never reaches the terminal
+    assert "\\x1b]0;PWN\\x07" in str(control.stderr)  # shown escaped instead
+
+
+async def test_long_waits_are_refused_in_the_shell(ssh_broker: SshBroker, keys: Keys) -> None:
+    for command in ("wait some-id --timeout 3600", "submit echo --wait --wait-timeout=600"):
+        refused = await run(ssh_broker.port, keys.admin, command)
+        assert refused.exit_status != 0, command
+        assert "at most 60 s in the shell" in str(refused.stderr)

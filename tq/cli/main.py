@@ -26,6 +26,7 @@ from tq.cli.output import (
     fail,
     say,
     short,
+    stderr,
     when,
 )
 from tq.config import (
@@ -1042,7 +1043,7 @@ def _dlq_change(
             done += fresh
             if dry_run or len(ids) < DLQ_PAGE or not fresh:
                 if dry_run and len(ids) == DLQ_PAGE:
-                    err_console.print(f"tq: only the first {DLQ_PAGE:,} are shown", highlight=False)
+                    stderr().print(f"tq: only the first {DLQ_PAGE:,} are shown", highlight=False)
                 return done
 
     ids = _run_client(go, broker)

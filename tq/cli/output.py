@@ -18,7 +18,9 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -65,14 +67,25 @@ class Format(enum.StrEnum):
 OutputOpt = typer.Option(Format.table, "--output", "-o", help="table, json or yaml")
 
 
+# Control characters other than tab and newline, shown as \x1b and so on. Task payloads, error
+# messages and ids come from whoever can submit a task: printed raw, an ESC sequence in a
+# handler's error could clear or retitle the terminal of the operator reading it.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (9, 10)}
+
+
+def clean(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    stderr().print(f"[bold red]tq:[/] {message}", highlight=False, soft_wrap=True)
+    # The message is text, not markup: an id like "[/foo]" must not be parsed as a rich tag.
+    stderr().print(f"[bold red]tq:[/] {escape(clean(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def say(text: str) -> None:
     """One line of plain text on the result console, as ``print`` would write it."""
-    stdout().file.write(text + "\n")
+    stdout().file.write(clean(text) + "\n")
 
 
 def emit_data(data: Any, fmt: Format) -> None:
@@ -90,7 +103,8 @@ def emit_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
     for col in columns:
         table.add_column(col, overflow="fold")
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        # Text, not str: a cell is never parsed as markup ("[link=...]" in an error message).
+        table.add_row(*(Text(clean("" if v is None else str(v))) for v in row))
     stdout().print(table)
 
 

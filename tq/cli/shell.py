@@ -78,6 +78,11 @@ EXIT_REFUSED = 77
 """Exit code of a command a read-only key may not run (``EX_NOPERM`` of sysexits.h)."""
 
 MAX_RUNNING = 4
+MAX_SHELL_WAIT_S = 60.0  # the longest wait the shell runs (see Shell._check)
+WAIT_OPTIONS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("wait",): ("--timeout",),
+    ("submit",): ("--wait-timeout",),
+}
 """Commands that run at once, over all sessions; more wait for a free thread."""
 
 EXEC_WIDTH = 100
@@ -153,6 +158,10 @@ class Shell:
         self.broker_url = broker_url
         self.max_running = max_running
         self._pool: ThreadPoolExecutor | None = None
+        # Read-only keys share all threads but one: a command in a thread cannot be stopped
+        # when its session goes, so four read-only `wait`s once held every thread and froze
+        # the shell for admin keys too. (Created on first use, inside the event loop.)
+        self._readonly_slots: asyncio.Semaphore | None = None
 
     def close(self) -> None:
         """Stop taking commands (those running finish on their own)."""
@@ -195,7 +204,13 @@ class Shell:
                 log.warning("ssh.refused", extra=kv(**_audit(who, argv), reason=exc.message))
             return self._refuse(term, exc.message, exc.code)
         full = [*path, "--broker", self.broker_url, *argv[len(path) :]]
-        code = await self._in_thread(self._invoke, full, out, err)
+        if who.admin:
+            code = await self._in_thread(self._invoke, full, out, err)
+        else:
+            if self._readonly_slots is None:
+                self._readonly_slots = asyncio.Semaphore(max(1, self.max_running - 1))
+            async with self._readonly_slots:
+                code = await self._in_thread(self._invoke, full, out, err)
         if path in MUTATING:
             log.info("ssh.command", extra=kv(**_audit(who, argv), exit=code))
         return code
@@ -228,6 +243,17 @@ class Shell:
         for opt in _options(argv):
             if opt == "--broker" or opt.startswith("--broker=") or _short_flags(opt, "b"):
                 raise _Refused("--broker: the shell runs commands against this broker only")
+        for name in WAIT_OPTIONS.get(path, ()):
+            value = _option_value(argv, name)
+            try:
+                too_long = value is not None and not float(value) <= MAX_SHELL_WAIT_S
+            except ValueError:
+                too_long = False  # not a number: the command itself says so
+            if too_long:
+                raise _Refused(
+                    f"{name}: at most {MAX_SHELL_WAIT_S:g} s in the shell (a waiting command "
+                    "holds one of its few threads until it ends, even if you disconnect)"
+                )
         if path in MUTATING and not who.admin:
             raise _Refused(
                 f"`{' '.join(path)}` changes the broker and key {who.comment!r} is read-only "
@@ -407,6 +433,19 @@ def _options(argv: list[str]) -> list[str]:
     return opts
 
 
+def _option_value(argv: list[str], name: str) -> str | None:
+    """The value given to option ``name`` (``--x V`` or ``--x=V``; the last one wins)."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == "--":
+            break
+        if word == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(name + "="):
+            value = word[len(name) + 1 :]
+    return value
+
+
 def _short_flags(word: str, flag: str) -> bool:
     """Whether ``word`` is a cluster of short options (``-wb``) that includes ``-flag``."""
     return not word.startswith("--") and flag in word[1:]
@@ -418,11 +457,17 @@ def printable(text: str) -> str:
 
 
 def _audit(who: Identity, argv: list[str]) -> dict[str, Any]:
+    """Who ran what: the command and the names of its options, never their values or the
+    arguments (a submit's payload can hold a customer's secrets, and logs travel far)."""
+    words = 2 if argv and argv[0] in GROUPS else 1
+    options = sorted({o.split("=", 1)[0] for o in _options(argv[words:])})
     return {
         "key": who.comment,
         "fingerprint": who.fingerprint,
         "user": printable(who.user),
         "role": who.role,
         "peer": who.peer,
-        "command": printable(shlex.join(argv)),
+        "command": printable(" ".join(argv[:words])),
+        "options": printable(" ".join(options)),
+        "arguments": len(argv) - words,
     }
