@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+import urllib.request
 from typing import Any
 
 import pytest
+from tq import Client
 from tq.broker.http import STATUS_BY_CODE, problem_for
-from tq.errors import ERRORS_BY_CODE, NotLeader, ShuttingDown
+from tq.errors import ERRORS_BY_CODE, NotLeader, ShuttingDown, Unauthenticated
 
+from tests.conftest import subprocess_env
 from tests.http.conftest import Api, HttpBroker, Response
 
 TASKS = "/api/v1/tasks"
@@ -142,3 +148,38 @@ def test_a_broker_with_a_token_wants_it_on_the_api_but_not_on_health(
     assert anonymous.get("/readyz").status == 200
     assert anonymous.get("/openapi.json").json()["security"] == [{"bearer": []}]
     assert broker.api("s3cret").get("/api/v1/stats").status == 200
+
+
+def test_the_bearer_scheme_is_case_insensitive(http_broker_factory: Any) -> None:
+    broker = http_broker_factory(env={"TQ_TOKEN": "s3cret"})
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{broker.http_port}/api/v1/stats",
+            headers={"Authorization": f"{scheme} s3cret"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200, scheme
+
+
+def test_a_wrong_token_on_tcp_is_said_at_once_and_the_token_is_never_logged(
+    http_broker_factory: Any,
+) -> None:
+    broker = http_broker_factory(env={"TQ_TOKEN": "s3cret-tcp"})
+    t0 = time.monotonic()
+    with pytest.raises(Unauthenticated):
+        Client(broker.url, token="wrong", connect_timeout_s=10).__enter__()
+    assert time.monotonic() - t0 < 5, "retried as if the broker were unreachable"
+    result = subprocess.run(
+        [sys.executable, "-m", "tq", "stats", "--broker", broker.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**subprocess_env(), "TQ_TOKEN": "wrong"},
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("tq: UNAUTHENTICATED")
+    assert "is `tq broker` running" not in result.stderr
+    with Client(broker.url, token="s3cret-tcp") as c:
+        assert "states" in c.stats()
+    assert "s3cret-tcp" not in broker.err_path.read_text()

@@ -181,6 +181,9 @@ class BrokerCore:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # Owner-only when tq makes it: the store and the journal hold every task's payload.
+        # (A data dir that already exists keeps the mode its owner gave it.)
+        os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
         self.store.open()
         t0 = time.monotonic()
         # The journal first: what it writes back must be in the store the indexes are built from.

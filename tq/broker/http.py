@@ -464,11 +464,14 @@ class HttpServer:
         handler = self._handlers[route.operation_id]
         if token is None or not route.authenticated:
             return handler
-        expected = f"Bearer {token}".encode()
+        expected = token.encode()
 
         async def authenticated(request: web.Request) -> web.StreamResponse:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+            # The scheme is case-insensitive (RFC 9110); the token is compared in constant time.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), expected
+            ):
                 raise Unauthenticated("this broker needs an Authorization: Bearer token")
             return await handler(request)
 

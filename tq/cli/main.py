@@ -156,12 +156,20 @@ def _cluster_options(
     secret = None
     if raft_secret_file:
         try:
-            with open(raft_secret_file) as fh:
+            with open(raft_secret_file, encoding="utf-8") as fh:
                 secret = fh.read().strip()
+                mode = os.fstat(fh.fileno()).st_mode
         except OSError as exc:
             fail(f"cannot read --raft-secret-file: {exc.strerror}", code=2)
+        except UnicodeDecodeError:
+            fail("--raft-secret-file is not UTF-8 text", code=2)
         if not secret:
             fail("--raft-secret-file is empty", code=2)
+        if mode & 0o077:
+            logging.getLogger("tq.cli").warning(
+                "cluster.secret_file_readable: --raft-secret-file can be read by other users "
+                "(chmod 600 it)"
+            )
     else:
         logging.getLogger("tq.cli").warning(
             "cluster.no_secret: Raft traffic is not encrypted; keep the Raft port private "

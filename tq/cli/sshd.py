@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,8 +53,16 @@ def read_keys(path: str, *, admin: bool) -> list[AuthorizedKey]:
     when it cannot be read, has a line that is not a key, or has no key at all."""
     try:
         text = Path(path).read_text()
+        mode = os.stat(path).st_mode
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file") from None
+    if mode & 0o022:  # as sshd's StrictModes: whoever can write it can let themselves in
+        raise ValueError(
+            f"{path} can be written by other users (mode {stat.S_IMODE(mode):o}): anyone could "
+            "add a key to it; chmod go-w it"
+        )
     keys = []
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -100,6 +109,12 @@ def load_host_key(data_dir: str) -> tuple[asyncssh.SSHKey, bool]:
     """The broker's SSH host key, created (mode 0600) on first use; and whether it was."""
     path = Path(data_dir) / HOST_KEY_FILE
     try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise TqError(
+                f"the ssh host key {path} can be read by other users (mode "
+                f"{stat.S_IMODE(mode):o}): chmod 600 it, or delete it for a new one"
+            )
         return asyncssh.read_private_key(path), False
     except FileNotFoundError:
         pass

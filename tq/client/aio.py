@@ -30,6 +30,8 @@ from tq.errors import (
     BrokerUnavailable,
     NotLeader,
     TqError,
+    Unauthenticated,
+    UnsupportedVersion,
 )
 from tq.model import (
     DEFAULT_MAX_RETRIES,
@@ -213,6 +215,8 @@ class AsyncClient:
                     host, port = self.addresses[(self._preferred + i) % n]
                     try:
                         conn = await self._open(host, port)
+                    except (Unauthenticated, UnsupportedVersion):
+                        raise  # the broker answered: retrying will not change its mind
                     except (TimeoutError, OSError, TqError) as exc:
                         last = exc
                         continue

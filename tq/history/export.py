@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -225,6 +226,10 @@ class _Stage:
                 con.execute(f"COPY {TABLE} TO {sql_literal(tmp)} (FORMAT parquet)")
             else:
                 con.execute(f"COPY {TABLE} TO {sql_literal(tmp)} (FORMAT csv, HEADER)")
+            # Replacing a file keeps its mode: an export someone made 0600 (it holds payloads
+            # and error messages) must not become world-readable when refreshed.
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
             os.replace(tmp, path)
         except duckdb.Error as exc:
             raise HistoryError(f"cannot write {path}: {_one_line(exc)}") from None

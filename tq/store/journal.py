@@ -150,7 +150,7 @@ class Journal:
         """Write the whole file once, so later writes never allocate (no metadata to commit)."""
         tmp = self.path + ".tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds payloads
             try:
                 done = 0
                 while done < self.segment_bytes:
