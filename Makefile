@@ -27,7 +27,7 @@ run: $(RUNSTAMP)
 # A 3-node Raft cluster on loopback (data in ./.tq-cluster); Ctrl-C stops all three.
 cluster: $(RUNSTAMP)
 	mkdir -p .tq-cluster
-	test -s .tq-cluster/secret || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > .tq-cluster/secret
+	test -s .tq-cluster/secret || (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > .tq-cluster/secret)
 	trap 'kill 0' INT TERM; \
 	$(BIN)/tq broker --node-id n1 --port 7700 --http-port 7701 --raft-port 7800 --peers 127.0.0.1:7801,127.0.0.1:7802 --data-dir .tq-cluster/n1 --raft-secret-file .tq-cluster/secret & \
 	$(BIN)/tq broker --node-id n2 --port 7710 --http-port 7711 --raft-port 7801 --peers 127.0.0.1:7800,127.0.0.1:7802 --data-dir .tq-cluster/n2 --raft-secret-file .tq-cluster/secret & \
