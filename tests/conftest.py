@@ -8,6 +8,7 @@ when a test fails the tail of every process log is printed with the report.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -220,6 +221,17 @@ class BrokerProcess:
 
     def describe(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{tail(p)}" for p in self.logs)
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """The JSON log records (stderr, every start so far) whose ``event`` is ``event``."""
+        records = [
+            json.loads(line)
+            for path in self.logs
+            if path.suffix == ".err"
+            for line in path.read_text().splitlines()
+            if line.startswith("{")
+        ]
+        return [r for r in records if r.get("event") == event]
 
 
 class WorkerProcess(subprocess.Popen[str]):

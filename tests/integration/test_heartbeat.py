@@ -10,7 +10,6 @@ next beat, and the task went to the dead-letter queue without ever finishing."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,20 +20,6 @@ from tq.protocol.messages import Welcome
 from tests.conftest import BrokerProcess, WorkerProcess, wait_until
 
 StartWorker = Callable[..., WorkerProcess]
-
-
-def broker_events(broker: BrokerProcess, event: str) -> list[dict[str, object]]:
-    """The broker's JSON log records (stderr) with this ``event``."""
-    out = []
-    for path in broker.logs:
-        if path.suffix != ".err":
-            continue
-        for line in path.read_text().splitlines():
-            if line.startswith("{"):
-                record = json.loads(line)
-                if record.get("event") == event:
-                    out.append(record)
-    return out
 
 
 def test_welcome_says_the_brokers_heartbeat_timeout_and_lease(
@@ -63,8 +48,8 @@ def test_an_idle_worker_with_a_slower_heartbeat_stays_connected(
         workers = c.stats()["workers"]
     assert [w["id"] for w in workers] == [worker.worker_id]
     assert worker.poll() is None
-    assert len(broker_events(broker, "worker.connected")) == 1, "the worker had to reconnect"
-    assert broker_events(broker, "worker.lost") == []
+    assert len(broker.events("worker.connected")) == 1, "the worker had to reconnect"
+    assert broker.events("worker.lost") == []
     assert "broker_unavailable" not in Path(worker.stderr_path).read_text()
 
 
@@ -88,7 +73,7 @@ def test_a_silent_worker_is_logged_as_lost_and_its_connection_closed(
             await c.close()
 
     assert asyncio.run(silent_worker()), "the broker kept the silent worker connected"
-    lost = wait_until(lambda: broker_events(broker, "worker.lost"), 5, what="worker.lost logged")
+    lost = wait_until(lambda: broker.events("worker.lost"), 5, what="worker.lost logged")
     assert lost[0]["worker"] == "silent-1"
     assert lost[0]["heartbeat_timeout_s"] == 1.0
 

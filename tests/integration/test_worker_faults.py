@@ -7,7 +7,6 @@ its leases) once a second. Handlers: tests/apps/faulty.py."""
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import threading
 from collections.abc import Callable
@@ -20,17 +19,6 @@ from tests.conftest import ROOT, BrokerProcess, WorkerProcess
 
 StartWorker = Callable[..., WorkerProcess]
 FAULTY_APP = str(ROOT / "tests" / "apps" / "faulty.py")
-
-
-def broker_events(broker: BrokerProcess, event: str) -> list[dict[str, object]]:
-    records = [
-        json.loads(line)
-        for path in broker.logs
-        if path.suffix == ".err"
-        for line in path.read_text().splitlines()
-        if line.startswith("{")
-    ]
-    return [r for r in records if r.get("event") == event]
 
 
 def unused_port() -> int:
@@ -93,7 +81,7 @@ def test_a_result_or_error_over_the_frame_limit_fails_that_task_only(
     assert err_info.error.type == "ValueError"
     assert "more chars]" in err_info.error.message
     assert (slow_info.state, slow_info.attempt) == ("completed", 1)
-    assert len(broker_events(broker, "worker.connected")) == 1, "the worker lost its connection"
+    assert len(broker.events("worker.connected")) == 1, "the worker lost its connection"
 
 
 def test_handler_threads_stuck_past_their_timeout_delay_sync_tasks_instead_of_failing_them(
