@@ -28,7 +28,7 @@ import msgspec
 
 from tq.broker.state import ApplyResult, StateMachine
 from tq.broker.watch import WatchHub, watch_counters
-from tq.config import BrokerConfig
+from tq.config import MAX_WAIT_S, BrokerConfig
 from tq.errors import (
     BadRequest,
     InvalidState,
@@ -47,7 +47,7 @@ Reply = Callable[[Any], None]
 RETENTION_SCAN = 20_000  # finished records looked at per retention run
 JOURNAL_FILE = "tq-journal"  # beside RocksDB's files in a single node's data dir
 TICK_RESEND_S = 2.0  # a Tick not applied by then (lost in a leader change) is sent again
-MAX_WAIT_MS = 366 * 86_400_000  # a longer wait is clamped to this (the client refuses it)
+MAX_WAIT_MS = int(MAX_WAIT_S * 1000)  # a longer wait is clamped to this (clients refuse it)
 TICK_RETRY_S = 0.1  # after a Tick failed (a full Raft queue, a term change): not at once
 
 

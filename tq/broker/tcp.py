@@ -254,9 +254,13 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _after_durable(self, rid: int, fn: Callable[[], None]) -> None:
+        """Run the rest of request ``rid`` once what is applied is durable, as ``_handle_frames``
+        runs its first part: an error is that request's NACK, never an exception in the commit
+        path (where it once cost every later reply of the commit)."""
+        self.core.after_durable(lambda: self._guarded(rid, fn))
+
     def _guarded(self, rid: int, fn: Callable[[], None]) -> None:
-        """Run a deferred part of a request (after a durable write) as ``_handle_frames`` runs
-        the first: its error is that request's NACK, never an exception in the commit path."""
         try:
             fn()
         except TqError as exc:
@@ -349,9 +353,7 @@ class Connection(asyncio.Protocol):
 
     def _on_status(self, msg: QueryStatus) -> None:
         self._require_serving()
-        self.core.after_durable(
-            lambda: self._guarded(msg.rid, lambda: self._status(msg.rid, msg.task_id))
-        )
+        self._after_durable(msg.rid, lambda: self._status(msg.rid, msg.task_id))
 
     def _on_wait(self, msg: WaitTask) -> None:
         rid = msg.rid
@@ -361,7 +363,7 @@ class Connection(asyncio.Protocol):
 
     def _on_list(self, msg: ListTasks) -> None:
         self._require_serving()
-        self.core.after_durable(lambda: self._guarded(msg.rid, lambda: self._list(msg)))
+        self._after_durable(msg.rid, lambda: self._list(msg))
 
     def _on_cancel(self, msg: CancelTask) -> None:
         rid = msg.rid
@@ -369,11 +371,7 @@ class Connection(asyncio.Protocol):
 
     def _on_stats(self, msg: GetStats) -> None:
         # Any node answers (a follower from its local state): `tq cluster status` needs it.
-        self.core.after_durable(
-            lambda: self._guarded(
-                msg.rid, lambda: self._send(StatsReply(msg.rid, self.core.stats()))
-            )
-        )
+        self._after_durable(msg.rid, lambda: self._send(StatsReply(msg.rid, self.core.stats())))
 
     def _on_pause(self, msg: PauseQueue) -> None:
         if not valid_name(msg.queue):
@@ -390,9 +388,7 @@ class Connection(asyncio.Protocol):
             raise BadRequest("op must be list, retry or purge")
         if not 0 < msg.limit <= MAX_LIST:
             raise BadRequest(f"limit must be 1 to {MAX_LIST}")
-        if msg.older_than_s is not None and not msg.older_than_s >= 0:  # NaN fails this too
-            raise BadRequest("older_than_s must be a number >= 0")
-        self.core.after_durable(lambda: self._guarded(msg.rid, lambda: self._dead_letters(msg)))
+        self._after_durable(msg.rid, lambda: self._dead_letters(msg))
 
     def _dead_letters(self, msg: DeadLetters) -> None:
         rid = msg.rid
@@ -476,7 +472,7 @@ class Connection(asyncio.Protocol):
             raise BadRequest("states must name at least one state")
         if msg.since_ms < 0 or msg.until_ms < 0:
             raise BadRequest("since_ms and until_ms must be >= 0")
-        self.core.after_durable(lambda: self._guarded(msg.rid, lambda: self._export(msg, states)))
+        self._after_durable(msg.rid, lambda: self._export(msg, states))
 
     def _export(self, msg: ExportTasks, states: list[TaskState]) -> None:
         try:

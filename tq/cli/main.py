@@ -482,11 +482,6 @@ def _show_task(info: Any, fmt: Format) -> None:
     emit_table(f"task {info.id}", ["field", "value"], rows)
 
 
-def _check_wait_timeout(value: float, option: str) -> None:
-    if not 0 <= value < MAX_WAIT_S:  # NaN and inf fail this too
-        fail(f"{option} must be from 0 to {MAX_WAIT_S:g} seconds, not {value}", code=2)
-
-
 @app.command()
 def submit(
     name: str = typer.Argument(..., help="task name (a registered handler)"),
@@ -508,7 +503,7 @@ def submit(
     if priority.lower() not in ("high", "normal", "low"):
         fail("--priority must be high, normal or low", code=2)
     if wait:
-        _check_wait_timeout(wait_timeout, "--wait-timeout")  # before submitting, not after
+        _check_range("--wait-timeout", wait_timeout, 0, MAX_WAIT_S)  # before submitting
 
     async def go(c: Any) -> Any:
         tid = await c.submit(
@@ -555,7 +550,7 @@ def wait_cmd(
     output: Format = OutputOpt,
 ) -> None:
     """Wait until a task finishes and show it (exit 1 if it did not complete)."""
-    _check_wait_timeout(timeout, "--timeout")
+    _check_range("--timeout", timeout, 0, MAX_WAIT_S)
     info = _run_client(lambda c: c.wait(task_id, timeout_s=timeout), broker)
     _show_task(info, output)
     if info.state != "completed":

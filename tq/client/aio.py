@@ -423,7 +423,7 @@ class AsyncClient:
         """Return once the task is completed, dead or cancelled (the broker pushes it: no polling).
 
         Raises ``WaitTimeout`` if it is not finished within ``timeout_s``."""
-        if not 0 <= timeout_s < MAX_WAIT_S:  # NaN and inf fail this too
+        if not 0 <= timeout_s <= MAX_WAIT_S:  # NaN and inf fail this too
             raise BadRequest(f"timeout_s must be from 0 to {MAX_WAIT_S:g} seconds, not {timeout_s}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

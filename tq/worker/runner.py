@@ -228,14 +228,10 @@ class Worker:
             self._release(msg.tasks)
 
     def _release(self, tasks: list[LeasedTask]) -> None:
-        if not tasks or self._client is None:
-            return
-        refs = [LeaseRef(t.task.id, t.token) for t in tasks]
-        client = self._client
-        task = asyncio.ensure_future(
-            client.call(lambda rid: ReleaseTasks(rid, refs), Ack, retry=False)
-        )
-        task.add_done_callback(lambda f: f.cancelled() or f.exception())
+        """``_release_now`` without waiting for it (from callbacks)."""
+        if tasks:
+            task = asyncio.ensure_future(self._release_now(tasks))
+            task.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _drain(self) -> None:
         if self._running:
@@ -379,8 +375,7 @@ class Worker:
             return
         pending, self._results = self._results, []
         welcome = self._client.welcome
-        limit = welcome.max_frame_bytes if welcome is not None and welcome.max_frame_bytes else 0
-        limit = limit or DEFAULT_FRAME_LIMIT
+        limit = (welcome.max_frame_bytes if welcome is not None else 0) or DEFAULT_FRAME_LIMIT
         # A frame the broker refuses would close the connection (and end every lease on it),
         # then be sent again: so each result must fit, and each batch too.
         for batch in outcomes.prepare(pending, limit):
