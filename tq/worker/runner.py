@@ -37,6 +37,7 @@ from tq.protocol.messages import (
 )
 from tq.worker import context, outcomes
 from tq.worker.builtin import register_builtins
+from tq.worker.deadlines import Deadlines
 from tq.worker.registry import Registry, registry
 from tq.worker.threads import DaemonThreadPool
 
@@ -91,6 +92,8 @@ class Worker:
         self._threads_short = False  # the last _free() was limited by stuck handler threads
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadlines: Deadlines | None = None
+        self._timed_out: set[int] = set()  # tokens of runs cancelled by their deadline
 
     def stop(self) -> None:
         """Graceful stop: no new claims; running tasks get ``grace_s`` to finish. A second call
@@ -105,6 +108,7 @@ class Worker:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._deadlines = Deadlines(self._loop, self._expire)
         if self.handlers is registry:
             register_builtins()  # never replaces a handler the app registered
         client = AsyncClient(
@@ -125,6 +129,7 @@ class Worker:
             await self._drain()
         finally:
             heartbeat.cancel()
+            self._deadlines.close()
             await self._flush_results_now()
             await client.close()
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -272,17 +277,30 @@ class Worker:
         task = asyncio.create_task(self._execute(lt))
         self._running[lt.token] = (lt, task)
 
+    def _expire(self, token: int) -> None:
+        """A run's timeout is up: cancel it in place (``_call_handler`` reports ``TIMEOUT``)."""
+        entry = self._running.get(token)
+        if entry is not None and not entry[1].done():
+            self._timed_out.add(token)
+            entry[1].cancel()
+
+    def _ended(self, lt: LeasedTask) -> None:
+        self._running.pop(lt.token, None)
+        self._timed_out.discard(lt.token)
+        assert self._deadlines is not None
+        self._deadlines.discard(lt.token, lt.task.timeout_s)
+
     async def _execute(self, lt: LeasedTask) -> None:
         try:
             outcome = await self._call_handler(lt)
         except asyncio.CancelledError:
-            self._running.pop(lt.token, None)
+            self._ended(lt)
             self._slot_free.set()
             raise
         except BaseException as exc:  # a bug here must not leave the task running forever
             log.exception("worker.execute_failed", extra=kv(task=lt.task.id))
             outcome = outcomes.failure(lt.task.id, lt.token, "INTERNAL", outcomes.describe(exc))
-        self._running.pop(lt.token, None)
+        self._ended(lt)
         self._unacked[lt.token] = LeaseRef(lt.task.id, lt.token)
         if outcome.ok:
             self.done += 1
@@ -301,37 +319,38 @@ class Worker:
             return outcomes.failure(
                 task.id, lt.token, "UnknownTask", f"no handler named {task.name!r} on this worker"
             )
-        # asyncio.timeout cancels this task in place: no second Task per run, as wait_for
-        # creates on Python 3.11. A sync handler's thread cannot be killed: on timeout its
-        # slot is freed and the thread finishes in the background.
-        deadline = asyncio.timeout(task.timeout_s)
+        # The timeout cancels this task in place, as asyncio.timeout would, without a timer per
+        # run (``Deadlines``). It starts here, inside the run, so it cannot cancel a run that has
+        # not started. A sync handler's thread cannot be killed: on timeout its slot is freed
+        # and the thread finishes in the background.
+        assert self._deadlines is not None
+        self._deadlines.add(lt.token, task.timeout_s)
         try:
             payload = decode_value(task.payload)
             context.current.set(context.TaskContext(task.id, lt.token, self._progress_sender))
-            async with deadline:
-                if handler.is_async:
-                    value = await handler.fn(payload)
-                else:
-                    assert self._pool is not None
-                    loop = asyncio.get_running_loop()
-                    work = self._pool.submit(contextvars.copy_context().run, handler.fn, payload)
-                    # A thread that outlived its timeout frees its slot only now (see _free).
-                    work.add_done_callback(lambda _: self._thread_freed(loop))
-                    value = await asyncio.wrap_future(work)
-                if inspect.isawaitable(value):
-                    # an async function behind a plain decorator, or an async callable object
-                    value = await value
-        except TimeoutError as exc:
-            if not deadline.expired():  # the handler's own TimeoutError: an ordinary failure
-                return outcomes.from_exception(task.id, lt.token, exc)
-            return outcomes.failure(
-                task.id,
-                lt.token,
-                "TIMEOUT",
-                f"{task.name} exceeded its timeout of {task.timeout_s}s",
-            )
+            if handler.is_async:
+                value = await handler.fn(payload)
+            else:
+                assert self._pool is not None
+                loop = asyncio.get_running_loop()
+                work = self._pool.submit(contextvars.copy_context().run, handler.fn, payload)
+                # A thread that outlived its timeout frees its slot only now (see _free).
+                work.add_done_callback(lambda _: self._thread_freed(loop))
+                value = await asyncio.wrap_future(work)
+            if inspect.isawaitable(value):
+                # an async function behind a plain decorator, or an async callable object
+                value = await value
         except asyncio.CancelledError as exc:
             current = asyncio.current_task()
+            if lt.token in self._timed_out and current is not None:
+                self._timed_out.discard(lt.token)
+                if current.uncancel() == 0:  # nobody else cancelled it: this is the timeout
+                    return outcomes.failure(
+                        task.id,
+                        lt.token,
+                        "TIMEOUT",
+                        f"{task.name} exceeded its timeout of {task.timeout_s}s",
+                    )
             if current is not None and current.cancelling():
                 raise  # the worker is cancelling this run (shutdown past its grace)
             # Raised by the handler itself: reporting nothing would hand the task back without
