@@ -107,6 +107,7 @@ class ParkedClaim:
     reply: Reply
     owner: object
     timer: asyncio.TimerHandle | None = None
+    dropped: bool = False  # its connection closed (or its worker was lost) while being served
 
 
 class BrokerCore:
@@ -161,6 +162,9 @@ class BrokerCore:
         self._queue: list[tuple[Command, Reply | None]] = []
         self._tick_scheduled = False
         self._parked: dict[int, ParkedClaim] = {}
+        # Parked claims taken off ``_parked`` to be served, until their commit is durable: a
+        # connection that closes meanwhile must still be able to drop them (see drop_parked).
+        self._serving: dict[int, ParkedClaim] = {}
         self._waiters: dict[str, list[Reply]] = {}
         self._owned_waits: dict[object, set[Callable[[], None]]] = {}  # see drop_waits
         self._timer: asyncio.TimerHandle | None = None
@@ -276,6 +280,9 @@ class BrokerCore:
             # it parked earlier; its connection is closed so it reconnects and registers anew.
             for parked in [p for p in self._parked.values() if p.worker_id == worker_id]:
                 self._unpark(parked)
+            for parked in self._serving.values():
+                if parked.worker_id == worker_id:
+                    parked.dropped = True
             self.worker_metrics.pop(worker_id, None)
             if self.on_worker_lost is not None:
                 self.on_worker_lost(worker_id)
@@ -365,6 +372,12 @@ class BrokerCore:
             self._unpark(parked)
             if answer:
                 parked.reply([])
+        # Those being served must not be parked again when their commit comes back empty:
+        # parked for a closed connection, the claim would lease the next ready task to a worker
+        # nobody runs, and the task would wait out the heartbeat timeout and lose an attempt.
+        for parked in self._serving.values():
+            if parked.owner is owner:
+                parked.dropped = True
 
     def _serve_parked(self, now: int) -> None:
         """Tasks became ready: lease them to parked claims in this tick (one fsync for both)."""
@@ -376,9 +389,16 @@ class BrokerCore:
         if not serving:
             return
         cmds: list[Command] = [Claim(p.worker_id, p.queues, p.max) for p in serving]
+        for parked in serving:
+            self._serving[id(parked)] = parked
 
         def reply_or_repark(parked: ParkedClaim) -> Reply:
             def reply(value: Any) -> None:
+                self._serving.pop(id(parked), None)
+                if parked.dropped:
+                    # Nobody to answer. Tasks it leased anyway are requeued by the WorkerLost
+                    # that the closing connection logged after this claim.
+                    return
                 if isinstance(value, list) and not value and not self.closing:
                     self._park(parked, 1000)  # raced with another claim: wait again
                 else:

@@ -1,0 +1,66 @@
+"""Peers that go away at a bad moment, never read, or send what a well-behaved client never
+would: the broker must neither lose work to them nor let them hurt anybody else. Each test
+reproduces a bug found by fuzzing a real broker over raw sockets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from tq.protocol.messages import (
+    Ack,
+    ClaimTask,
+    Leased,
+    QueryStatus,
+    SubmitTask,
+    TaskInfoReply,
+    TaskSpec,
+)
+
+from tests.conftest import BrokerProcess
+from tests.integration.test_bad_input import RawConnection
+
+BrokerFactory = Callable[..., BrokerProcess]
+
+
+def test_a_claim_served_as_its_connection_closes_is_not_parked_again(
+    broker_factory: BrokerFactory,
+) -> None:
+    """W2's parked claim is being served (an empty commit: W1 took the task) when W2's
+    connection closes. It used to be parked again for the closed connection, then lease the
+    next task to W2, which nobody runs: the task waited out the heartbeat timeout and, on its
+    last attempt, went to the dead-letter queue without ever running."""
+    broker = broker_factory("--heartbeat-timeout", "60")
+    for attempt in range(8):
+        queue = f"q{attempt}"
+        w1 = RawConnection(broker.port)
+        w2 = RawConnection(broker.port)
+        producer = RawConnection(broker.port)
+        try:
+            w1.hello(role="worker", client_id=f"w1-{attempt}")
+            w2.hello(role="worker", client_id=f"w2-{attempt}")
+            producer.hello()
+            w1.send(ClaimTask(2, [queue], 1, 60_000))
+            # max 1000: a claim that big commits on the writer thread, which leaves time for
+            # the close below to land before the commit is durable
+            w2.send(ClaimTask(2, [queue], 1000, 60_000))
+            time.sleep(0.2)  # both claims parked
+            producer.send(SubmitTask(2, TaskSpec(f"first{attempt}", "n", b"{}", queue)))
+            w2.close()
+            assert isinstance(producer.read(), Ack)
+            leased = w1.read()
+            assert isinstance(leased, Leased)
+            assert leased.tasks[0].task.id == f"first{attempt}"
+            time.sleep(0.1)
+            victim = f"victim{attempt}"
+            reply = producer.request(
+                SubmitTask(3, TaskSpec(victim, "n", b"{}", queue, max_retries=0))
+            )
+            assert isinstance(reply, Ack)
+            time.sleep(0.3)
+            status = producer.request(QueryStatus(4, victim))
+            assert isinstance(status, TaskInfoReply)
+            assert status.task.state == "pending", (attempt, status.task)
+        finally:
+            w1.close()
+            producer.close()
