@@ -69,6 +69,13 @@ def test_a_body_that_is_not_json_is_400(api: Api) -> None:
     assert "field" not in found
 
 
+def test_json_nested_too_deeply_is_400_not_500(api: Api) -> None:
+    """msgspec raises RecursionError on such a body: it was a 500 with a traceback."""
+    body = b'{"name": "echo", "payload": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    found = problem(api.post(TASKS, raw=body), 400, "BAD_REQUEST")
+    assert "nested too deeply" in found["detail"]
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [

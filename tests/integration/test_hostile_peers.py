@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
+import pytest
 from tq.protocol.messages import (
+    PROTOCOL_VERSION,
     Ack,
     ClaimTask,
+    Hello,
     Leased,
     QueryStatus,
     SubmitTask,
@@ -64,3 +68,57 @@ def test_a_claim_served_as_its_connection_closes_is_not_parked_again(
         finally:
             w1.close()
             producer.close()
+
+
+def test_a_frame_nested_too_deeply_is_nacked_and_the_connection_stays_usable(
+    broker_factory: BrokerFactory,
+) -> None:
+    """Working out the request id of the bad frame raised RecursionError out of
+    ``data_received``: no NACK, and the connection was torn down."""
+    conn = RawConnection(broker_factory().port)
+    try:
+        conn.hello()
+        conn.send_frame(b"\x93\xa6submit\x05" + b"\x91" * 200_000 + b"\xc0")
+        conn.expect_nack("BAD_REQUEST", rid=0)
+        conn.assert_usable()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"host": "h" * 9 * 1024 * 1024},
+        {"host": "line\nbreak\x1b[31m"},
+        {"queues": ["\n\x1b[31m"]},
+        {"queues": [f"q{i}" for i in range(101)]},
+        {"pid": -1},
+        {"concurrency": -5},
+    ],
+    ids=["huge-host", "control-chars", "bad-queue", "101-queues", "negative-pid", "negative-conc"],
+)
+def test_what_a_worker_says_about_itself_is_checked(
+    broker_factory: BrokerFactory, fields: dict[str, Any]
+) -> None:
+    """Stored and shown to everybody: a 9 MiB host made every stats reply too big to send, so
+    ``tq stats`` and ``tq workers`` failed for all users."""
+    broker = broker_factory("--max-frame", str(32 * 1024 * 1024))
+    conn = RawConnection(broker.port)
+    try:
+        conn.send(Hello(1, PROTOCOL_VERSION, role="worker", client_id="w1", **fields))
+        conn.expect_nack("BAD_REQUEST", rid=1)
+        with broker.client() as c:
+            assert c.stats()["workers"] == []
+    finally:
+        conn.close()
+
+
+def test_an_unknown_id_is_not_echoed_whole(broker_factory: BrokerFactory) -> None:
+    conn = RawConnection(broker_factory().port)
+    try:
+        conn.hello()
+        conn.send(QueryStatus(2, "x" * 100_000))
+        nack = conn.expect_nack("TASK_NOT_FOUND", rid=2)
+        assert len(nack.message) < 200
+    finally:
+        conn.close()

@@ -419,7 +419,7 @@ class BrokerCore:
             return
         task = self.sm.get_task(task_id)
         if task is None:
-            self.after_durable(lambda: reply(TaskNotFound(f"no task {task_id}")))
+            self.after_durable(lambda: reply(TaskNotFound(f"no task {task_id[:80]}")))
             return
         if TaskState(task.state).is_final:
             self.after_durable(lambda: reply(task))

@@ -291,6 +291,8 @@ def _decode(raw: bytes, type_: type[T]) -> T:
         raise FieldError(BadRequest(f"{field}: {message}" if field else message), field) from None
     except msgspec.DecodeError as exc:
         raise FieldError(BadRequest(f"the body is not valid JSON: {exc}"), None) from None
+    except RecursionError:  # msgspec's answer to JSON nested thousands deep
+        raise FieldError(BadRequest("the body is nested too deeply"), None) from None
     return value
 
 
@@ -561,7 +563,7 @@ class HttpServer:
         await self._durable()
         task = self.core.sm.get_task(task_id)
         if task is None:
-            raise TaskNotFound(f"no task {task_id}")
+            raise TaskNotFound(f"no task {task_id[:80]}")
         return _json(task_out(task))
 
     async def cancel_task(self, request: web.Request) -> web.StreamResponse:

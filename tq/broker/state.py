@@ -868,7 +868,7 @@ class StateMachine:
     def _cancel(self, now: int, task_id: str) -> Task:
         task = self.get_task(task_id)
         if task is None:
-            raise TaskNotFound(f"no task {task_id}")
+            raise TaskNotFound(f"no task {task_id[:80]}")
         state = task.state
         if state not in (PENDING, FAILED):
             raise InvalidState(

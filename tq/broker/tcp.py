@@ -168,6 +168,19 @@ def _validate_queues(queues: list[str]) -> None:
         raise BadRequest("queues must be 1-100 valid queue names")
 
 
+def _validate_worker_hello(msg: Hello) -> None:
+    """What a worker says about itself is stored and shown to everybody (``tq workers``, the
+    stats every ``tq top`` polls): a 9 MiB host name made every stats reply too big to send."""
+    if not valid_task_id(msg.client_id):
+        raise BadRequest("a worker must send a client_id of 1-64 of [A-Za-z0-9_.:-]")
+    if len(msg.host) > 255 or not msg.host.isprintable():
+        raise BadRequest("host must be at most 255 printable characters")
+    if msg.queues:
+        _validate_queues(msg.queues)
+    if not 0 <= msg.pid < 2**32 or not 0 <= msg.concurrency <= 1_000_000:
+        raise BadRequest("pid and concurrency must be non-negative and in range")
+
+
 class Connection(asyncio.Protocol):
     def __init__(self, core: BrokerCore, server: TcpServer) -> None:
         self.core = core
@@ -514,8 +527,8 @@ class Connection(asyncio.Protocol):
             return
         if self.hello is not None:
             raise BadRequest("hello was already received on this connection")
-        if msg.role == "worker" and not valid_task_id(msg.client_id):
-            raise BadRequest("a worker must send a client_id of 1-64 of [A-Za-z0-9_.:-]")
+        if msg.role == "worker":
+            _validate_worker_hello(msg)
         self.hello = msg
         if msg.role == "worker":
             self.worker_id = msg.client_id
@@ -553,7 +566,7 @@ class Connection(asyncio.Protocol):
     def _status(self, rid: int, task_id: str) -> None:
         task: Task | None = self.core.sm.get_task(task_id)
         if task is None:
-            self._send(Nack(rid, TaskNotFound.code, f"no task {task_id}"))
+            self._send(Nack(rid, TaskNotFound.code, f"no task {task_id[:80]}"))
         else:
             self._send(TaskInfoReply(rid, task))
 

@@ -28,7 +28,9 @@ def guess_rid(body: bytes) -> int:
     """Best effort: the request id of a message we could not decode, so the NACK can name it."""
     try:
         raw = msgspec.msgpack.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        # RecursionError: msgspec's answer to deeply nested arrays, even in fields a typed
+        # decoder would skip; it is called while handling a bad frame, so it must not raise
         return 0
     if isinstance(raw, list) and len(raw) > 1 and type(raw[1]) is int:  # not a bool
         return raw[1] if 0 <= raw[1] < 2**63 else 0
@@ -46,6 +48,8 @@ def decode_request(body: bytes) -> Request:
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec reports bad UTF-8 in a string as UnicodeDecodeError, not DecodeError.
         raise ProtocolError(f"frame is not a msgpack message: {exc}") from None
+    except RecursionError:
+        raise BadRequest("malformed message: nested too deeply") from None
 
 
 def decode_response(body: bytes) -> Response:
