@@ -4,11 +4,13 @@ reproduces a bug found by fuzzing a real broker over raw sockets."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from tq.protocol.codec import encode
 from tq.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -19,9 +21,10 @@ from tq.protocol.messages import (
     SubmitTask,
     TaskInfoReply,
     TaskSpec,
+    WaitTask,
 )
 
-from tests.conftest import BrokerProcess
+from tests.conftest import BrokerProcess, wait_until
 from tests.integration.test_bad_input import RawConnection
 
 BrokerFactory = Callable[..., BrokerProcess]
@@ -122,3 +125,51 @@ def test_an_unknown_id_is_not_echoed_whole(broker_factory: BrokerFactory) -> Non
         assert len(nack.message) < 200
     finally:
         conn.close()
+
+
+def test_a_peer_that_never_reads_is_closed_before_its_replies_pile_up(
+    broker_factory: BrokerFactory,
+) -> None:
+    """400 status requests of 17 bytes each ask for 400 MiB of replies: the broker buffered
+    them all (+400 MB of memory) for a peer that never reads. Now it stops reading from it and
+    closes it once 64 MiB are waiting."""
+    broker = broker_factory()
+    with broker.client() as c:
+        c.submit("echo", {"big": "x" * (1 << 20)}, task_id="big")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", broker.port))
+    try:
+        sock.sendall(encode(Hello(1, PROTOCOL_VERSION)))
+        sock.sendall(encode(QueryStatus(7, "big")) * 400)
+        wait_until(lambda: broker.events("tcp.slow_reader_closed"), timeout=10)
+        with broker.client() as c:
+            assert c.status("big").state == "pending"
+    finally:
+        sock.close()
+
+
+def test_open_waits_and_claims_per_connection_are_bounded(broker_factory: BrokerFactory) -> None:
+    """100,000 waits on one connection cost the broker 239 MB; 100,000 parked claims made one
+    submit stall every client for 1.8 s."""
+    broker = broker_factory()
+    waiter = RawConnection(broker.port)
+    worker = RawConnection(broker.port)
+    try:
+        waiter.hello()
+        with broker.client() as c:
+            c.submit("echo", {}, task_id="t1")
+        waiter.send_bytes(b"".join(encode(WaitTask(10 + i, "t1", 60_000)) for i in range(10_001)))
+        nack = waiter.expect_nack("BAD_REQUEST", rid=10_010)
+        assert "10000 waits" in nack.message
+        worker.hello(role="worker", client_id="w1")
+        worker.send_bytes(
+            b"".join(encode(ClaimTask(10 + i, ["idle"], 1, 60_000)) for i in range(17))
+        )
+        nack = worker.expect_nack("BAD_REQUEST", rid=26)
+        assert "16 claims" in nack.message
+        with broker.client() as c:
+            assert c.stats()["counters"]["waits"] == 10_000
+    finally:
+        waiter.close()
+        worker.close()

@@ -74,6 +74,14 @@ MAX_CLAIM = 10_000
 MAX_LIST = 10_000
 MAX_EXPORT_PAGE = 50_000
 MAX_WATCHES = 8  # per connection
+# Requests the broker holds open for a connection: each costs memory (~2.4 KB a wait) and every
+# parked claim is looked at when a task becomes ready, so a peer must not open them without end.
+MAX_OPEN_CLAIMS = 16  # per connection; a worker has one open at a time
+MAX_OPEN_WAITS = 10_000  # per connection
+# Replies queued for a peer that does not read them: reading from it stops above the transport's
+# high-water mark; what requests already read still produce is capped here (the connection is
+# closed), as a 17-byte status request can ask for a 10 MiB reply.
+WRITE_HIGH_WATER = 1024 * 1024
 WATCH_SNDBUF = 128 * 1024
 
 
@@ -191,8 +199,12 @@ class Connection(asyncio.Protocol):
         self.worker_id: str | None = None
         self.closed = False
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
         self.peer = ""
+        self._open_claims = 0
+        self._open_waits = 0
+        self._max_backlog = max(64 * 1024 * 1024, 4 * core.config.max_frame_bytes)
 
     # --- transport callbacks ---------------------------------------------------------------------
 
@@ -201,6 +213,17 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.server.connections.add(self)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def pause_writing(self) -> None:
+        """The peer reads slower than we answer: stop reading its requests until it catches up
+        (a client that never reads made the broker buffer replies without limit)."""
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -248,7 +271,14 @@ class Connection(asyncio.Protocol):
     def _send(self, msg: Any) -> None:
         if self.closed:
             return
-        self._out.append(encode(msg))
+        frame = encode(msg)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_bytes > self._max_backlog and self.transport is not None:
+            # before the next flush: one read of small requests can ask for gigabytes
+            if self._out_bytes + self.transport.get_write_buffer_size() > self._max_backlog:
+                self._abort_slow_reader()
+                return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.server.want_flush(self)
@@ -259,7 +289,25 @@ class Connection(asyncio.Protocol):
             self._out.clear()
             return
         out, self._out = self._out, []
+        self._out_bytes = 0
         self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if self.transport.get_write_buffer_size() > self._max_backlog:
+            self._abort_slow_reader()
+
+    def _abort_slow_reader(self) -> None:
+        assert self.transport is not None
+        log.warning(
+            "tcp.slow_reader_closed",
+            extra=kv(
+                peer=self.peer,
+                backlog_bytes=self._out_bytes + self.transport.get_write_buffer_size(),
+                limit_bytes=self._max_backlog,
+            ),
+        )
+        self._out.clear()
+        self._out_bytes = 0
+        self.closed = True
+        self.transport.abort()
 
     def _close_after_flush(self) -> None:
         self._flush()
@@ -321,12 +369,21 @@ class Connection(asyncio.Protocol):
         if not 0 < msg.max <= MAX_CLAIM:
             raise BadRequest(f"max must be 1 to {MAX_CLAIM}")
         rid = msg.rid
+        if self._open_claims >= MAX_OPEN_CLAIMS:
+            raise BadRequest(f"at most {MAX_OPEN_CLAIMS} claims open per connection")
+        self._open_claims += 1
+        reply = self._replier(rid, lambda tasks: Leased(rid, tasks))
+
+        def answer(value: Any) -> None:
+            self._open_claims -= 1
+            reply(value)
+
         self.core.claim(
             worker_id,
             msg.queues,
             msg.max,
             min(max(msg.wait_ms, 0), 300_000),
-            self._replier(rid, lambda tasks: Leased(rid, tasks)),
+            answer,
             self,
         )
 
@@ -370,9 +427,16 @@ class Connection(asyncio.Protocol):
 
     def _on_wait(self, msg: WaitTask) -> None:
         rid = msg.rid
-        self.core.wait(
-            msg.task_id, msg.timeout_ms, self._replier(rid, lambda t: TaskInfoReply(rid, t)), self
-        )
+        if self._open_waits >= MAX_OPEN_WAITS:
+            raise BadRequest(f"at most {MAX_OPEN_WAITS} waits open per connection")
+        self._open_waits += 1
+        reply = self._replier(rid, lambda t: TaskInfoReply(rid, t))
+
+        def answer(value: Any) -> None:
+            self._open_waits -= 1
+            reply(value)
+
+        self.core.wait(msg.task_id, msg.timeout_ms, answer, self)
 
     def _on_list(self, msg: ListTasks) -> None:
         self._require_serving()
