@@ -57,6 +57,7 @@ class BrokerApp:
         gc.set_threshold(50_000, 20, 100)
         self.port = await self.tcp.start(self.config.host, self.config.port)
         self.core.start_replication(self.port)
+        await self.core.replication_bound()
         if self.http_port is not None:
             from tq.broker.http import HttpServer  # aiohttp only when HTTP is on
 

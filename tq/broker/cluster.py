@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import io
 import json
 import logging
@@ -44,7 +45,14 @@ from typing import Any, Protocol
 
 import msgspec
 import pysyncobj.syncobj as _pso
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj import (
+    FAIL_REASON,
+    SyncObj,
+    SyncObjConf,
+    SyncObjConsumer,
+    SyncObjException,
+    replicated,
+)
 from pysyncobj.journal import Journal
 from pysyncobj.transport import TCPTransport
 
@@ -649,6 +657,10 @@ class RaftLog:
             logCompactionMinTime=self._compaction[1],
             dynamicMembershipChange=self._dynamic,
             bindAddress=self._bind_address,
+            # default 0 is "retry for ever, once a second, silently": a node whose Raft port
+            # was taken reported ready and ran without Raft. See wait_bound().
+            maxBindRetries=3,
+            bindRetryTime=0.2,
             onStateChanged=self._state_changed_in_raft_thread,
             onReady=self._ready_in_raft_thread,
         )
@@ -661,6 +673,17 @@ class RaftLog:
             on_fatal=self._fatal_in_raft_thread,
             keep_next_index=self._keep_next_index,
         )
+
+    async def wait_bound(self) -> None:
+        """Return once the Raft port is bound; raise ``OSError`` (as a taken client port does)
+        if it cannot be."""
+        assert self._obj is not None
+        try:
+            await asyncio.to_thread(self._obj.waitBinded)
+        except SyncObjException:
+            raise OSError(
+                errno.EADDRINUSE, f"cannot bind the Raft port {self.self_addr} (in use?)"
+            ) from None
 
     async def close(self) -> None:
         if self._closed:
@@ -860,13 +883,27 @@ class RaftLog:
         cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def run() -> None:
+            if self._closed:  # the store may be closed already
+                cf.set_exception(Closed("raft log closed"))
+                return
             try:
                 cf.set_result(fn())
             except BaseException as exc:
                 cf.set_exception(exc)
 
         self._loop.call_soon_threadsafe(run)
-        return cf.result(timeout=self._snapshot_timeout)
+        # Wait in slices: a node stopping joins this thread from the loop (destroy_synchronous),
+        # so the loop will not run ``fn`` until we give up. Waiting the whole snapshot timeout
+        # held a node SIGTERMed while it loaded its snapshot at start-up for 30 s.
+        deadline = time.monotonic() + self._snapshot_timeout
+        while True:
+            try:
+                return cf.result(timeout=0.05)
+            except concurrent.futures.TimeoutError:
+                if self._closed:
+                    raise Closed("raft log closed") from None
+                if time.monotonic() > deadline:
+                    raise
 
     def _serialize_in_raft_thread(self, file_name: str, data: Any) -> None:
         # serializer.py:86-87: called as serializer(fullDumpFile + '.tmp', data[1:]) with
@@ -885,7 +922,8 @@ class RaftLog:
 
         t0 = time.monotonic()
         blob = self._run_in_loop(snap)  # queued after every apply up to target: FIFO
-        with open(file_name, "wb") as f:
+        fd = os.open(file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds payloads
+        with os.fdopen(fd, "wb") as f:
             pickle.dump({"v": 1, "index": target, "raft": data, "sm": blob}, f, protocol=4)
             f.flush()
             os.fsync(f.fileno())
@@ -900,6 +938,7 @@ class RaftLog:
             # traffic is: the file only ever comes from this node or from a peer authenticated
             # by the cluster secret (Fernet). Keep the Raft port private (DESIGN.md).
             d = pickle.load(f)  # noqa: S301
+            os.fchmod(f.fileno(), 0o600)  # pysyncobj writes a received one with its umask
             os.fsync(f.fileno())  # received snapshots are written without fsync
         index = d["index"]
 
@@ -1075,6 +1114,9 @@ class ClusterLog:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.raft.start()
+
+    async def wait_bound(self) -> None:
+        await self.raft.wait_bound()
 
     @property
     def is_leader(self) -> bool:

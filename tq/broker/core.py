@@ -217,6 +217,11 @@ class BrokerCore:
             self.log.client_address = f"tcp://{self.config.host}:{client_port}"
             self.log.start(self._loop)
 
+    async def replication_bound(self) -> None:
+        """Cluster mode: return once the Raft port is bound (``OSError`` if it cannot be)."""
+        if not isinstance(self.log, LocalLog):
+            await self.log.wait_bound()
+
     async def drain(self) -> None:
         """Stop taking commands, let the in-flight log write finish, close the store."""
         self.closing = True

@@ -275,10 +275,10 @@ class Connection(asyncio.Protocol):
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._out_bytes > self._max_backlog and self.transport is not None:
-            # before the next flush: one read of small requests can ask for gigabytes
-            if self._out_bytes + self.transport.get_write_buffer_size() > self._max_backlog:
-                self._abort_slow_reader()
-                return
+            # before the next flush (which checks the transport's buffer too): one read of
+            # small requests can ask for gigabytes
+            self._abort_slow_reader()
+            return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.server.want_flush(self)
@@ -565,8 +565,12 @@ class Connection(asyncio.Protocol):
         if msg.op not in ("add", "remove"):
             raise BadRequest("op must be add or remove")
         host, sep, port = msg.address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise BadRequest(f"{msg.address[:80]!r} is not host:port")
+        # A bad port used to pass: the phantom member could never answer, and a 3-node cluster
+        # then needed 3 of 4 votes, so losing one real node stopped it.
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise BadRequest(f"{msg.address[:80]!r} is not host:port (port 1-65535)")
+        if not host.isprintable() or any(c.isspace() for c in host):
+            raise BadRequest(f"{msg.address[:80]!r}: bad host name")
         rid = msg.rid
         self.core.cluster_change(msg.op, msg.address, self._replier(rid, lambda _: Ack(rid)))
 

@@ -17,7 +17,9 @@ def fsync_dir(path: str) -> None:
 def write_durably(path: str, data: bytes) -> None:
     """Write a small file atomically and durably: tmp, fsync, rename, fsync dir."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:  # a file object: no short write is left unfinished
+    # owner-only: these files hold task payloads (the Raft journal) or cluster state
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:  # a file object: no short write is left unfinished
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

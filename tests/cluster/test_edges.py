@@ -1,0 +1,104 @@
+"""Cluster edges a reviewer reproduced: a member address that can never answer, a Raft port
+another process holds, and a stop that lands while the Raft thread waits for the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tq import AsyncClient
+from tq.broker.cluster import Closed, RaftLog
+from tq.errors import BadRequest
+from tq.protocol.messages import Ack, ClusterChange
+
+from tests.cluster.conftest import MakeCluster
+from tests.cluster.harness import HOST, Cluster
+
+pytestmark = pytest.mark.cluster
+
+
+async def _change(url: str, address: str) -> None:
+    async with AsyncClient(url) as c:
+        await c.call(lambda rid: ClusterChange(rid, "add", address), Ack, retry=False, timeout_s=10)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:0", "bad host:7000"])
+def test_a_member_that_could_never_answer_is_refused(
+    make_cluster: MakeCluster, address: str
+) -> None:
+    """``cluster add 127.0.0.1:99999`` was accepted: the phantom member raised the quorum of a
+    3-node cluster to 3 of 4, so losing one real node stopped it."""
+    cluster = make_cluster(1)
+    with pytest.raises(BadRequest):
+        asyncio.run(_change(cluster.urls(), address))
+    view = cluster.nodes[0].cluster()
+    assert view is not None
+    assert view["peers"] == {}
+
+
+def test_a_taken_raft_port_stops_the_node_with_one_line(tmp_path: Path) -> None:
+    """The node used to print its ready line and run without Raft, retrying the bind every
+    second and logging nothing."""
+    cluster = Cluster(tmp_path, 1)
+    node = cluster.nodes[0]
+    blocker = socket.socket()
+    blocker.bind((HOST, node.raft_port))
+    blocker.listen()
+    try:
+        node.proc.args = node.args(cluster.secret_file, cluster.extra_args)
+        with pytest.raises(RuntimeError, match="broker did not become ready"):
+            node.proc.start(node.client_port)
+        assert node.proc.proc is not None
+        assert node.proc.proc.wait(10) == 1
+        err = node.proc.logs[-1].read_text().strip().splitlines()
+        assert err[-1].startswith("tq: ")
+        assert f"cannot bind the Raft port {node.raft_addr}" in err[-1]
+    finally:
+        blocker.close()
+        cluster.close()
+
+
+def test_the_raft_thread_stops_waiting_for_the_loop_once_the_log_closes() -> None:
+    """The Raft thread restores a snapshot through the event loop. A node stopped at that
+    moment joins the Raft thread from the loop, so the loop never runs the restore: both
+    waited for each other until the 30 s snapshot timeout (SIGTERM right after a restart)."""
+    raft = RaftLog.__new__(RaftLog)
+    raft._loop = asyncio.new_event_loop()  # never runs: the loop is busy stopping
+    raft._closed = False
+    raft._snapshot_timeout = 30.0
+    outcome: list[BaseException | object] = []
+
+    def raft_thread() -> None:
+        try:
+            outcome.append(raft._run_in_loop(lambda: "restored"))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=raft_thread)
+    thread.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    raft._closed = True  # what ClusterLog.close does before destroy_synchronous
+    thread.join(5)
+    try:
+        assert not thread.is_alive()
+        assert time.monotonic() - t0 < 1.0
+        assert isinstance(outcome[0], Closed)
+    finally:
+        raft._loop.close()
+
+
+def test_the_raft_files_are_owner_only(make_cluster: MakeCluster) -> None:
+    """They hold task payloads, like the single node's journal (0600); they were 0644."""
+    cluster = make_cluster(1)
+    with cluster.nodes[0].client() as c:
+        c.submit("echo", {"secret": "payload"})
+    data = cluster.nodes[0].proc.data_dir
+    files = [p for p in data.rglob("raft*") if p.is_file()]
+    assert files
+    for path in files:
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
