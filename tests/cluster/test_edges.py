@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tq import AsyncClient
+from tq import AsyncClient, Client
 from tq.broker.cluster import Closed, RaftLog
 from tq.errors import BadRequest
 from tq.protocol.messages import Ack, ClusterChange
@@ -102,3 +102,30 @@ def test_the_raft_files_are_owner_only(make_cluster: MakeCluster) -> None:
     assert files
     for path in files:
         assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
+
+
+def test_a_long_wait_follows_the_new_leader(make_cluster: MakeCluster) -> None:
+    """The client's window for redirects and reconnects (here max(1, 5) = 5 s) was counted
+    from the start of the call, so a wait already older than that failed at the first
+    failover instead of following the new leader."""
+    cluster = make_cluster(3)
+    with Client(cluster.urls()) as c:
+        tid = c.submit("echo", {})
+    result: list[object] = []
+
+    def waiter() -> None:
+        try:
+            with Client(cluster.urls(), connect_timeout_s=1.0) as c:
+                result.append(c.wait(tid, timeout_s=60).state)
+        except Exception as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(6.5)  # longer than the window: the wait is parked at the leader all along
+    cluster.kill(cluster.wait_leader())
+    cluster.wait_leader()
+    with Client(cluster.urls()) as c:
+        c.cancel(tid)
+    thread.join(30)
+    assert result == ["cancelled"]

@@ -287,19 +287,32 @@ class AsyncClient:
         attempts = 0
         loop = asyncio.get_running_loop()
         # Redirects and reconnects are retried for a while: a cluster elects a new leader in
-        # about a second, during which nodes answer NOT_LEADER without naming one.
-        deadline = loop.time() + max(self.connect_timeout_s, 5.0)
+        # about a second, during which nodes answer NOT_LEADER without naming one. The window
+        # bounds one outage, not the call: it starts at a failure, again after a request that
+        # was answered or in flight for a while (a wait of 40 s that met a failover at 12 s
+        # used to fail at once, its window spent while it waited).
+        window = max(self.connect_timeout_s, 5.0)
+        deadline: float | None = None
+
+        def outage_over(sent: float) -> bool:
+            nonlocal deadline
+            now = loop.time()
+            if deadline is None or now - sent > 1.0:
+                deadline = now + window
+            return now > deadline
+
         while True:
             conn = self._conn
             if conn is None or conn.error is not None:
                 conn = await self.connect()
             rid = conn.next_rid()
+            sent = loop.time()
             try:
                 reply = await conn.send(rid, build(rid), timeout_s or self.timeout_s)
                 raise_for(reply)
             except NotLeader as exc:
                 attempts += 1
-                if loop.time() > deadline:
+                if outage_over(sent):
                     raise
                 self._follow(exc.leader)
                 if exc.leader is None:
@@ -307,7 +320,7 @@ class AsyncClient:
                 continue
             except BrokerUnavailable:
                 attempts += 1
-                if not retry or loop.time() > deadline:
+                if not retry or outage_over(sent):
                     raise
                 await asyncio.sleep(min(0.02 * attempts, 0.2))
                 continue
