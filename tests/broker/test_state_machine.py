@@ -1019,3 +1019,31 @@ def test_a_stale_retry_timer_decides_nothing() -> None:
             store.close()
         for root in roots:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_list_page_ends_early_once_its_results_add_up_to_max_bytes() -> None:
+    """Fifty big results made one list reply bigger than the frame limit."""
+    root = tempfile.mkdtemp(prefix="tq-list-bytes-")
+    store, sm = _open(f"{root}/store")
+    try:
+        ids = [f"t{i}" for i in range(6)]
+        sm.apply(START_MS, [Submit([TaskSpec(id=t, name="job", payload=b"") for t in ids])])
+        (leases,) = sm.apply(START_MS, [Claim("w1", ["default"], 6)]).results
+        done = [Outcome(lt.task.id, lt.token, True, result=b"r" * 1000) for lt in leases]
+        sm.apply(START_MS, [Report("w1", done)])
+        pages: list[list[str]] = []
+        after: str | None = None
+        while True:
+            page, after = sm.list_tasks(TaskState.COMPLETED, None, None, 100, after, 2000)
+            pages.append([t.id for t in page])
+            if after is None:
+                break
+        assert pages == [["t0", "t1"], ["t2", "t3"], ["t4", "t5"], []]
+        one, _ = sm.list_tasks(TaskState.COMPLETED, None, None, 100, None, 1)
+        assert [t.id for t in one] == ["t0"]  # never an empty page with a cursor
+        everything, cursor = sm.list_tasks(TaskState.COMPLETED, None, None, 100, None)
+        assert len(everything) == 6
+        assert cursor is None
+    finally:
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)

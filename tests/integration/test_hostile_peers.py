@@ -17,9 +17,11 @@ from tq.protocol.messages import (
     ClaimTask,
     Hello,
     Leased,
+    Outcome,
     QueryStatus,
     SubmitTask,
     TaskInfoReply,
+    TaskResult,
     TaskSpec,
     WaitTask,
 )
@@ -172,4 +174,33 @@ def test_open_waits_and_claims_per_connection_are_bounded(broker_factory: Broker
             assert c.stats()["counters"]["waits"] == 10_000
     finally:
         waiter.close()
+        worker.close()
+
+
+def test_replies_bigger_than_the_frame_limit_still_reach_the_client(
+    broker_factory: BrokerFactory,
+) -> None:
+    """Not hostile at all: a 9 MiB payload with a 9 MiB result, and three 6 MiB results, are
+    within every limit, but the status reply (18 MiB) and a list page (27 MiB) were over the
+    16 MiB frame limit, so ``status``, ``wait`` and ``list`` failed with FRAME_TOO_LARGE."""
+    broker = broker_factory()
+    worker = RawConnection(broker.port, timeout=30)
+    try:
+        with broker.client() as c:
+            c.submit("echo", "p" * (9 << 20), task_id="big")
+            worker.hello(role="worker", client_id="w1")
+            results = {"big": 9 << 20, "r0": 6 << 20, "r1": 6 << 20, "r2": 6 << 20}
+            for i, (tid, size) in enumerate(results.items()):
+                if tid != "big":
+                    c.submit("echo", {}, task_id=tid)
+                leased = worker.request(ClaimTask(10 + i, ["default"], 1))
+                assert isinstance(leased, Leased)
+                token = leased.tasks[0].token
+                outcome = Outcome(tid, token, True, b'"' + b"r" * size + b'"')
+                assert isinstance(worker.request(TaskResult(20 + i, outcome)), Ack)
+            assert c.status("big").result == "r" * (9 << 20)
+            assert c.wait("big", timeout_s=5).state == "completed"
+            listed = c.list("completed", limit=50)
+            assert sorted(t.id for t in listed) == sorted(results)
+    finally:
         worker.close()

@@ -1117,8 +1117,14 @@ class StateMachine:
         name: str | None,
         limit: int,
         after: str | None,
+        max_bytes: int | None = None,
     ) -> tuple[list[Task], str | None]:
-        """A page of tasks in one state; ``after`` is the cursor the previous page returned."""
+        """A page of tasks in one state; ``after`` is the cursor the previous page returned.
+
+        With ``max_bytes`` the page also ends (with a cursor) once its results and errors add
+        up to that much: fifty 350 KB results made a reply over the frame limit, and
+        ``tq list`` failed on legitimate data. A page always holds at least one task."""
+        size = 0
         if state is TaskState.RUNNING:
             tasks = sorted((lease.task for lease in self.leases.values()), key=lambda t: t.id)
             if after:
@@ -1150,7 +1156,11 @@ class StateMachine:
             if name and task.name != name:
                 continue
             out.append(msgspec.structs.replace(task, payload=b""))
-            if len(out) >= limit:
+            if max_bytes is not None:
+                size += 256 + len(task.result or b"")
+                if task.error is not None:
+                    size += len(task.error.message) + len(task.error.traceback)
+            if len(out) >= limit or (max_bytes is not None and size >= max_bytes):
                 cursor = key.hex() if state is TaskState.PENDING else task.id
                 return out, cursor
         return out, None

@@ -649,7 +649,12 @@ class Connection(asyncio.Protocol):
             return
         try:
             tasks, cursor = self.core.sm.list_tasks(
-                state, msg.queue, msg.name, msg.limit, msg.after
+                state,
+                msg.queue,
+                msg.name,
+                msg.limit,
+                msg.after,
+                max_bytes=self.core.config.max_frame_bytes // 2,
             )
         except ValueError:
             self._send(Nack(msg.rid, BadRequest.code, "bad cursor"))

@@ -472,7 +472,14 @@ class AsyncClient:
         name: str | None = None,
         limit: int = 100,
     ) -> builtins.list[TaskInfo]:
-        tasks, _ = await self.list_page(state, queue=queue, name=name, limit=limit)
+        # The broker ends a page early when its results are big (it must fit in a frame):
+        # follow the cursor until ``limit`` tasks or the end.
+        tasks, after = await self.list_page(state, queue=queue, name=name, limit=limit)
+        while after is not None and len(tasks) < limit:
+            more, after = await self.list_page(
+                state, queue=queue, name=name, limit=limit - len(tasks), after=after
+            )
+            tasks += more
         return tasks
 
     async def cancel(self, task_id: str) -> TaskInfo:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from tq.errors import BrokerUnavailable, FrameTooLarge, NotLeader, TqError, error_from_code
+from tq.model import MAX_PAYLOAD_BYTES
 from tq.protocol.codec import decode_response, encode
 from tq.protocol.framing import HEADER_BYTES, FrameDecoder
 from tq.protocol.messages import Nack, Response, Welcome
@@ -24,7 +25,9 @@ EARLY_FLUSH_BYTES = 16 * 1024
 
 class Connection(asyncio.Protocol):
     def __init__(self, max_frame_bytes: int) -> None:
-        self._decoder = FrameDecoder(max_frame_bytes)
+        # Replies may exceed the frame limit requests are held to: one task's record carries
+        # its payload and its result (up to 10 MiB each) besides its error.
+        self._decoder = FrameDecoder(max_frame_bytes + 2 * MAX_PAYLOAD_BYTES + (1 << 20))
         self._pending: dict[int, asyncio.Future[Response]] = {}
         self._rids = itertools.count(1)
         self.transport: asyncio.Transport | None = None
