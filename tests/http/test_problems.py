@@ -190,3 +190,22 @@ def test_a_wrong_token_on_tcp_is_said_at_once_and_the_token_is_never_logged(
     with Client(broker.url, token="s3cret-tcp") as c:
         assert "states" in c.stats()
     assert "s3cret-tcp" not in broker.err_path.read_text()
+
+
+def test_a_client_that_aborts_its_upload_leaves_no_traceback(http_broker: HttpBroker) -> None:
+    """Anybody could fill the broker's log with ERROR records and tracebacks by starting big
+    uploads and hanging up."""
+    import socket
+
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", http_broker.http_port))
+        sock.sendall(
+            b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 20000000\r\n\r\n" + b"x" * 1000
+        )
+        sock.close()
+    time.sleep(0.5)
+    assert http_broker.api().get("/healthz").status == 200
+    log = http_broker.err_path.read_text()
+    assert "handler_failed" not in log
+    assert "Traceback" not in log

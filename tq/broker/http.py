@@ -492,6 +492,11 @@ class HttpServer:
                 if exc.status < 400:
                     raise
                 return _http_error(exc, request)
+            except ConnectionResetError:
+                # The client went away mid-request (an aborted upload): not the broker's fault,
+                # and logging a traceback per occurrence would let anyone fill the log.
+                log.info("http.client_gone", extra=kv(path=request.path))
+                return web.Response(status=400)  # nobody reads it; aiohttp drops it quietly
             except Exception as exc:  # a handler bug costs one request, never the broker
                 log.exception("http.handler_failed", extra=kv(path=request.path))
                 return problem_response(
