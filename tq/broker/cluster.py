@@ -475,6 +475,19 @@ class _TqSyncObj(SyncObj):
         super().__init__(*args, transportClass=_TqTransport, **kwargs)
         self.addOnTickCallback(self._tq_flush)  # end of tick: after this tick's commands
         self.addOnTickCallback(self._tq_keepalive)
+        self.addOnTickCallback(self._tq_wake_if_alone)
+
+    def _tq_wake_if_alone(self) -> None:
+        # A cluster of one member: the leader appends this tick's commands after it counted
+        # commits (syncobj.py _onTick), and no peer's answer wakes the poll that follows, so
+        # every entry waited the whole autoTickPeriod: 52 ms a sequential submit, measured.
+        # With entries left to commit, wake the poll at once (the next tick commits them).
+        if self.otherNodes or not self._isLeader():
+            return
+        if self._SyncObj__getCurrentLogIndex() > self._SyncObj__raftCommitIndex:
+            notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+            if notifier is not None:
+                notifier.notify()
 
     def _tq_keepalive(self) -> None:
         # Followers never send each other anything, and a TcpConnection that read nothing for
