@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from tq import AsyncClient, Client
-from tq.broker.cluster import Closed, RaftLog
+from tq.broker.cluster import Closed, RaftLog, _other_peers
 from tq.errors import BadRequest
 from tq.protocol.messages import Ack, ClusterChange
 
@@ -145,3 +145,16 @@ def test_a_cluster_of_one_commits_without_waiting_for_the_tick(make_cluster: Mak
             took.append(time.perf_counter() - t0)
     took.sort()
     assert took[len(took) // 2] < 0.025, took
+
+
+def test_a_peer_list_naming_this_node_by_another_name_is_cleaned() -> None:
+    """``localhost:PORT`` beside ``127.0.0.1:PORT`` made a node count itself as a member it
+    could never reach."""
+    peers = [
+        "localhost:7000",
+        "127.0.0.1:7001",
+        "localhost:7001",
+        "127.0.0.1:7000",
+        "10.9.8.7:7000",
+    ]
+    assert _other_peers("127.0.0.1:7000", peers) == ["127.0.0.1:7001", "10.9.8.7:7000"]

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import pickle
+import socket
 import struct
 import tarfile
 import tempfile
@@ -579,6 +580,35 @@ class _Consumer(SyncObjConsumer):
 # --------------------------------------------------------------------------------------------
 
 
+def _endpoint(addr: str) -> tuple[frozenset[str], str]:
+    """The IP addresses a ``host:port`` names, and its port (the host itself if it does not
+    resolve)."""
+    host, _, port = addr.rpartition(":")
+    try:
+        ips = frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None))
+    except (OSError, UnicodeError):
+        ips = frozenset([host])
+    return ips or frozenset([host]), port
+
+
+def _other_peers(self_addr: str, peers: list[str]) -> list[str]:
+    """``peers`` without this node and without repeats, by what the addresses resolve to: a
+    node given itself as ``localhost:PORT`` beside ``127.0.0.1:PORT`` counted itself as one
+    more member it could never reach (it then could not win an election with a peer down)."""
+    me = _endpoint(self_addr)
+    seen: list[tuple[frozenset[str], str]] = [me]
+    out: list[str] = []
+    for peer in peers:
+        ips, port = _endpoint(peer)
+        if any(port == p and ips & known for known, p in seen):
+            if peer != self_addr:
+                log.warning("cluster.peer_ignored %s: names this node or an earlier peer", peer)
+            continue
+        seen.append((ips, port))
+        out.append(peer)
+    return out
+
+
 class RaftLog:
     def __init__(
         self,
@@ -605,7 +635,7 @@ class RaftLog:
         on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.self_addr = self_addr
-        self.peers = [p for p in peers if p != self_addr]
+        self.peers = _other_peers(self_addr, peers)
         self.data_dir = data_dir
         self.sm = sm
         self._password = password
