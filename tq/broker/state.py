@@ -789,12 +789,12 @@ class StateMachine:
                     lease.key, task.attempt, task.started_at_ms, worker_id, lease.token, deadline
                 )
                 batch.put(CF_IN_PROGRESS, ref.task_id.encode(), encode(mark))
-        if worker is not None and len(worker.leases) > len(leases):
+        listed = {ref.task_id for ref in leases} if worker is not None else set()
+        if worker is not None and len(worker.leases) > len(listed):  # a set: repeats count once
             # A heartbeat lists everything the worker runs or has not yet reported. A lease it
             # does not list, claimed long enough ago for the claim's reply to have arrived, is
             # one the worker never received (a reply lost in a failover): hand the task back
             # now instead of letting it sit out the whole lease.
-            listed = {ref.task_id for ref in leases}
             cutoff = now - UNLISTED_GRACE_MS
             for task_id in sorted(worker.leases - listed):
                 lease = self.leases.get(task_id)
