@@ -26,7 +26,9 @@ async def _change(url: str, address: str) -> None:
         await c.call(lambda rid: ClusterChange(rid, "add", address), Ack, retry=False, timeout_s=10)
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:0", "bad host:7000"])
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:99999", "127.0.0.1:0", "bad host:7000", "127.0.0.1:7\u00b2"]
+)
 def test_a_member_that_could_never_answer_is_refused(
     make_cluster: MakeCluster, address: str
 ) -> None:

@@ -567,7 +567,12 @@ class Connection(asyncio.Protocol):
         host, sep, port = msg.address.rpartition(":")
         # A bad port used to pass: the phantom member could never answer, and a 3-node cluster
         # then needed 3 of 4 votes, so losing one real node stopped it.
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if (
+            not sep
+            or not host
+            or not (port.isascii() and port.isdigit())
+            or not 0 < int(port) < 65536
+        ):
             raise BadRequest(f"{msg.address[:80]!r} is not host:port (port 1-65535)")
         if not host.isprintable() or any(c.isspace() for c in host):
             raise BadRequest(f"{msg.address[:80]!r}: bad host name")
