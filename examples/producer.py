@@ -4,7 +4,9 @@
     .venv/bin/python examples/producer.py [tcp://127.0.0.1:7700]
 
 The broker address comes from the first argument, else ``TQ_BROKER``, else
-``tcp://127.0.0.1:7700``.
+``tcp://127.0.0.1:7700``. Exit code 0 when every task completed; 1 when one did not (a ``flaky``
+task that failed all its attempts ends ``dead``); 2 when the address is not one or no broker
+answers.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ from tq.errors import TqError, WaitTimeout
 
 def main() -> int:
     url = sys.argv[1] if len(sys.argv) > 1 else None  # None: TQ_BROKER or the default
+    try:
+        client = Client(url)  # reads the address; connects on `with`
+    except ValueError as exc:  # not a broker address, e.g. "nonsense"
+        print(f"producer: {exc}", file=sys.stderr)
+        return 2
     started = time.monotonic()
-    with Client(url) as client:
+    with client:
         # One durable write for the whole batch; the ids come back in order.
         add_ids = client.submit_batch("add", [{"a": i, "b": i * i} for i in range(20)])
         # These fail ~30% of the time; each gets 3 retries with exponential backoff.
@@ -56,9 +63,10 @@ def main() -> int:
         print(f"final states: {dict(states)}; retries needed: {retried}")
         print(f"broker totals: {client.stats()['states']}")
     print(f"done in {time.monotonic() - started:.1f}s")
-    # Every task reached a final state (a flaky one may end dead after its retries: that is the
-    # dead-letter queue doing its job, not a failure of the producer).
-    return 0 if "not finished" not in states else 1
+    # The exit code says whether the work got done, so that `producer.py && next-step` stops
+    # when it did not: a task that ended dead (it waits in the dead-letter queue for someone to
+    # retry it) or did not finish is exit 1, as `tq submit --wait` exits 1 for a dead task.
+    return 0 if set(states) == {"completed"} else 1
 
 
 if __name__ == "__main__":

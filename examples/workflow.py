@@ -6,7 +6,9 @@
 tq has no task dependencies: the workflow lives in the producer. It submits the fan-out as one
 batch, waits for every task concurrently (``AsyncClient`` multiplexes all the waits over one
 connection and the broker pushes each result as it lands; nothing polls), and submits the
-``summarize`` step only once the whole batch has finished.
+``summarize`` step only once the whole batch has finished. Exit code 0 when the summary is
+done, 1 when the ``summarize`` task did not complete, 2 when the address is not one or no broker
+answers.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ IMAGES = [
 ]
 
 
-async def run(url: str | None) -> dict[str, Any]:
-    async with AsyncClient(url) as client:
+async def run(client: AsyncClient) -> dict[str, Any]:
+    async with client:
         # 1. Fan out: one durable write for the whole batch.
         ids = await client.submit_batch(
             "resize", [{**image, "max_side": 512} for image in IMAGES], max_retries=2
@@ -52,7 +54,12 @@ async def run(url: str | None) -> dict[str, Any]:
 def main() -> int:
     url = sys.argv[1] if len(sys.argv) > 1 else None  # None: TQ_BROKER or the default
     try:
-        summary = asyncio.run(run(url))
+        client = AsyncClient(url)  # reads the address; connects in run()
+    except ValueError as exc:  # not a broker address, e.g. "nonsense"
+        print(f"workflow: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = asyncio.run(run(client))
     except TqError as exc:
         print(f"workflow: {exc.code}: {exc.message}", file=sys.stderr)
         return 2

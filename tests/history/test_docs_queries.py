@@ -5,6 +5,7 @@ or are recomputed in Python from the raw rows."""
 from __future__ import annotations
 
 import re
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 from tq.history import QueryResult, run_query
 
-from tests.history.conftest import BY_NAME, SLEEP_MS, Workload
+from tests.conftest import ok, subprocess_env
+from tests.history.conftest import BY_NAME, SLEEP_MS, TOTAL, TQ, Workload, tq
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "history.md"
 
@@ -119,3 +121,51 @@ def test_every_other_query_in_the_doc_runs(workload: Workload) -> None:
     for sqls in QUERIES.values():
         for sql in sqls:
             run_query(str(workload.exports["duckdb"]), sql)  # raises HistoryError if broken
+
+
+def _every_doc_query() -> list[str]:
+    return [sql for sqls in QUERIES.values() for sql in sqls]
+
+
+def test_the_doc_shows_six_queries() -> None:
+    assert len(_every_doc_query()) == 6
+
+
+@pytest.mark.parametrize("sql", _every_doc_query(), ids=lambda sql: sql.split()[1])
+def test_every_query_in_the_doc_runs_through_the_command_as_the_doc_says(
+    workload: Workload, tmp_path: Path, sql: str
+) -> None:
+    """``tq history "$(cat query.sql)"`` and ``tq history - < query.sql``, both with the JSON
+    output, give the same rows (a query starting with a `--` comment failed the first way)."""
+    query = tmp_path / "query.sql"
+    query.write_text(sql)
+    export = str(workload.exports["parquet"])
+    # "$(cat query.sql)": the file's text without its trailing newlines, as one argument
+    as_argument = ok(
+        tq(
+            "history",
+            "--from",
+            export,
+            "-o",
+            "json",
+            query.read_text().rstrip("\n"),
+            state_dir=workload.state_dir,
+        )
+    )
+    with query.open() as stdin:
+        from_stdin = subprocess.run(
+            [*TQ, "history", "--from", export, "-o", "json", "-"],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=subprocess_env(XDG_STATE_HOME=str(workload.state_dir)),
+            check=False,
+        )
+    assert ok(from_stdin) == as_argument
+
+
+def test_sql_that_starts_with_a_comment_is_sql_not_an_option(workload: Workload) -> None:
+    sql = "-- the finished tasks by state\nSELECT count(*) AS n FROM tasks"
+    out = ok(tq("history", "-o", "csv", sql, state_dir=workload.state_dir))
+    assert out == f"n\n{TOTAL}\n"

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from tq.history import HistoryQuery
 
 from tests.conftest import ok, one_line_error, subprocess_env
@@ -110,3 +111,33 @@ def test_sql_can_come_from_stdin(workload: Workload) -> None:
         check=False,
     )
     assert ok(result) == f"n\n{BY_STATE['dead']}\n"
+
+
+def test_a_mistyped_option_or_a_second_argument_is_a_usage_error(workload: Workload) -> None:
+    state_dir = workload.state_dir
+    line = one_line_error(tq("history", "--form", "x.csv", "SELECT 1", state_dir=state_dir), 2)
+    assert "no such option: --form" in line
+    line = one_line_error(tq("history", "SELECT 1", "-x", state_dir=state_dir), 2)
+    assert "no such option: -x" in line
+    line = one_line_error(tq("history", "SELECT 1", "SELECT 2", state_dir=state_dir), 2)
+    assert "SELECT 2" in line
+
+
+def test_json_output_writes_nan_and_infinity_as_null(workload: Workload) -> None:
+    sql = (
+        "SELECT 0.0 / 0.0 AS ratio, 1.0 / 0.0 AS inf, -1.0 / 0.0 AS neg, 1.5 AS fine, "
+        "[0.0 / 0.0, 2.5] AS list, {'x': 1.0 / 0.0} AS struct"
+    )
+    out = history(workload, "-o", "json", sql)
+    # strict parsing: Python's json.loads would accept the bare words NaN and Infinity
+    rows = json.loads(out, parse_constant=lambda word: pytest.fail(f"not JSON: {word}"))
+    assert rows == [
+        {"ratio": None, "inf": None, "neg": None, "fine": 1.5, "list": [None, 2.5],
+         "struct": {"x": None}}
+    ]  # fmt: skip
+
+
+def test_an_error_naming_brackets_shows_them_as_they_are(workload: Workload) -> None:
+    line = one_line_error(tq("history", 'SELECT 1 FROM "[x]"', state_dir=workload.state_dir))
+    assert "[x]" in line
+    assert "\\[" not in line  # escaped twice, the message showed a backslash

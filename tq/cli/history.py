@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import enum
 import json
+import math
 import os
 import sys
 import time
@@ -41,7 +42,12 @@ class QueryFormat(enum.StrEnum):
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
     app.command("export")(export)
-    app.command("history")(history)
+    # Unknown options reach history() as arguments: SQL that starts with a `--` comment (as a
+    # file of SQL often does: `tq history "$(cat query.sql)"`) is SQL, not an option; history()
+    # itself still refuses a mistyped option (see _unknown_option).
+    app.command(
+        "history", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
+    )(history)
 
 
 def last_export_file() -> Path:
@@ -85,10 +91,10 @@ def export(
         since_ms = parse_when(since, now_ms) if since else 0
         until_ms = parse_when(until, now_ms) if until else 0
     except HistoryError as exc:
-        fail(escape(exc.message), code=2)
+        fail(exc.message, code=2)  # (fail prints its message as text: no markup escaping)
     for s in state or ():
         if s not in FINISHED:
-            fail(f"--state must be one of {', '.join(FINISHED)}, not {escape(repr(s))}", code=2)
+            fail(f"--state must be one of {', '.join(FINISHED)}, not {s!r}", code=2)
 
     async def go(client: AsyncClient) -> ExportSummary | HistoryError:
         try:
@@ -106,7 +112,7 @@ def export(
 
     result = _run_client(go, broker)
     if isinstance(result, HistoryError):
-        fail(escape(result.message))
+        fail(result.message)
     _remember(os.path.abspath(result.path))
     if quiet:
         return
@@ -150,6 +156,7 @@ def _latest_export() -> str:
 
 
 def history(
+    ctx: typer.Context,
     sql: str = typer.Argument(..., help="DuckDB SQL over the table `tasks` ('-' reads stdin)"),
     source: str | None = typer.Option(
         None, "--from", "-f", help="an export file (default: the latest `tq export`)"
@@ -165,6 +172,11 @@ def history(
     ready queries)."""
     from tq.history import HistoryError, HistoryQuery
 
+    for arg in (sql, *ctx.args):
+        if _unknown_option(arg):
+            fail(f"no such option: {arg} (see tq history --help)", code=2)
+    if ctx.args:
+        fail(f"one SQL argument expected, got also: {' '.join(ctx.args)}", code=2)
     if sql == "-":
         sql = sys.stdin.read()
     path = source or _latest_export()
@@ -178,7 +190,26 @@ def history(
             else:
                 _write_table(columns, batches, max_rows)
     except HistoryError as exc:
-        fail(escape(exc.message))
+        fail(exc.message)
+
+
+def _unknown_option(arg: str) -> bool:
+    """``arg`` looks like a mistyped option (``--form``, ``-x``) rather than SQL: SQL that starts
+    with a dash is a ``--`` comment, which runs to the end of its line, so holds whitespace."""
+    return arg.startswith("-") and arg != "-" and not any(c.isspace() for c in arg)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None, also inside lists and structs: JSON has no
+    such numbers, and json.dumps would write the bare words NaN and Infinity, which no JSON
+    parser accepts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
 
 
 def _plain(value: Any) -> Any:
@@ -188,7 +219,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, Decimal):
-        return float(value)
+        return float(value) if value.is_finite() else None
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).hex()
     return str(value)
@@ -201,7 +232,8 @@ def _write_json(columns: list[str], batches: Iterator[list[tuple[Any, ...]]]) ->
     for batch in batches:
         for row in batch:
             out.write("\n  " if first else ",\n  ")
-            out.write(json.dumps(dict(zip(columns, row, strict=True)), default=_plain))
+            record = {c: _finite(v) for c, v in zip(columns, row, strict=True)}
+            out.write(json.dumps(record, default=_plain, allow_nan=False))
             first = False
     out.write("\n]\n" if not first else "]\n")
 

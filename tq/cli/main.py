@@ -142,6 +142,15 @@ def _broker_config(
     )
 
 
+def _check_host_port(what: str, address: str) -> None:
+    """A Raft address must be ``host:port`` with a host and a port from 1 to 65535: a bad one
+    (port 0 or 70000, no host) used to pass `isdigit` and only failed later, at connect time."""
+    host, sep, port = address.rpartition(":")
+    # isascii: str.isdigit also accepts digits such as "²", which int() refuses
+    if not (sep and host.strip() and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        fail(f"{what} is not host:port (a host, and a port from 1 to 65535)", code=2)
+
+
 def _cluster_options(
     node_id: str | None,
     raft_port: int | None,
@@ -153,6 +162,9 @@ def _cluster_options(
         if peers or raft_bind or raft_secret_file:
             fail("--peers, --raft-bind and --raft-secret-file need --raft-port", code=2)
         return {}
+    peer_list = tuple(p.strip() for p in (peers or "").split(",") if p.strip())
+    for peer in peer_list:  # first: a usage error is the only line on stderr, before any warning
+        _check_host_port(f"--peers entry {peer!r}", peer)
     secret = None
     if raft_secret_file:
         try:
@@ -175,11 +187,6 @@ def _cluster_options(
             "cluster.no_secret: Raft traffic is not encrypted; keep the Raft port private "
             "or pass --raft-secret-file"
         )
-    peer_list = tuple(p.strip() for p in (peers or "").split(",") if p.strip())
-    for peer in peer_list:
-        host, sep, port = peer.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            fail(f"--peers entry {peer!r} is not host:port", code=2)
     return {
         "raft_port": raft_port,
         "node_id": node_id or "",
@@ -467,6 +474,20 @@ def _task_rows(tasks: list[Any]) -> list[list[Any]]:
 
 _TASK_COLUMNS = ["id", "name", "queue", "priority", "state", "attempt", "submitted", "result"]
 
+# The broker's limits of a task (validate_spec in tq/broker/tcp.py; docs/architecture.md,
+# "Limits"), checked here as well: a value out of range is a usage error (exit 2, one line)
+# before anything is sent, not the broker's BAD_REQUEST (exit 1). Not imported from the broker,
+# which would load it into every command; tests/cli/test_usage_errors.py keeps them equal.
+MAX_RETRIES = 1000
+MAX_TIMEOUT_S = 7 * 86400.0
+
+
+def _check_name(what: str, value: str) -> None:
+    from tq.model import valid_name
+
+    if not valid_name(value):
+        fail(f"{what} {value!r} must be 1-200 of A-Za-z0-9_.:-", code=2)
+
 
 def _show_task(info: Any, fmt: Format) -> None:
     if fmt is not Format.table:
@@ -488,7 +509,7 @@ def submit(
     payload: str = typer.Argument("null", help="payload as JSON"),
     priority: str = typer.Option("normal", "--priority", "-p", help="high, normal or low"),
     queue: str = typer.Option("default", "--queue", "-q"),
-    max_retries: int = typer.Option(3, "--max-retries", min=0),
+    max_retries: int = typer.Option(3, "--max-retries", help="retries after the first attempt"),
     timeout: float = typer.Option(300.0, "--timeout", help="handler timeout (s)"),
     wait: bool = typer.Option(False, "--wait", "-w", help="wait for the result and print it"),
     wait_timeout: float = typer.Option(60.0, "--wait-timeout"),
@@ -502,6 +523,11 @@ def submit(
         fail(f"payload is not valid JSON: {exc}", code=2)
     if priority.lower() not in ("high", "normal", "low"):
         fail("--priority must be high, normal or low", code=2)
+    _check_name("task name", name)
+    _check_name("--queue", queue)
+    _check_range("--max-retries", max_retries, 0, MAX_RETRIES)
+    if not 0 < timeout <= MAX_TIMEOUT_S:  # NaN fails this too
+        fail(f"--timeout must be above 0 and at most {MAX_TIMEOUT_S:g} s, not {timeout}", code=2)
     if wait:
         _check_range("--wait-timeout", wait_timeout, 0, MAX_WAIT_S)  # before submitting
 
@@ -567,6 +593,11 @@ def list_cmd(
     output: Format = OutputOpt,
 ) -> None:
     """List tasks in one state."""
+    from tq.model import TaskState
+
+    states = [s.value for s in TaskState]
+    if state not in states:
+        fail(f"--state must be one of {', '.join(states)}, not {state!r}", code=2)
     tasks = _run_client(lambda c: c.list(state, queue=queue, name=name, limit=limit), broker)
     if output is not Format.table:
         emit_data([t.to_dict() for t in tasks], output)
@@ -678,7 +709,7 @@ def retry(
     """Send dead-lettered tasks back to pending with their attempts reset (as `tq dlq retry`
     with ids). Exit code 1 if one of them is not in the dead-letter queue."""
     filters = _dlq_filters(None, None, None, None)
-    _dlq_change("retry", task_ids, filters, dry_run, broker, output, all_named=True)
+    _dlq_change("retry", task_ids, filters, dry_run, broker, output)
 
 
 @app.command()
@@ -801,13 +832,16 @@ app.add_typer(cluster_app, name="cluster")
 
 async def _node_status(url: str) -> dict[str, Any]:
     from tq.client import AsyncClient
-    from tq.errors import TqError
+    from tq.errors import BrokerUnavailable, TqError
 
     try:
         async with AsyncClient(url, connect_timeout_s=1.0, timeout_s=3.0) as client:
             stats = await client.stats()
     except TqError as exc:
-        return {"address": url, "reachable": False, "role": "down", "error": exc.message}
+        # As every other command words it: the code when the broker refused (a wrong token is
+        # UNAUTHENTICATED), the message alone when there was nobody to refuse.
+        error = exc.message if isinstance(exc, BrokerUnavailable) else f"{exc.code}: {exc.message}"
+        return {"address": url, "reachable": False, "role": "down", "error": error}
     info = dict(stats.get("cluster") or {})
     info.pop("journal", None)
     return {"address": url, "reachable": True, **info}
@@ -833,7 +867,10 @@ def cluster_status(broker: str | None = BrokerOpt, output: Format = OutputOpt) -
         if leader_commit is not None and n.get("applied_index") is not None:
             n["lag"] = max(0, leader_commit - n["applied_index"])
     hinted = next((n.get("leader_client") for n in nodes if n.get("leader_client")), None)
-    leader = leaders[0]["address"] if leaders else hinted
+    # A broker without --raft-port (role "single") always serves writes: it is its own leader,
+    # and a healthy single node used to exit 1 as if the cluster had lost its leader.
+    single = next((n["address"] for n in nodes if n.get("role") == "single"), None)
+    leader = leaders[0]["address"] if leaders else hinted or single
     data = {"leader": leader, "nodes": nodes}
     if output is not Format.table:
         emit_data(data, output)
@@ -856,11 +893,22 @@ def cluster_status(broker: str | None = BrokerOpt, output: Format = OutputOpt) -
             ],
         )
     if leader is None:
-        raise typer.Exit(1)
+        # The output above has the details; stderr says why in one line (it used to be silent).
+        fail("no leader: " + "; ".join(_node_problem(n) for n in nodes))
+
+
+def _node_problem(node: dict[str, Any]) -> str:
+    """Why this node does not name a leader, for ``tq cluster status``'s error line."""
+    if not node.get("reachable"):
+        return f"{node['address']}: {node.get('error', 'unreachable')}"
+    quorum = "" if node.get("has_quorum") is not False else ", without quorum"
+    return f"{node['address']}: {node.get('role')}{quorum}, no leader known"
 
 
 def _membership(op: str, address: str, broker: str | None, output: Format) -> None:
     from tq.protocol.messages import Ack, ClusterChange
+
+    _check_host_port(repr(address), address)  # before asking the broker: a usage error
 
     async def go(c: Any) -> None:
         await c.call(lambda rid: ClusterChange(rid, op, address), Ack, retry=False, timeout_s=30)
@@ -960,6 +1008,7 @@ def _said(data: dict[str, Any], text: str, output: Format) -> None:
 @queue_app.command("pause")
 def queue_pause(queue: str, broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
     """Stop handing out this queue's tasks (submits are still accepted)."""
+    _check_name("queue", queue)
     _run_client(lambda c: c.pause_queue(queue), broker)
     _said({"queue": queue, "paused": True}, f"paused {queue}", output)
 
@@ -967,6 +1016,7 @@ def queue_pause(queue: str, broker: str | None = BrokerOpt, output: Format = Out
 @queue_app.command("resume")
 def queue_resume(queue: str, broker: str | None = BrokerOpt, output: Format = OutputOpt) -> None:
     """Hand out this queue's tasks again."""
+    _check_name("queue", queue)
     _run_client(lambda c: c.resume_queue(queue), broker)
     _said({"queue": queue, "paused": False}, f"resumed {queue}", output)
 
@@ -980,6 +1030,8 @@ AgeFilter = typer.Option(None, "--older-than", help="finished more than this man
 def _dlq_filters(
     queue: str | None, name: str | None, error_type: str | None, older_than: float | None
 ) -> dict[str, Any]:
+    if older_than is not None and not older_than >= 0:  # NaN fails this too
+        fail(f"--older-than must be a number of seconds >= 0, not {older_than}", code=2)
     return {"queue": queue, "name": name, "error_type": error_type, "older_than_s": older_than}
 
 
@@ -1021,10 +1073,8 @@ def _dlq_change(
     dry_run: bool,
     broker: str | None,
     output: Format,
-    *,
-    all_named: bool = False,
 ) -> None:
-    """Retry or purge dead letters; ``all_named``: exit 1 unless every id given was one."""
+    """Retry or purge dead letters; with ids, exit 1 unless each was one (and matched)."""
     if not task_ids and not any(v is not None for v in filters.values()) and not dry_run:
         fail(f"name task ids, or give a filter (--queue, --name, ...) to {op} many", code=2)
 
@@ -1057,9 +1107,15 @@ def _dlq_change(
         say(f"{'would be ' if dry_run else ''}{verb}: {len(ids)}")
         for tid in ids:
             say(f"  {tid}")
-    missing = [tid for tid in task_ids or [] if tid not in ids]
-    if all_named and missing:
-        fail(f"not in the dead-letter queue: {', '.join(missing)}")
+    # Every form that names ids says which were not acted on, with exit 1: `tq dlq retry ID` and
+    # `tq dlq purge ID` exited 0 ("retried: 0") while their alias `tq retry ID` exited 1.
+    found = set(ids)
+    missing = list(dict.fromkeys(tid for tid in task_ids or [] if tid not in found))
+    if missing:
+        where = "the dead-letter queue"
+        if any(v is not None for v in filters.values()):
+            where += " or not matching the filters"
+        fail(f"not in {where}: {', '.join(missing)}")
 
 
 @dlq_app.command("retry")

@@ -63,7 +63,14 @@ class HistoryQuery:
             if fmt is FileFormat.parquet:
                 reader = f"read_parquet({source})"
             else:
-                reader = f"read_csv({source}, header = true{_csv_types(self.path)})"
+                # The dialect is the one our export writes (DuckDB's COPY defaults), given
+                # rather than sniffed: DuckDB sniffs from the first 20,480 rows only, and an
+                # export whose first quoted field comes later was read with no quote character
+                # at all ("CSV Error on Line: ...").
+                reader = (
+                    f"read_csv({source}, header = true, delim = ',', quote = '\"', "
+                    f"escape = '\"'{_csv_types(self.path)})"
+                )
             # The path is quoted by sql_literal; the rest is ours.
             con.execute(f"CREATE VIEW {TABLE} AS SELECT * FROM {reader}")  # noqa: S608
         except duckdb.Error as exc:
