@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from tq import Client
 
-from tests.conftest import READY_RE, BrokerProcess, subprocess_env
+from tests.conftest import READY_RE, BrokerProcess, subprocess_env, wait_until
 from tests.http.conftest import HTTP_READY_RE, Api, HttpBroker
 
 
@@ -58,12 +59,17 @@ def test_the_default_http_port_falls_back_to_a_free_one_when_taken(tmp_path: Pat
             blocker.bind(("127.0.0.1", 7701))
             blocker.listen()
         broker = BrokerProcess(tmp_path).start()
+        out = tmp_path / "broker-0.out"
+
+        def http_lines() -> list[re.Match[str]]:
+            # start() returns at the TCP ready line; the HTTP one follows it (a race under load)
+            return [m for line in out.read_text().splitlines() if (m := HTTP_READY_RE.match(line))]
+
         try:
             with Client(broker.url) as c:
                 c.stats()
-            lines = (tmp_path / "broker-0.out").read_text().splitlines()
+            http = wait_until(http_lines, what="the HTTP ready line")
         finally:
             broker.close()
-    http = [m for line in lines if (m := HTTP_READY_RE.match(line))]
     assert len(http) == 1
     assert int(http[0]["port"]) not in (0, 7701)
