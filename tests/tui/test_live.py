@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from textual.pilot import Pilot
 from tq.client import AsyncClient
+from tq.errors import BrokerUnavailable
+from tq.protocol.messages import WatchUpdate
+from tq.tui import TopApp
 from tq.tui.screens.confirm import Confirm
 from tq.tui.screens.detail import TaskDetail
 from tq.tui.views.dead import DeadView
@@ -21,7 +25,7 @@ from tq.tui.widgets.table import LiveTable
 
 from tests.apps.handlers import read_runs
 from tests.conftest import HANDLERS_APP, BrokerProcess, WorkerProcess
-from tests.tui.conftest import app_of, status_text, top, until
+from tests.tui.conftest import SIZE, app_of, status_text, top, until
 
 StartWorker = Callable[..., WorkerProcess]
 
@@ -187,6 +191,55 @@ async def test_killing_the_broker_shows_disconnected_and_a_restart_reconnects(
         async with AsyncClient(broker.url) as c:
             await c.submit("echo", {}, queue="after-restart")
         await until(pilot, lambda: queue_row(pilot, "after-restart"), what="fresh data")
+
+
+class HeldWatchClient(AsyncClient):
+    """An ``AsyncClient`` whose ``watch()`` fails while ``held`` is set: the dashboard stays
+    disconnected for as long as the test needs, whatever the broker does meanwhile."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, connect_timeout_s=1.0, timeout_s=5.0)
+        self.held = False
+
+    async def watch(self, **kw: Any) -> AsyncIterator[WatchUpdate]:
+        if self.held:
+            raise BrokerUnavailable("held off by the test")
+        async for update in super().watch(**kw):
+            yield update
+
+
+async def test_the_lists_are_fetched_again_after_a_reconnect(
+    broker: BrokerProcess, start_worker: StartWorker
+) -> None:
+    start_worker(broker.url, "-c", "1", "-q", "doomed")
+    async with AsyncClient(broker.url) as c:
+        before = await c.submit("echo", {})
+        doomed = await c.submit("fail", {}, queue="doomed", max_retries=0)
+        assert (await c.wait(doomed, timeout_s=10)).state == "dead"
+    client = HeldWatchClient(broker.url)
+    app = TopApp(client, url=broker.url, interval_s=0.2, redraw_s=0.1, poll_s=0.3)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: "● live" in status_text(pilot), what="live")
+        await pilot.press("4")
+        dead = app.query_one(DeadView)
+        await until(pilot, lambda: dead.row_ids() == [doomed], what="the dead letter listed")
+        await pilot.press("3")
+        table = app.query_one("#tasks-table", LiveTable)
+        await until(pilot, lambda: table.row_keys() == [before], what="the pending task listed")
+        client.held = True
+        await asyncio.to_thread(broker.kill)
+        await until(pilot, lambda: "disconnected" in status_text(pilot), what="disconnected")
+        # While the dashboard is away, the broker restarts and its tasks change: no event of
+        # that reaches the dashboard.
+        await asyncio.to_thread(broker.restart)
+        async with AsyncClient(broker.url) as c:
+            after = await c.submit("echo", {})
+            assert await c.purge_dead([doomed]) == [doomed]
+        client.held = False
+        await until(pilot, lambda: "● live" in status_text(pilot), within_s=20, what="live again")
+        await until(pilot, lambda: table.row_keys() == [before, after], what="the new task")
+        await pilot.press("4")
+        await until(pilot, lambda: dead.row_ids() == [], what="the purged dead letter gone")
 
 
 async def test_a_huge_payload_opens_cut_to_a_bound(broker: BrokerProcess) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from tq.protocol.messages import QueueStats, Stats, TaskEvent, WatchUpdate, WorkerInfo
-from tq.tui import humanize
+from tq.tui import humanize, safe
 from tq.tui.data import GONE_KEEP_MS, HISTORY_S, LiveModel
 
 
@@ -72,3 +72,23 @@ def test_sparkline_and_ages_read_at_a_glance() -> None:
         "1m05s",
         "1h02m",
     ]
+
+
+def test_a_reconnect_moves_the_list_version_like_an_event_does() -> None:
+    m = LiveModel()
+    m.connected()
+    first = m.list_version()
+    m.disconnected("connection to broker lost", 1, 0.5)
+    m.reconnecting()
+    assert m.list_version() == first  # nothing known to have changed yet
+    m.connected()
+    assert m.list_version() != first
+
+
+def test_control_characters_are_escaped_and_one_line_flattens_newlines() -> None:
+    evil = "a\x1b]0;t\x07b\tc\nd\r\x7f\x9b31m"
+    assert safe.clean(evil) == "a\\x1b]0;t\\x07b\tc\nd\\x0d\\x7f\\x9b31m"
+    assert safe.one_line(evil) == "a\\x1b]0;t\\x07b\tc d\\x0d\\x7f\\x9b31m"
+    assert safe.is_one_line("plain text\twith a tab, é ✓")
+    assert not safe.is_one_line("two\nlines")
+    assert safe.text("[/x]").plain == "[/x]"  # Text: never parsed as markup

@@ -22,6 +22,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from tq.text import clean
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -65,16 +67,6 @@ class Format(enum.StrEnum):
 
 
 OutputOpt = typer.Option(Format.table, "--output", "-o", help="table, json or yaml")
-
-
-# Control characters other than tab and newline, shown as \x1b and so on. Task payloads, error
-# messages and ids come from whoever can submit a task: printed raw, an ESC sequence in a
-# handler's error could clear or retitle the terminal of the operator reading it.
-_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (9, 10)}
-
-
-def clean(text: str) -> str:
-    return text.translate(_CONTROLS)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

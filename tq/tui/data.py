@@ -46,6 +46,7 @@ class Connection:
     retry_in_s: float = 0.0
     error: str = ""
     ever_connected: bool = False
+    connecting: bool = False  # an attempt is under way (after the wait of retry_in_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class LiveModel:
     dropped: int = 0
     generation: int = 0  # bumped by every update: screens redraw when it moved
     events_seen: int = 0  # bumped per event: the task lists refresh when it moved
+    links: int = 0  # bumped by every (re)connect: so do the task lists
 
     # --- writing (the feed) ----------------------------------------------------------------------
 
@@ -115,6 +117,13 @@ class LiveModel:
 
     def connected(self) -> None:
         self.connection = Connection(connected=True, ever_connected=True)
+        self.links += 1
+        self.generation += 1
+
+    def reconnecting(self) -> None:
+        """A (re)connect attempt is under way: it may take seconds (the client tries for up to
+        its connect timeout), so the status bar says so rather than a countdown long expired."""
+        self.connection.connecting = True
         self.generation += 1
 
     def disconnected(self, error: str, attempt: int, retry_in_s: float) -> None:
@@ -132,6 +141,13 @@ class LiveModel:
     def queues(self) -> dict[str, QueueStats]:
         return dict(self.stats.queues) if self.stats is not None else {}
 
+    def queue_names(self) -> list[str]:
+        return sorted(self.stats.queues) if self.stats is not None else []
+
+    def queue(self, name: str) -> QueueStats | None:
+        """One queue, without copying them all (there may be thousands)."""
+        return self.stats.queues.get(name) if self.stats is not None else None
+
     def rate_history(self, queue: str) -> list[RateSample]:
         return list(self.rates.get(queue, ()))
 
@@ -145,3 +161,9 @@ class LiveModel:
 
     def latest_progress(self, task_id: str) -> Progress | None:
         return self.progress.get(task_id)
+
+    def list_version(self) -> tuple[int, int]:
+        """How fresh a list fetched from the broker is: fetch it again when this moved. Task
+        events move it, and so does every reconnect: a broker that restarted, or was out of
+        reach for a while, may have changed any task without an event reaching us."""
+        return (self.events_seen, self.links)

@@ -4,6 +4,11 @@ When the stream ends (the broker died, the connection dropped, or nothing arrive
 ``stall_s``) the model is marked disconnected and ``watch()`` is called again after a backoff
 (0.5 s, doubling to ``max_backoff_s``); the client reconnects, following NOT_LEADER to the
 leader in a cluster. The first update after that marks the model connected again.
+
+An attempt is not instant: the client retries the connect for its whole connect timeout (2 s in
+``tq top``), and a broker that accepts but does not answer (stopped, SIGSTOP) holds it for the
+request timeout. So the model is told when an attempt starts (the status bar says so) rather
+than showing a "next in 0.5s" that expired long ago.
 """
 
 from __future__ import annotations
@@ -40,11 +45,14 @@ class Feed:
     async def run(self) -> None:
         attempt = 0
         while True:
+            if attempt:
+                self.model.reconnecting()
+                self.on_change()
             try:
                 await self._follow()
                 reason = "the broker ended the watch"
             except TqError as exc:
-                reason = exc.message
+                reason = describe(exc)
             except TimeoutError:
                 reason = f"no update for {self.stall_s:g}s"
                 await self.link.close()  # a silent link: drop it, the next watch reconnects
@@ -63,3 +71,11 @@ class Feed:
                     self.model.connected()
                 self.model.apply(update)
                 self.on_change()
+
+
+def describe(exc: TqError) -> str:
+    """Why the link failed, in words. The client says "cannot reach a broker at ADDR: <the last
+    error>", and a connect or hello that timed out leaves that last part empty
+    (``str(TimeoutError())`` is ""): an empty reason is a timeout."""
+    message = exc.message.rstrip()
+    return f"{message} timed out" if message.endswith(":") else message

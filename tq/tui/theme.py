@@ -6,6 +6,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import App
 
+from tq.tui.safe import one_line
+
 TONES = {
     "error": "text-error",
     "warning": "text-warning",
@@ -24,6 +26,9 @@ def tone(app: App[object], name: str) -> str:
 
 
 def toned(app: App[object], text: str, name: str, bold: bool = False) -> Text:
+    """``text`` on one line in the colour ``name``: often broker data (an error, a progress
+    message), so it is cleaned (:mod:`tq.tui.safe`), and being Text it is never parsed as markup."""
+    text = one_line(text)
     style = tone(app, name)
     if bold:
         style = f"bold {style}".strip()

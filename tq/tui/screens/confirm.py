@@ -14,6 +14,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
 from tq.errors import TqError
+from tq.tui.safe import line, text
 from tq.tui.theme import tone
 from tq.tui.widgets.teardown import widgets_gone
 
@@ -37,8 +38,10 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Static(self.title_text, classes="dialog-title")
-            yield Static(self.question, id="question")
+            # The question names queues and tasks, the answer quotes the broker: both are shown
+            # as cleaned Text (a str would be parsed as markup: a queue "[/x]" would crash).
+            yield Static(line(self.title_text), classes="dialog-title")
+            yield Static(text(self.question), id="question")
             yield Static(id="answer")
             with Horizontal(classes="buttons"):
                 yield Button("Yes (y)", id="yes", variant="warning")
@@ -72,14 +75,14 @@ class Confirm(ModalScreen[bool]):
             self.ok = False
             self.answer = f"refused: {exc.code}: {exc.message}"
             style = f"bold {tone(self.app, 'error')}"
-            text = Text(f"✖ {self.answer}", style=style)
+            shown = text(f"✖ {self.answer}", style=style)
         else:
             self.ok = True
             self.answer = answer
-            text = Text(f"✔ {answer}", style=f"bold {tone(self.app, 'success')}")
+            shown = text(f"✔ {answer}", style=f"bold {tone(self.app, 'success')}")
         self.phase = "done"
         with widgets_gone:
-            self.query_one("#answer", Static).update(text)
+            self.query_one("#answer", Static).update(shown)
             self.query_one("#yes", Button).display = False
             no = self.query_one("#no", Button)
             no.label = "Close (esc)"

@@ -20,6 +20,7 @@ from tq.errors import TqError
 from tq.tui import humanize
 from tq.tui.data import LiveModel
 from tq.tui.link import BrokerLink
+from tq.tui.safe import line, text
 from tq.tui.theme import tone
 from tq.tui.widgets.teardown import widgets_gone
 
@@ -49,11 +50,12 @@ class TaskDetail(ModalScreen[None]):
         self.on_retry = on_retry
         self.info: TaskInfo | None = None
         self.error = ""
-        self._seen = -1
+        self._seen: tuple[int, int] | None = None  # the model's list_version at the last load
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="detail"):
-            yield Static(f"task {self.task_id}", id="detail-title", classes="dialog-title")
+            # Everything shown here comes from the broker: as cleaned Text, never markup.
+            yield Static(line(f"task {self.task_id}"), id="detail-title", classes="dialog-title")
             yield Static(Text("loading…", style="dim"), id="detail-fields")
             yield Static(id="detail-error")
             yield Static("Result", classes="section")
@@ -70,11 +72,11 @@ class TaskDetail(ModalScreen[None]):
     def _tick(self) -> None:
         if self.info is not None and self.info.state in FINAL:
             return
-        if self.model.events_seen != self._seen:
+        if self.model.list_version() != self._seen:
             self.reload()
 
     def reload(self) -> None:
-        self._seen = self.model.events_seen
+        self._seen = self.model.list_version()
         self._load()
 
     @work(exclusive=True, group="detail")
@@ -92,22 +94,24 @@ class TaskDetail(ModalScreen[None]):
         fields = self.query_one("#detail-fields", Static)
         if info is None:
             fields.update(
-                Text(f"cannot load the task: {self.error}", style=tone(self.app, "error"))
+                text(f"cannot load the task: {self.error}", style=tone(self.app, "error"))
             )
             return
         fields.update(self._fields(info))
         err = self.query_one("#detail-error", Static)
         if info.error is not None:
-            text = Text()
-            text.append(
-                f"{info.error.type}: {info.error.message}\n",
-                style=f"bold {tone(self.app, 'error')}",
+            shown = Text()
+            shown.append_text(
+                text(
+                    f"{info.error.type}: {info.error.message}\n",
+                    style=f"bold {tone(self.app, 'error')}",
+                )
             )
             tb, cut = humanize.clip(info.error.traceback or "(no traceback)")
-            text.append(tb)
+            shown.append_text(text(tb))
             if cut:
-                text.append("\n… traceback cut", style="dim")
-            err.update(text)
+                shown.append("\n… traceback cut", style="dim")
+            err.update(shown)
             err.display = True
         else:
             err.display = False
@@ -118,8 +122,9 @@ class TaskDetail(ModalScreen[None]):
         if value is None:
             msg = "(none)" if state in (*FINAL, "payload") else f"(none yet: {state})"
             return Text(msg, style="dim")
-        text, cut = humanize.pretty(value)
-        out = Text(text)
+        # JSON escapes C0 controls in strings, but not DEL or C1 (ensure_ascii=False): clean.
+        pretty, cut = humanize.pretty(value)
+        out = text(pretty)
         if cut:
             out.append(
                 f"\n… cut at {humanize.PRETTY_LIMIT_CHARS:,} characters "
@@ -133,11 +138,14 @@ class TaskDetail(ModalScreen[None]):
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column()
-        grid.add_row("name", t.name)
-        grid.add_row("state", Text(t.state, style=f"bold {tone(self.app, _tone(t.state))}"))
-        grid.add_row("queue", f"{t.queue}  priority {t.priority}")
-        grid.add_row("attempts", f"{t.attempt} of {t.max_retries + 1}  timeout {t.timeout_s:g}s")
-        grid.add_row("worker", t.worker_id or "—")
+        # A str cell of a Rich table is parsed as markup: every value goes in as cleaned Text.
+        grid.add_row("name", line(t.name))
+        grid.add_row("state", line(t.state, style=f"bold {tone(self.app, _tone(t.state))}"))
+        grid.add_row("queue", line(f"{t.queue}  priority {t.priority}"))
+        grid.add_row(
+            "attempts", line(f"{t.attempt} of {t.max_retries + 1}  timeout {t.timeout_s:g}s")
+        )
+        grid.add_row("worker", line(t.worker_id or "—"))
         grid.add_row("submitted", humanize.when(t.submitted_at_ms))
         if t.eta_ms:
             grid.add_row("eta", humanize.when(t.eta_ms))
@@ -156,7 +164,7 @@ class TaskDetail(ModalScreen[None]):
         if progress is not None:
             grid.add_row(
                 "progress",
-                Text(
+                line(
                     f"{progress.detail}  ({humanize.since(progress.at_ms, now)} ago)",
                     style=tone(self.app, "accent"),
                 ),
@@ -171,7 +179,10 @@ class TaskDetail(ModalScreen[None]):
 
     def action_retry(self) -> None:
         if self.info is not None and self.info.state != "dead":
-            self.notify(f"only dead tasks can be retried (this one is {self.info.state})")
+            self.notify(
+                f"only dead tasks can be retried (this one is {line(self.info.state).plain})",
+                markup=False,
+            )
             return
         self.on_retry([self.task_id])
 

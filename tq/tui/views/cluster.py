@@ -11,6 +11,7 @@ from textual.app import ComposeResult
 from textual.widgets import Static
 
 from tq.tui import humanize
+from tq.tui.safe import line, one_line
 from tq.tui.theme import tone, toned
 from tq.tui.views.base import LiveView
 from tq.tui.widgets.table import LiveTable, Row
@@ -43,7 +44,7 @@ class ClusterView(LiveView):
             summary.update(
                 Text.assemble(
                     ("Single node: ", "bold"),
-                    f"broker {m.stats.node_id or '?'} runs without a Raft cluster; "
+                    f"broker {one_line(m.stats.node_id or '?')} runs without a Raft cluster; "
                     "there are no peers to show.",
                 )
             )
@@ -52,9 +53,9 @@ class ClusterView(LiveView):
         quorum = c.get("has_quorum")
         text = Text.assemble(
             ("leader ", "bold"),
-            (str(c.get("leader") or "none"), f"bold {tone(self.app, 'accent')}"),
-            f"  term {_num(c.get('term'))}  ",
-            f"(clients: {c.get('leader_client') or '?'})  ",
+            (one_line(str(c.get("leader") or "none")), f"bold {tone(self.app, 'accent')}"),
+            f"  term {one_line(_num(c.get('term')))}  ",
+            f"(clients: {one_line(str(c.get('leader_client') or '?'))})  ",
         )
         text.append(
             "quorum" if quorum else "NO QUORUM",
@@ -72,7 +73,7 @@ class ClusterView(LiveView):
             (
                 me,
                 (
-                    Text(f"{me} *", style="bold"),
+                    line(f"{me} *", style="bold"),
                     toned(self.app, role, "accent" if role == "leader" else "primary"),
                     _num(c.get("term")),
                     _num(commit),

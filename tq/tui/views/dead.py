@@ -16,6 +16,7 @@ from tq.errors import TqError
 from tq.tui import humanize
 from tq.tui.data import LiveModel
 from tq.tui.link import BrokerLink
+from tq.tui.safe import one_line
 from tq.tui.theme import tone, toned
 from tq.tui.views.base import LiveView
 from tq.tui.views.tasks import short_id
@@ -52,7 +53,7 @@ class DeadView(LiveView):
         super().__init__(model, link, id=id)
         self.marked: set[str] = set()
         self._tasks: list[TaskInfo] = []
-        self._seen = -1
+        self._seen: tuple[int, int] | None = None  # the model's list_version at the last fetch
         self._dirty = True
         self._error = ""
 
@@ -68,9 +69,9 @@ class DeadView(LiveView):
         self.poll()
 
     def poll(self) -> None:
-        if self._dirty or self.model.events_seen != self._seen:
+        if self._dirty or self.model.list_version() != self._seen:
             self._dirty = False
-            self._seen = self.model.events_seen
+            self._seen = self.model.list_version()
             self._fetch()
 
     @work(exclusive=True, group="dead-list")
@@ -84,7 +85,8 @@ class DeadView(LiveView):
         ids = {t.id for t in self._tasks}
         self.marked &= ids
         with widgets_gone:
-            self.refresh_view()
+            if self.shown:  # a hidden view is drawn when it is shown
+                self.refresh_view()
 
     def refresh_view(self) -> None:
         if not self.is_mounted:
@@ -116,7 +118,7 @@ class DeadView(LiveView):
             summary.append(f"  {len(self.marked)} marked", style=f"bold {tone(self.app, 'accent')}")
         summary.append("  space mark · a all · r retry · x purge · enter inspect", style="dim")
         if self._error:
-            summary.append(f"  list failed: {self._error}", style=tone(self.app, "error"))
+            summary.append(f"  list failed: {one_line(self._error)}", style=tone(self.app, "error"))
         self.query_one("#dead-summary", Static).update(summary)
 
     def row_ids(self) -> list[str]:

@@ -11,9 +11,10 @@ from textual.message import Message
 from textual.widgets import DataTable, Static
 
 from tq.tui import humanize
+from tq.tui.safe import one_line
 from tq.tui.theme import tone, toned
 from tq.tui.views.base import LiveView
-from tq.tui.widgets.table import LiveTable, Row
+from tq.tui.widgets.table import Cell, LiveTable
 
 SPARK_WIDTH = 8
 STATES = ("pending", "running", "completed", "failed", "dead", "cancelled")
@@ -79,34 +80,36 @@ class OverviewView(LiveView):
                     f"  (events coalesced {m.coalesced}, dropped {m.dropped})", style="dim"
                 )
         self.query_one("#totals", Static).update(totals)
-        self.query_one("#queues", LiveTable).replace_rows(self._queue_rows())
+        # Only the rows in view are computed (and only changed cells redrawn): with 3,000 queues
+        # computing them all took 0.2 s a refresh, and rebuilding the table 1.3 s.
+        self.query_one("#queues", LiveTable).show_rows(m.queue_names(), self._queue_cells)
         self.query_one("#events", Static).update(self._events_text())
 
     def _tone(self, state: str) -> str:
         return tone(self.app, STATE_TONES.get(state, "")) if state in STATE_TONES else ""
 
-    def _queue_rows(self) -> list[Row]:
+    def _queue_cells(self, name: str) -> list[Cell]:
         m = self.model
-        rows: list[Row] = []
-        for name, qs in sorted(m.queues().items()):
-            history = m.rate_history(name)
-            pending = qs.pending
-            depth = f"{pending.get('high', 0)}/{pending.get('normal', 0)}/{pending.get('low', 0)}"
-            spark_in = humanize.spark([s.rate_in for s in history], SPARK_WIDTH)
-            spark_out = humanize.spark([s.rate_out for s in history], SPARK_WIDTH)
-            rate_in = Text(f"{humanize.rate(qs.rate_in):>5} ")
-            rate_in.append(spark_in, style=tone(self.app, "primary"))
-            rate_out = Text(f"{humanize.rate(qs.rate_out):>5} ")
-            rate_out.append(spark_out, style=tone(self.app, "success"))
-            oldest = humanize.since(qs.oldest_pending_ms, m.at_ms) if qs.oldest_pending_ms else ""
-            state = (
-                toned(self.app, "paused", "warning", bold=True)
-                if qs.paused
-                else Text("active", style="dim")
-            )
-            running = f"{qs.running}" + (f"+{qs.delayed}d" if qs.delayed else "")
-            rows.append((name, (name, depth, running, oldest, rate_in, rate_out, state)))
-        return rows
+        qs = m.queue(name)
+        if qs is None:  # gone from the latest snapshot: the next refresh removes the row
+            return [name, "—", "—", "", "", "", Text("gone", style="dim")]
+        history = m.rate_history(name)
+        pending = qs.pending
+        depth = f"{pending.get('high', 0)}/{pending.get('normal', 0)}/{pending.get('low', 0)}"
+        spark_in = humanize.spark([s.rate_in for s in history], SPARK_WIDTH)
+        spark_out = humanize.spark([s.rate_out for s in history], SPARK_WIDTH)
+        rate_in = Text(f"{humanize.rate(qs.rate_in):>5} ")
+        rate_in.append(spark_in, style=tone(self.app, "primary"))
+        rate_out = Text(f"{humanize.rate(qs.rate_out):>5} ")
+        rate_out.append(spark_out, style=tone(self.app, "success"))
+        oldest = humanize.since(qs.oldest_pending_ms, m.at_ms) if qs.oldest_pending_ms else ""
+        state = (
+            toned(self.app, "paused", "warning", bold=True)
+            if qs.paused
+            else Text("active", style="dim")
+        )
+        running = f"{qs.running}" + (f"+{qs.delayed}d" if qs.delayed else "")
+        return [name, depth, running, oldest, rate_in, rate_out, state]
 
     def _events_text(self) -> Text:
         out = Text(no_wrap=True, overflow="ellipsis")
@@ -117,11 +120,13 @@ class OverviewView(LiveView):
         for i, e in enumerate(reversed(events)):
             if i:
                 out.append("\n")
-            out.append(f"{e.kind:<9} ", style=tone(self.app, EVENT_TONES.get(e.kind, "")))
-            out.append(f"{e.name} ")
-            out.append(f"{e.queue} …{e.task_id[-8:]}", style="dim")
+            # Every field but the kind's colour comes from the broker: one line each, cleaned,
+            # so a message can neither write to the terminal nor forge an event line.
+            out.append(f"{one_line(e.kind):<9} ", style=tone(self.app, EVENT_TONES.get(e.kind, "")))
+            out.append(f"{one_line(e.name)} ")
+            out.append(f"{one_line(e.queue)} …{one_line(e.task_id[-8:])}", style="dim")
             if e.detail:
-                out.append(f"  {e.detail}")
+                out.append(f"  {one_line(e.detail)}")
         return out
 
     def selected_queue(self) -> str | None:
@@ -132,7 +137,8 @@ class OverviewView(LiveView):
         if queue is None:
             self.notify("no queue selected", severity="warning")
             return
-        paused = self.model.queues()[queue].paused if queue in self.model.queues() else False
+        qs = self.model.queue(queue)
+        paused = qs.paused if qs is not None else False
         self.post_message(self.PauseRequested(queue, paused))
 
     def action_open_queue(self) -> None:

@@ -17,6 +17,7 @@ from tq.model import TaskState
 from tq.tui import humanize
 from tq.tui.data import LiveModel
 from tq.tui.link import BrokerLink
+from tq.tui.safe import line, one_line
 from tq.tui.theme import tone, toned
 from tq.tui.views.base import LiveView
 from tq.tui.widgets.table import LiveTable, Row
@@ -71,7 +72,7 @@ class TasksView(LiveView):
 
     def __init__(self, model: LiveModel, link: BrokerLink, *, id: str | None = None) -> None:
         super().__init__(model, link, id=id)
-        self._seen = -1  # events_seen at the last fetch
+        self._seen: tuple[int, int] | None = None  # the model's list_version at the last fetch
         self._tasks: list[TaskInfo] = []
         self._error = ""
         self._dirty = True
@@ -117,9 +118,9 @@ class TasksView(LiveView):
     # --- data ------------------------------------------------------------------------------------
 
     def poll(self) -> None:
-        if self._dirty or self.model.events_seen != self._seen:
+        if self._dirty or self.model.list_version() != self._seen:
             self._dirty = False
-            self._seen = self.model.events_seen
+            self._seen = self.model.list_version()
             self._fetch()
 
     @work(exclusive=True, group="tasks-list")
@@ -135,7 +136,8 @@ class TasksView(LiveView):
             self._tasks = tasks
             self._error = ""
         with widgets_gone:
-            self.refresh_view()
+            if self.shown:  # a hidden view is drawn when it is shown
+                self.refresh_view()
 
     def shown_tasks(self) -> list[TaskInfo]:
         needle = self.query_one("#f-search", Input).value.strip().lower()
@@ -161,7 +163,7 @@ class TasksView(LiveView):
         if len(self._tasks) >= PAGE:
             summary.append(f" (the first {PAGE})", style="dim")
         if self._error:
-            summary.append(f"  list failed: {self._error}", style=tone(self.app, "error"))
+            summary.append(f"  list failed: {one_line(self._error)}", style=tone(self.app, "error"))
         self.query_one("#tasks-summary", Static).update(summary)
 
     def _cells(self, t: TaskInfo) -> list[str | Text]:
@@ -179,7 +181,7 @@ class TasksView(LiveView):
         elif progress is not None and t.state == "running":
             info = toned(self.app, progress.detail, "accent")
         elif t.state == "completed":
-            info = Text(humanize.pretty(t.result, 60)[0].replace("\n", " "), style="dim")
+            info = line(humanize.pretty(t.result, 60)[0], style="dim")
         return [
             short_id(t.id),
             t.name,

@@ -8,6 +8,7 @@ from textual.widgets import Static
 
 from tq.tui import humanize
 from tq.tui.data import LiveModel
+from tq.tui.safe import one_line
 
 
 class StatusBar(Static):
@@ -37,23 +38,28 @@ class StatusBar(Static):
             text.append("● live ", style="bold")
         elif conn.ever_connected:
             text.append("✖ disconnected — reconnecting")
-            text.append(f" (attempt {conn.attempt}, next in {conn.retry_in_s:.1f}s)")
+            if conn.connecting:
+                text.append(f" (attempt {conn.attempt}, trying now…)")
+            else:
+                text.append(f" (attempt {conn.attempt}, next in {conn.retry_in_s:.1f}s)")
             if conn.error:
-                text.append(f": {conn.error}")
+                text.append(f": {one_line(conn.error)}")
             self._say(text)
             return
         else:
-            text.append(f"connecting to {self.url}…")
+            text.append(f"connecting to {one_line(self.url)}…")
             if conn.attempt:
-                text.append(f" (attempt {conn.attempt}: {conn.error})")
+                text.append(f" (attempt {conn.attempt}: {one_line(conn.error)})")
             self._say(text)
             return
-        text.append(self.url)
+        text.append(one_line(self.url))
         if stats is not None:
-            text.append(f"  node {stats.node_id or '?'}")
+            text.append(f"  node {one_line(stats.node_id or '?')}")
             role = stats.cluster.get("role")
             if role and role != "single":
-                text.append(f" ({role})")
-            text.append(f"  v{stats.version}  up {humanize.age(int(stats.uptime_s * 1000))}")
+                text.append(f" ({one_line(str(role))})")
+            text.append(
+                f"  v{one_line(stats.version)}  up {humanize.age(int(stats.uptime_s * 1000))}"
+            )
             text.append(f"  {len(stats.workers)} workers")
         self._say(text)
