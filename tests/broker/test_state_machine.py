@@ -1067,3 +1067,25 @@ def test_a_lease_listed_twice_does_not_hide_an_unlisted_one() -> None:
     finally:
         store.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_cancelled_retry_does_not_wake_the_broker() -> None:
+    """A failed task that is cancelled leaves its retry timer in the heap: the Tick ignores
+    it, but ``next_deadline_ms`` still woke the broker for it, where a restarted machine (its
+    heap rebuilt from the store) did not (found by test_restart_changes_nothing)."""
+    root = tempfile.mkdtemp(prefix="tq-stale-wake-")
+    store, sm = _open(f"{root}/store")
+    # a retry due long before the worker's heartbeat deadline, so the timer decides the wake-up
+    spec = TaskSpec(id="t", name="job", payload=b"", queue="alpha", max_retries=3, backoff_s=0.1)
+    try:
+        ((lease,),) = sm.apply(START_MS, [Submit([spec]), Claim("w1", ["alpha"], 1)]).results[1:]
+        boom = ErrorInfo("E", "x")
+        sm.apply(START_MS, [Report("w1", [Outcome("t", lease.token, False, error=boom)])])
+        ((eta, _),) = sm.timers
+        assert sm.next_deadline_ms() == eta
+        sm.apply(START_MS + 1, [Cancel("t")])
+        assert sm.next_deadline_ms() != eta
+        assert sm.timers == []
+    finally:
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)

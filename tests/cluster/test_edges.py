@@ -160,3 +160,12 @@ def test_a_peer_list_naming_this_node_by_another_name_is_cleaned() -> None:
         "10.9.8.7:7000",
     ]
     assert _other_peers("127.0.0.1:7000", peers) == ["127.0.0.1:7001", "10.9.8.7:7000"]
+
+
+def test_importing_the_cluster_module_leaves_inet_ntop_working() -> None:
+    """pysyncobj swaps socket.inet_ntop for a Windows-only function on every platform; in a
+    process that imported it, psutil's connection listing (the test proxy's) raised TypeError."""
+    import tq.broker.cluster  # noqa: F401
+
+    assert socket.inet_ntop(socket.AF_INET, b"\x7f\x00\x00\x01") == "127.0.0.1"
+    assert socket.inet_ntop(socket.AF_INET6, b"\x00" * 15 + b"\x01") == "::1"

@@ -26,6 +26,7 @@ What this closes around PySyncObj (see REPORT.md for the file:line facts behind 
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import concurrent.futures
 import errno
@@ -65,6 +66,12 @@ from tq.store import Store
 from tq.store.files import write_durably
 
 log = logging.getLogger("tq.broker.cluster")
+
+# pysyncobj/win_inet_pton.py replaces socket.inet_ntop on every platform (only its inet_pton
+# assignment is under `if os.name == "nt"`) with a Windows-only function that raises TypeError:
+# psutil's net_connections, for one, broke in any process that had imported pysyncobj. Put the
+# C implementation back.
+socket.inet_ntop = _socket.inet_ntop
 
 ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if isinstance(v, int)}

@@ -1045,6 +1045,7 @@ class StateMachine:
     def next_deadline_ms(self) -> int | None:
         """When the next Tick has work to do, or None if nothing is timed."""
         candidates: list[int] = []
+        self._drop_stale_timers()
         if self.timers:
             candidates.append(self.timers[0][0])
         if self.leases:
@@ -1053,6 +1054,18 @@ class StateMachine:
             oldest = min(w.last_seen_ms for w in self.workers.values())
             candidates.append(oldest + self.heartbeat_timeout_ms + 1)
         return min(candidates) if candidates else None
+
+    def _drop_stale_timers(self) -> None:
+        """Pop retry timers at the head of the heap whose task left ``failed`` (cancelled) or
+        failed again with another eta: they decide nothing at the Tick, but a machine that
+        never restarted still woke for them, where a restarted one (its heap rebuilt from the
+        store) did not. One store read per call while the head is live."""
+        while self.timers:
+            eta, tid = self.timers[0]
+            raw = self.store.get(CF.FAILED, tid.encode())
+            if raw is not None and _task_dec.decode(raw).eta_ms == eta:
+                return
+            heapq.heappop(self.timers)
 
     def has_ready(self, queues: Iterable[str]) -> bool:
         for queue in queues:
