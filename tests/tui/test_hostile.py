@@ -90,7 +90,10 @@ class HostileLink(FixedLink):
                 "leader_client": f"tcp://{MARKUP}",
                 "role": f"leader{CSI_C1}",
                 "term": f"7{CLEAR}",
-                "peers": {f"{OSC_TITLE}:1": {"connected": False, "match_index": 1}},
+                "peers": {
+                    f"{OSC_TITLE}:1": {"connected": False, "match_index": 1},
+                    "odd:2": {"connected": True, "match_index": "x", "last_contact_s": "y"},
+                },
             }
         return Stats(
             base.states,

@@ -87,10 +87,12 @@ class ClusterView(LiveView):
         for addr, peer in sorted((c.get("peers") or {}).items()):
             up = bool(peer.get("connected"))
             match = peer.get("match_index")
-            lag = "—" if match is None or commit is None else str(max(0, commit - match))
+            # numbers only: a broker's odd value is shown as it is, never crashes the view
+            numbers = isinstance(match, int) and isinstance(commit, int)
+            lag = str(max(0, commit - match)) if numbers else "—"
             heard = peer.get("last_contact_s")  # seconds since the leader last heard from it
             seen = m.peer_contact_ms.get(addr)
-            if heard is not None:
+            if isinstance(heard, int | float):
                 contact = "now" if heard < 1.0 else f"{humanize.age(int(heard * 1000))} ago"
             else:
                 contact = (
