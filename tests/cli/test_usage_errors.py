@@ -51,6 +51,11 @@ def nowhere() -> str:
         (["cluster", "add", "10.0.0.5:65536"], "'10.0.0.5:65536' is not host:port"),
         (["cluster", "remove", ":7800"], "':7800' is not host:port"),
         (["cluster", "add", "10.0.0.5"], "'10.0.0.5' is not host:port"),
+        # typer's own checks: one line too, not its boxed panel under the usage text
+        (["stats", "-o", "xml"], "Invalid value for '--output'"),
+        (["list", "--limit", "0"], "Invalid value for '--limit'"),
+        (["stats", "--no-such-option"], "No such option: --no-such-option"),
+        (["no-such-command"], "No such command 'no-such-command'"),
     ],
 )
 def test_a_bad_value_is_a_usage_error_before_the_broker_is_asked(

@@ -23,6 +23,7 @@ from tq.cli.output import (
     emit_data,
     emit_table,
     err_console,
+    error_line,
     fail,
     say,
     short,
@@ -1159,7 +1160,18 @@ _history.register(app)
 
 
 def main() -> None:
-    app()
+    """``tq``. Usage errors are one line (exit 2), as every other tq error is, where typer
+    draws a boxed panel under the usage text; the SSH shell does the same (``shell.py``)."""
+    try:
+        rv = app(standalone_mode=False)  # returns the code of a typer.Exit (every fail())
+    except typer.TyperException as exc:
+        if type(exc).__name__ != "NoArgsIsHelpError":  # `tq` alone: the help is the answer
+            error_line(" ".join(exc.format_message().split()))
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        error_line("aborted")
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
 
 
 if __name__ == "__main__":

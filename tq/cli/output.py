@@ -69,9 +69,14 @@ class Format(enum.StrEnum):
 OutputOpt = typer.Option(Format.table, "--output", "-o", help="table, json or yaml")
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
+def error_line(message: str) -> None:
+    """``tq: message`` on stderr: every error tq reports is one such line."""
     # The message is text, not markup: an id like "[/foo]" must not be parsed as a rich tag.
     stderr().print(f"[bold red]tq:[/] {escape(clean(message))}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    error_line(message)
     raise typer.Exit(code)
 
 
