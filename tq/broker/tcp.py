@@ -82,6 +82,7 @@ MAX_OPEN_WAITS = 10_000  # per connection
 # high-water mark; what requests already read still produce is capped here (the connection is
 # closed), as a 17-byte status request can ask for a 10 MiB reply.
 WRITE_HIGH_WATER = 1024 * 1024
+HELLO_TIMEOUT_S = 10.0  # a connection that has not said hello by then is closed
 WATCH_SNDBUF = 128 * 1024
 
 
@@ -202,6 +203,7 @@ class Connection(asyncio.Protocol):
         self._out_bytes = 0
         self._flush_scheduled = False
         self.peer = ""
+        self._hello_timer: asyncio.TimerHandle | None = None
         self._open_claims = 0
         self._open_waits = 0
         self._max_backlog = max(64 * 1024 * 1024, 4 * core.config.max_frame_bytes)
@@ -214,6 +216,15 @@ class Connection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.server.connections.add(self)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # A peer that never says hello holds a file descriptor for nothing: 200 such sockets
+        # slowed nobody, but enough of them would leave the broker unable to accept.
+        self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, self._no_hello)
+
+    def _no_hello(self) -> None:
+        if self.hello is None and not self.closed and self.transport is not None:
+            log.info("tcp.no_hello_closed", extra=kv(peer=self.peer, after_s=HELLO_TIMEOUT_S))
+            self.closed = True
+            self.transport.abort()
 
     def pause_writing(self) -> None:
         """The peer reads slower than we answer: stop reading its requests until it catches up
@@ -227,6 +238,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
         self.server.connections.discard(self)
         self.core.drop_parked(self)
         self.core.drop_waits(self)
@@ -603,6 +616,8 @@ class Connection(asyncio.Protocol):
         if msg.role == "worker":
             _validate_worker_hello(msg)
         self.hello = msg
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
         if msg.role == "worker":
             self.worker_id = msg.client_id
             log.info("worker.connected", extra=kv(worker=msg.client_id, host=msg.host, pid=msg.pid))
