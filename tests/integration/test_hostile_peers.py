@@ -4,12 +4,15 @@ reproduces a bug found by fuzzing a real broker over raw sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from tq import AsyncClient
+from tq.errors import TqError
 from tq.protocol.codec import encode
 from tq.protocol.messages import (
     PROTOCOL_VERSION,
@@ -17,8 +20,10 @@ from tq.protocol.messages import (
     ClaimTask,
     Hello,
     Leased,
+    LeaseRef,
     Outcome,
     QueryStatus,
+    ReleaseTasks,
     SubmitTask,
     TaskInfoReply,
     TaskResult,
@@ -221,3 +226,53 @@ def test_a_connection_that_never_says_hello_is_closed(broker_factory: BrokerFact
     finally:
         silent.close()
         talker.close()
+
+
+async def _release_while_served(url: str, trials: int) -> int:
+    """A stopping worker's release lands while its parked claim is being served (appended, on
+    the writer thread, not yet durable). Returns how many claims were never answered."""
+    worker = AsyncClient(url, role="worker", client_id="w-race", timeout_s=10)
+    producer = AsyncClient(url)
+    unanswered = 0
+    try:
+        await worker.connect()
+        await producer.connect()
+        # a big batch puts the commit on the writer thread: time for the release to land
+        pad = [producer.make_spec("echo", "y" * 2000, queue="pad") for _ in range(3000)]
+        for trial in range(trials):
+            queue = f"q{trial}"
+            claim = asyncio.ensure_future(
+                worker.call(
+                    lambda rid, q=queue: ClaimTask(rid, [q], 1, 60_000),  # type: ignore[misc]
+                    Leased,
+                    retry=False,
+                    timeout_s=3,
+                )
+            )
+            await asyncio.sleep(0.05)  # parked
+            spec = producer.make_spec("echo", trial, queue=queue, max_retries=0)
+            submitted = asyncio.ensure_future(producer.submit_specs([*pad, spec]))
+            await asyncio.sleep((trial % 10) * 0.004)
+            await worker.call(lambda rid: ReleaseTasks(rid, []), Ack, retry=False)
+            await submitted
+            try:
+                leased = await claim
+            except TqError:
+                unanswered += 1
+                continue
+            refs = [LeaseRef(t.task.id, t.token) for t in leased.tasks]
+            await worker.call(lambda rid, r=refs: ReleaseTasks(rid, r), Ack, retry=False)  # type: ignore[misc]
+    finally:
+        await worker.close()
+        await producer.close()
+    return unanswered
+
+
+def test_a_release_while_a_claim_is_being_served_still_answers_the_claim(
+    broker_factory: BrokerFactory,
+) -> None:
+    """Such a claim was marked dropped as if its connection had closed: never answered, it
+    counted against the connection's 16 open claims for good, and the task it leased sat
+    'running' under a worker that never got it (dead at the worker's exit with max_retries 0)."""
+    broker = broker_factory()
+    assert asyncio.run(_release_while_served(broker.url, 20)) == 0

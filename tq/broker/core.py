@@ -108,6 +108,7 @@ class ParkedClaim:
     owner: object
     timer: asyncio.TimerHandle | None = None
     dropped: bool = False  # its connection closed (or its worker was lost) while being served
+    ended: bool = False  # answered while being served (a release): reply, never park again
 
 
 class BrokerCore:
@@ -380,9 +381,14 @@ class BrokerCore:
         # Those being served must not be parked again when their commit comes back empty:
         # parked for a closed connection, the claim would lease the next ready task to a worker
         # nobody runs, and the task would wait out the heartbeat timeout and lose an attempt.
+        # A connection still open (``answer``) gets their reply, tasks or none, like any other:
+        # a stopping worker releases what arrives after its release.
         for parked in self._serving.values():
             if parked.owner is owner:
-                parked.dropped = True
+                if answer:
+                    parked.ended = True
+                else:
+                    parked.dropped = True
 
     def _serve_parked(self, now: int) -> None:
         """Tasks became ready: lease them to parked claims in this tick (one fsync for both)."""
@@ -404,7 +410,7 @@ class BrokerCore:
                     # Nobody to answer. Tasks it leased anyway are requeued by the WorkerLost
                     # that the closing connection logged after this claim.
                     return
-                if isinstance(value, list) and not value and not self.closing:
+                if isinstance(value, list) and not value and not self.closing and not parked.ended:
                     self._park(parked, 1000)  # raced with another claim: wait again
                 else:
                     parked.reply(value)
