@@ -10,12 +10,13 @@ import asyncio
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from tq import AsyncClient, Client
 from tq.errors import BadRequest, BrokerUnavailable, FrameTooLarge, WaitTimeout
 
-from tests.conftest import ROOT, BrokerProcess, WorkerProcess
+from tests.conftest import ROOT, BrokerProcess, WorkerProcess, wait_until
 
 StartWorker = Callable[..., WorkerProcess]
 FAULTY_APP = str(ROOT / "tests" / "apps" / "faulty.py")
@@ -177,3 +178,33 @@ def test_bad_wait_timeouts_are_bad_requests(broker: BrokerProcess, timeout_s: fl
         tid = c.submit("echo", 1)
         with pytest.raises(BadRequest, match="timeout_s"):
             c.wait(tid, timeout_s=timeout_s)
+
+
+def test_a_run_times_out_by_its_own_deadline_when_a_new_broker_reuses_its_token(
+    tmp_path: Path, start_worker: StartWorker
+) -> None:
+    """Lease tokens are unique per broker only. The worker kept deadlines by token: after its
+    broker was replaced by a fresh one on the same address (tokens from 1 again), the old run's
+    6 s deadline cancelled the new run, whose timeout was 60 s, and the old run never timed
+    out."""
+    first = BrokerProcess(tmp_path / "a", "--lease", "120", "--heartbeat-timeout", "120")
+    (tmp_path / "a").mkdir()
+    first.start()
+    port = first.port
+    second: BrokerProcess | None = None
+    try:
+        start_worker(first.url, "-c", "4")
+        with first.client() as c:
+            old = c.submit("sleep", 100, timeout_s=1.5, max_retries=0)
+            wait_until(lambda: c.status(old).state == "running", what="the old run started")
+        first.kill()
+        (tmp_path / "b").mkdir()
+        second = BrokerProcess(tmp_path / "b").start(port)  # a fresh store: token 1 again
+        with second.client() as c:
+            new = c.submit("sleep", 3, timeout_s=60, max_retries=0)
+            info = c.wait(new, timeout_s=30)
+        assert info.state == "completed", info.error
+    finally:
+        first.close()
+        if second is not None:
+            second.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import itertools
 import logging
 import os
 import socket
@@ -93,7 +94,12 @@ class Worker:
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadlines: Deadlines | None = None
-        self._timed_out: set[int] = set()  # tokens of runs cancelled by their deadline
+        # Runs by a worker-local id: a lease token is unique only per broker (a broker started
+        # afresh on the same address hands out token 1 again), and a deadline keyed by token
+        # once timed out another run.
+        self._run_ids = itertools.count(1)
+        self._runs: dict[int, asyncio.Task[None]] = {}
+        self._timed_out: set[int] = set()  # ids of runs cancelled by their deadline
 
     def stop(self) -> None:
         """Graceful stop: no new claims; running tasks get ``grace_s`` to finish. A second call
@@ -274,33 +280,38 @@ class Worker:
     # --- running one task ------------------------------------------------------------------------
 
     def _start(self, lt: LeasedTask) -> None:
-        task = asyncio.create_task(self._execute(lt))
+        run = next(self._run_ids)
+        task = asyncio.create_task(self._execute(lt, run))
+        self._runs[run] = task
         self._running[lt.token] = (lt, task)
 
-    def _expire(self, token: int) -> None:
+    def _expire(self, run: int) -> None:
         """A run's timeout is up: cancel it in place (``_call_handler`` reports ``TIMEOUT``)."""
-        entry = self._running.get(token)
-        if entry is not None and not entry[1].done():
-            self._timed_out.add(token)
-            entry[1].cancel()
+        task = self._runs.get(run)
+        if task is not None and not task.done():
+            self._timed_out.add(run)
+            task.cancel()
 
-    def _ended(self, lt: LeasedTask) -> None:
-        self._running.pop(lt.token, None)
-        self._timed_out.discard(lt.token)
+    def _ended(self, lt: LeasedTask, run: int) -> None:
+        task = self._runs.pop(run, None)
+        entry = self._running.get(lt.token)
+        if entry is not None and entry[1] is task:
+            del self._running[lt.token]
+        self._timed_out.discard(run)
         assert self._deadlines is not None
-        self._deadlines.discard(lt.token, lt.task.timeout_s)
+        self._deadlines.discard(run, lt.task.timeout_s)
 
-    async def _execute(self, lt: LeasedTask) -> None:
+    async def _execute(self, lt: LeasedTask, run: int) -> None:
         try:
-            outcome = await self._call_handler(lt)
+            outcome = await self._call_handler(lt, run)
         except asyncio.CancelledError:
-            self._ended(lt)
+            self._ended(lt, run)
             self._slot_free.set()
             raise
         except BaseException as exc:  # a bug here must not leave the task running forever
             log.exception("worker.execute_failed", extra=kv(task=lt.task.id))
             outcome = outcomes.failure(lt.task.id, lt.token, "INTERNAL", outcomes.describe(exc))
-        self._ended(lt)
+        self._ended(lt, run)
         self._unacked[lt.token] = LeaseRef(lt.task.id, lt.token)
         if outcome.ok:
             self.done += 1
@@ -312,7 +323,7 @@ class Worker:
             asyncio.get_running_loop().call_soon(self._send_results)
         self._slot_free.set()
 
-    async def _call_handler(self, lt: LeasedTask) -> Outcome:
+    async def _call_handler(self, lt: LeasedTask, run: int) -> Outcome:
         task = lt.task
         handler = self.handlers.get(task.name)
         if handler is None:
@@ -324,7 +335,7 @@ class Worker:
         # not started. A sync handler's thread cannot be killed: on timeout its slot is freed
         # and the thread finishes in the background.
         assert self._deadlines is not None
-        self._deadlines.add(lt.token, task.timeout_s)
+        self._deadlines.add(run, task.timeout_s)
         try:
             payload = decode_value(task.payload)
             context.current.set(context.TaskContext(task.id, lt.token, self._progress_sender))
@@ -342,8 +353,8 @@ class Worker:
                 value = await value
         except asyncio.CancelledError as exc:
             current = asyncio.current_task()
-            if lt.token in self._timed_out and current is not None:
-                self._timed_out.discard(lt.token)
+            if run in self._timed_out and current is not None:
+                self._timed_out.discard(run)
                 if current.uncancel() == 0:  # nobody else cancelled it: this is the timeout
                     return outcomes.failure(
                         task.id,
