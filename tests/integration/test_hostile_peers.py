@@ -276,3 +276,40 @@ def test_a_release_while_a_claim_is_being_served_still_answers_the_claim(
     'running' under a worker that never got it (dead at the worker's exit with max_retries 0)."""
     broker = broker_factory()
     assert asyncio.run(_release_while_served(broker.url, 20)) == 0
+
+
+def test_a_client_that_reads_promptly_is_never_cut_off_for_big_replies(
+    broker_factory: BrokerFactory,
+) -> None:
+    """Seven concurrent status calls of tasks with 10 MiB payloads queued over 64 MiB of replies
+    in one tick, and the broker closed the connection as a slow reader."""
+    broker = broker_factory()
+
+    async def run() -> list[str]:
+        async with AsyncClient(broker.url) as c:
+            ids = [await c.submit("echo", "x" * ((10 << 20) - 16)) for _ in range(12)]
+            infos = await asyncio.gather(*(c.status(t) for t in ids))
+            return [i.state for i in infos]
+
+    assert asyncio.run(run()) == ["pending"] * 12
+    assert broker.events("tcp.slow_reader_closed") == []
+
+
+def test_a_connection_with_watches_keeps_reading_when_its_watcher_is_slow() -> None:
+    """The watch hub keeps up to 4 MiB queued for a slow watcher, above the transport's high
+    water: paused, the connection never read again, and tq top's requests on it starved."""
+    from types import SimpleNamespace
+
+    from tq.broker.tcp import Connection
+
+    calls: list[str] = []
+    transport = SimpleNamespace(pause_reading=lambda: calls.append("pause"))
+    for watches in (1, 0):
+        core = SimpleNamespace(
+            config=SimpleNamespace(max_frame_bytes=1 << 20),
+            watch=SimpleNamespace(owned_by=lambda _conn, n=watches: n),
+        )
+        conn = Connection(core, SimpleNamespace())  # type: ignore[arg-type]
+        conn.transport = transport  # type: ignore[assignment]
+        conn.pause_writing()
+    assert calls == ["pause"]  # only the connection without watches

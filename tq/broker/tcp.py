@@ -204,9 +204,12 @@ class Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self.peer = ""
         self._hello_timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
         self._open_claims = 0
         self._open_waits = 0
-        self._max_backlog = max(64 * 1024 * 1024, 4 * core.config.max_frame_bytes)
+        # Well above what a client that reads promptly queues in one tick (seven concurrent
+        # status calls of 10 MiB tasks crossed 64 MiB), and it bounds a hostile one's memory.
+        self._max_backlog = max(256 * 1024 * 1024, 8 * core.config.max_frame_bytes)
 
     # --- transport callbacks ---------------------------------------------------------------------
 
@@ -228,12 +231,17 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The peer reads slower than we answer: stop reading its requests until it catches up
-        (a client that never reads made the broker buffer replies without limit)."""
-        if self.transport is not None and not self.closed:
+        (a client that never reads made the broker buffer replies without limit). Not on a
+        connection with watches: the watch hub keeps up to 4 MiB of updates queued for a slow
+        watcher by design, so reading would never resume and ``tq top``'s requests on that
+        connection would wait for ever; the backlog cap still bounds it."""
+        if self.transport is not None and not self.closed and not self.core.watch.owned_by(self):
             self.transport.pause_reading()
+            self._reading_paused = True
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
