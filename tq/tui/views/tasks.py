@@ -74,6 +74,7 @@ class TasksView(LiveView):
         super().__init__(model, link, id=id)
         self._seen: tuple[int, int] | None = None  # the model's list_version at the last fetch
         self._tasks: list[TaskInfo] = []
+        self._more = False  # the broker has more tasks than the list shows
         self._error = ""
         self._dirty = True
 
@@ -128,12 +129,20 @@ class TasksView(LiveView):
         queue = self.query_one("#f-queue", Input).value.strip() or None
         name = self.query_one("#f-name", Input).value.strip() or None
         try:
-            tasks, _ = await self.link.list_page(self.state, queue=queue, name=name, limit=PAGE)
+            # The broker ends a page early when its results are big (a page must fit in a
+            # frame): follow the cursor up to PAGE tasks, and say so if more are left.
+            tasks, after = await self.link.list_page(self.state, queue=queue, name=name, limit=PAGE)
+            while after is not None and len(tasks) < PAGE:
+                more, after = await self.link.list_page(
+                    self.state, queue=queue, name=name, limit=PAGE - len(tasks), after=after
+                )
+                tasks += more
         except TqError as exc:
             self._error = f"{exc.code}: {exc.message}"
             self._dirty = True  # try again at the next poll
         else:
             self._tasks = tasks
+            self._more = after is not None
             self._error = ""
         with widgets_gone:
             if self.shown:  # a hidden view is drawn when it is shown
@@ -160,8 +169,8 @@ class TasksView(LiveView):
         rows: list[Row] = [(t.id, self._cells(t)) for t in shown]
         self.query_one("#tasks-table", LiveTable).replace_rows(rows)
         summary = Text(f"{len(shown)} {self.state} tasks shown")
-        if len(self._tasks) >= PAGE:
-            summary.append(f" (the first {PAGE})", style="dim")
+        if self._more:
+            summary.append(f" (the first {len(self._tasks)})", style="dim")
         if self._error:
             summary.append(f"  list failed: {one_line(self._error)}", style=tone(self.app, "error"))
         self.query_one("#tasks-summary", Static).update(summary)
