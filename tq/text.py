@@ -6,6 +6,7 @@ terminal of the operator reading it (and write its clipboard, with OSC 52)."""
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 # Control characters other than tab and newline, shown as \x1b and so on (C0, DEL and C1: a
@@ -18,3 +19,12 @@ _CONTROLS: Final = {
 def clean(text: str) -> str:
     """``text`` with every control character but tab and newline escaped (``\\x1b``)."""
     return text.translate(_CONTROLS)
+
+
+# The same characters, for a test that allocates nothing (``tq top`` checks every table cell).
+_CONTROL_RE: Final = re.compile("[" + re.escape("".join(map(chr, _CONTROLS))) + "]")
+
+
+def has_controls(text: str) -> bool:
+    """Whether :func:`clean` would change ``text``."""
+    return _CONTROL_RE.search(text) is not None

@@ -910,14 +910,8 @@ class StateMachine:
             changed += 1
         while self.timers and self.timers[0][0] <= now:
             eta, tid = heapq.heappop(self.timers)
-            raw = self.store.get(CF.FAILED, tid.encode(), batch)
-            if raw is None:
-                continue  # cancelled meanwhile
-            task = _task_dec.decode(raw)
-            if task.eta_ms != eta:
-                # A stale entry: that task was cancelled, then (its id freed by retention and
-                # submitted again) failed anew with another eta, which has its own entry. The
-                # heap keeps stale entries; a recovered heap does not, so they must decide nothing.
+            task = self._timer_task(eta, tid, batch)
+            if task is None:
                 continue
             batch.delete(CF.FAILED, tid.encode())
             self.counts[FAILED] -= 1
@@ -1060,12 +1054,19 @@ class StateMachine:
         failed again with another eta: they decide nothing at the Tick, but a machine that
         never restarted still woke for them, where a restarted one (its heap rebuilt from the
         store) did not. One store read per call while the head is live."""
-        while self.timers:
-            eta, tid = self.timers[0]
-            raw = self.store.get(CF.FAILED, tid.encode())
-            if raw is not None and _task_dec.decode(raw).eta_ms == eta:
-                return
+        while self.timers and self._timer_task(*self.timers[0]) is None:
             heapq.heappop(self.timers)
+
+    def _timer_task(self, eta: int, task_id: str, batch: Batch | None = None) -> Task | None:
+        """The failed task a retry timer stands for, or None for a stale entry: its task was
+        cancelled, or (its id freed by retention and submitted again) failed anew with another
+        eta, which has its own entry. The heap keeps stale entries; a recovered heap does not,
+        so they must decide nothing."""
+        raw = self.store.get(CF.FAILED, task_id.encode(), batch)
+        if raw is None:
+            return None
+        task = _task_dec.decode(raw)
+        return task if task.eta_ms == eta else None
 
     def has_ready(self, queues: Iterable[str]) -> bool:
         for queue in queues:

@@ -205,8 +205,7 @@ class Connection(asyncio.Protocol):
         self.peer = ""
         self._hello_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
-        self._open_claims = 0
-        self._open_waits = 0
+        self._open: dict[str, int] = {"claims": 0, "waits": 0}  # requests held, see _held
         # Well above what a client that reads promptly queues in one tick (seven concurrent
         # status calls of 10 MiB tasks crossed 64 MiB), and it bounds a hostile one's memory.
         self._max_backlog = max(256 * 1024 * 1024, 8 * core.config.max_frame_bytes)
@@ -362,6 +361,20 @@ class Connection(asyncio.Protocol):
 
         return reply
 
+    def _held(self, what: str, limit: int, build: Any, rid: int) -> Callable[[Any], None]:
+        """The reply callback of a request the broker holds open (a parked claim, a wait):
+        each costs memory and work until answered, so at most ``limit`` of a kind at once."""
+        if self._open[what] >= limit:
+            raise BadRequest(f"at most {limit} {what} open per connection")
+        self._open[what] += 1
+        reply = self._replier(rid, build)
+
+        def answer(value: Any) -> None:
+            self._open[what] -= 1
+            reply(value)
+
+        return answer
+
     # --- dispatch --------------------------------------------------------------------------------
 
     def _dispatch(self, msg: Any) -> None:
@@ -390,15 +403,7 @@ class Connection(asyncio.Protocol):
         if not 0 < msg.max <= MAX_CLAIM:
             raise BadRequest(f"max must be 1 to {MAX_CLAIM}")
         rid = msg.rid
-        if self._open_claims >= MAX_OPEN_CLAIMS:
-            raise BadRequest(f"at most {MAX_OPEN_CLAIMS} claims open per connection")
-        self._open_claims += 1
-        reply = self._replier(rid, lambda tasks: Leased(rid, tasks))
-
-        def answer(value: Any) -> None:
-            self._open_claims -= 1
-            reply(value)
-
+        answer = self._held("claims", MAX_OPEN_CLAIMS, lambda tasks: Leased(rid, tasks), rid)
         self.core.claim(
             worker_id,
             msg.queues,
@@ -448,15 +453,7 @@ class Connection(asyncio.Protocol):
 
     def _on_wait(self, msg: WaitTask) -> None:
         rid = msg.rid
-        if self._open_waits >= MAX_OPEN_WAITS:
-            raise BadRequest(f"at most {MAX_OPEN_WAITS} waits open per connection")
-        self._open_waits += 1
-        reply = self._replier(rid, lambda t: TaskInfoReply(rid, t))
-
-        def answer(value: Any) -> None:
-            self._open_waits -= 1
-            reply(value)
-
+        answer = self._held("waits", MAX_OPEN_WAITS, lambda t: TaskInfoReply(rid, t), rid)
         self.core.wait(msg.task_id, msg.timeout_ms, answer, self)
 
     def _on_list(self, msg: ListTasks) -> None:

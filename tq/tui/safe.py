@@ -12,14 +12,9 @@ a Rich :class:`~rich.text.Text` (never parsed) of :func:`clean` ed characters.
 
 from __future__ import annotations
 
-import re
-from typing import Final
-
 from rich.text import Text
 
-from tq.text import clean
-
-_UNSAFE: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # what one_line() would change
+from tq.text import clean, has_controls
 
 
 def one_line(text: str) -> str:
@@ -30,7 +25,7 @@ def one_line(text: str) -> str:
 
 def is_one_line(text: str) -> bool:
     """Whether :func:`one_line` would leave ``text`` as it is."""
-    return _UNSAFE.search(text) is None
+    return "\n" not in text and not has_controls(text)
 
 
 def text(value: object, style: str = "") -> Text:
