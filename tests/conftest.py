@@ -62,6 +62,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for tq subprocesses: no ambient TQ_* settings leak in from the shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TQ_")}
     env["PYTHONUNBUFFERED"] = "1"
+    # Each of the suite's hundreds of tq processes would compile tq from source again (~0.1 s
+    # a start) in a shell that sets this: let the first one cache the bytecode.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     # A small commit journal: dozens of brokers per run each write theirs in full at start
     # (4 MiB, not 64), and the suite's workloads pass through journal checkpoints often.
     env["TQ_JOURNAL_MB"] = "4"

@@ -27,6 +27,7 @@ class BrokerConfig:
     retention_s: float = 7 * 24 * 3600.0
     retention_interval_s: float = 60.0
     auth_token: str | None = None
+    hello_timeout_s: float = 10.0  # a connection that has not said hello by then is closed
     journal_bytes: int = 64 * 1024 * 1024  # single node: the commit journal's size (--journal-mb)
     # cluster mode (a Raft port given): this node's id, its Raft port, the other members' Raft
     # addresses, where the Raft port really listens (default: host:raft_port) and the secret
@@ -75,6 +76,26 @@ def journal_mb_from_env(explicit: int | None = None) -> int:
         raise ValueError(f"TQ_JOURNAL_MB={raw!r} is not a whole number of MiB") from None
     if not 1 <= value <= MAX_JOURNAL_MB:
         raise ValueError(f"TQ_JOURNAL_MB={value} is outside 1..{MAX_JOURNAL_MB}")
+    return value
+
+
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+
+
+def connect_timeout_from_env(explicit: float | None = None) -> float:
+    """``connect_timeout_s`` wins, then ``TQ_CONNECT_TIMEOUT``, then 10 (seconds a client keeps
+    trying to reach a broker): a script can fail fast without a code change."""
+    if explicit is not None:
+        return explicit
+    raw = os.environ.get("TQ_CONNECT_TIMEOUT")
+    if not raw:
+        return DEFAULT_CONNECT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"TQ_CONNECT_TIMEOUT={raw!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:  # NaN fails this too
+        raise ValueError(f"TQ_CONNECT_TIMEOUT={raw} is outside 0..3600 seconds")
     return value
 
 

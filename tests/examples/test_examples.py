@@ -25,10 +25,10 @@ def example_broker(broker_factory: Callable[..., Any], start_worker: Callable[..
     return broker
 
 
-def _run(script: str, url: str) -> subprocess.CompletedProcess[str]:
+def _run(script: str, url: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(EXAMPLES / script), url],
-        env=subprocess_env(),
+        env=subprocess_env(**env),
         capture_output=True,
         text=True,
         timeout=120,
@@ -104,7 +104,7 @@ def test_a_bad_address_is_one_line_and_exit_2(script: str, address: str) -> None
 
 @pytest.mark.parametrize("script", ["producer.py", "workflow.py"])
 def test_no_broker_is_one_line_and_exit_2(script: str) -> None:
-    out = _run(script, f"tcp://127.0.0.1:{free_port()}")
+    out = _run(script, f"tcp://127.0.0.1:{free_port()}", TQ_CONNECT_TIMEOUT="1")
     assert out.returncode == 2, out.stderr
     [line] = out.stderr.splitlines()
     assert "UNAVAILABLE" in line

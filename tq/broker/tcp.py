@@ -82,7 +82,6 @@ MAX_OPEN_WAITS = 10_000  # per connection
 # high-water mark; what requests already read still produce is capped here (the connection is
 # closed), as a 17-byte status request can ask for a 10 MiB reply.
 WRITE_HIGH_WATER = 1024 * 1024
-HELLO_TIMEOUT_S = 10.0  # a connection that has not said hello by then is closed
 WATCH_SNDBUF = 128 * 1024
 
 
@@ -220,11 +219,16 @@ class Connection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         # A peer that never says hello holds a file descriptor for nothing: 200 such sockets
         # slowed nobody, but enough of them would leave the broker unable to accept.
-        self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, self._no_hello)
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            self.core.config.hello_timeout_s, self._no_hello
+        )
 
     def _no_hello(self) -> None:
         if self.hello is None and not self.closed and self.transport is not None:
-            log.info("tcp.no_hello_closed", extra=kv(peer=self.peer, after_s=HELLO_TIMEOUT_S))
+            log.info(
+                "tcp.no_hello_closed",
+                extra=kv(peer=self.peer, after_s=self.core.config.hello_timeout_s),
+            )
             self.closed = True
             self.transport.abort()
 

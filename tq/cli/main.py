@@ -128,6 +128,7 @@ def _broker_config(
     _check_range("--retention", retention_s, 0.0, 86_400 * 3650)
     _check_range("--retention-interval", cluster.get("retention_interval_s", 60.0), 0.1, 86_400)
     _check_range("--max-frame", max_frame_bytes, 1024, 1024 * 1024 * 1024)
+    _check_range("--hello-timeout", cluster.get("hello_timeout_s", 10.0), 0.1, 3600)
     return BrokerConfig(
         journal_bytes=journal_bytes,
         host=host,
@@ -273,6 +274,9 @@ def broker(
         10.0, "--heartbeat-timeout", help="a worker silent this long (s) is declared dead"
     ),
     max_frame: int = typer.Option(16 * 1024 * 1024, "--max-frame", help="largest frame (bytes)"),
+    hello_timeout: float = typer.Option(
+        10.0, "--hello-timeout", help="close a connection silent this long (s) before its hello"
+    ),
     journal_mb: int | None = JournalOpt,
     node_id: str | None = typer.Option(None, "--node-id", help="cluster: this node's name"),
     raft_port: int | None = typer.Option(
@@ -310,6 +314,7 @@ def broker(
         heartbeat_timeout,
         max_frame,
         retention_interval_s=retention_interval,
+        hello_timeout_s=hello_timeout,
         journal_mb=journal_mb,
         **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
     )

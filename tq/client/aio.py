@@ -23,6 +23,7 @@ from tq.config import (
     MAX_WAIT_S,
     auth_token_from_env,
     broker_url_from_env,
+    connect_timeout_from_env,
     parse_broker_url,
 )
 from tq.errors import (
@@ -155,7 +156,7 @@ class AsyncClient:
         url: str | None = None,
         *,
         timeout_s: float = 30.0,
-        connect_timeout_s: float = 10.0,
+        connect_timeout_s: float | None = None,
         token: str | None = None,
         role: str = "client",
         client_id: str | None = None,
@@ -164,7 +165,7 @@ class AsyncClient:
     ) -> None:
         self.addresses = parse_broker_url(broker_url_from_env(url))
         self.timeout_s = timeout_s
-        self.connect_timeout_s = connect_timeout_s
+        self.connect_timeout_s = connect_timeout_from_env(connect_timeout_s)
         self.token = token if token is not None else auth_token_from_env()
         self.role = role
         self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
