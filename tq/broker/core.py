@@ -111,6 +111,58 @@ class ParkedClaim:
     ended: bool = False  # answered while being served (a release): reply, never park again
 
 
+class _Wait:
+    """One client waiting for one task to finish. It ends once: answered (the task, a timeout,
+    a refusal), or without an answer when its connection goes or the client withdraws it;
+    either way its timer stops and it leaves the task's waiters and its owner's set."""
+
+    __slots__ = ("_done", "_owned", "_reply", "_task_id", "_timer", "_waiters")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        waiters: dict[str, list[Reply]],
+        task_id: str,
+        timeout_ms: int,
+        reply: Reply,
+        owned: set[_Wait] | None,
+    ) -> None:
+        self._done = False
+        self._waiters, self._task_id, self._reply, self._owned = waiters, task_id, reply, owned
+        # Clamped: a timeout beyond a year (or one a client sent as 2**63) is not a timer.
+        delay_s = min(max(timeout_ms, 0), MAX_WAIT_MS) / 1000
+        self._timer = loop.call_later(delay_s, self._time_out, timeout_ms)
+        waiters.setdefault(task_id, []).append(self.answer)
+        if owned is not None:
+            owned.add(self)
+
+    def answer(self, value: Any) -> None:
+        if self._finish():
+            self._reply(value)
+
+    def end(self) -> None:
+        """No answer at all."""
+        self._finish()
+
+    def _time_out(self, timeout_ms: int) -> None:
+        if self._finish():
+            self._reply(WaitTimeout(f"task {self._task_id} did not finish within {timeout_ms} ms"))
+
+    def _finish(self) -> bool:
+        if self._done:
+            return False
+        self._done = True
+        self._timer.cancel()
+        lst = self._waiters.get(self._task_id)
+        if lst is not None and self.answer in lst:
+            lst.remove(self.answer)
+            if not lst:
+                del self._waiters[self._task_id]
+        if self._owned is not None:
+            self._owned.discard(self)
+        return True
+
+
 class BrokerCore:
     def __init__(self, config: BrokerConfig, clock: Callable[[], int] = wall_ms) -> None:
         self.config = config
@@ -167,7 +219,7 @@ class BrokerCore:
         # connection that closes meanwhile must still be able to drop them (see drop_parked).
         self._serving: dict[int, ParkedClaim] = {}
         self._waiters: dict[str, list[Reply]] = {}
-        self._owned_waits: dict[object, set[Callable[[], None]]] = {}  # see drop_waits
+        self._owned_waits: dict[object, set[_Wait]] = {}  # see drop_waits
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
         self._tick_in_flight = False
@@ -421,66 +473,33 @@ class BrokerCore:
 
     # --- waiting for a result --------------------------------------------------------------------
 
-    def wait(self, task_id: str, timeout_ms: int, reply: Reply, owner: object = None) -> None:
+    def wait(
+        self, task_id: str, timeout_ms: int, reply: Reply, owner: object = None
+    ) -> Callable[[], None] | None:
         """Reply when the task is final, or with ``WaitTimeout``. An ``owner`` (a connection)
         can drop its waits with ``drop_waits`` when it goes: a client that gave up (Ctrl-C on
-        ``tq wait``) must not leave a waiter, and its timer, behind until the timeout."""
+        ``tq wait``) must not leave a waiter, and its timer, behind until the timeout.
+
+        Returns what ends this wait without a reply (the client withdrew it), or None when the
+        answer is already decided (it is sent anyway)."""
         if not self.serving:
             reply(self.refusal())
-            return
+            return None
         task = self.sm.get_task(task_id)
         if task is None:
             self.after_durable(lambda: reply(TaskNotFound(f"no task {task_id[:80]}")))
-            return
+            return None
         if TaskState(task.state).is_final:
             self.after_durable(lambda: reply(task))
-            return
+            return None
         assert self._loop is not None
-        waiters = self._waiters.setdefault(task_id, [])
-        done = False
-
         owned = self._owned_waits.setdefault(owner, set()) if owner is not None else None
-
-        def on_done(value: Task | TqError) -> None:
-            nonlocal done
-            if not done:
-                done = True
-                timer.cancel()
-                if owned is not None:
-                    owned.discard(forget)
-                reply(value)
-
-        def forget() -> None:
-            """No reply at all: end the timer and take the waiter off the task."""
-            nonlocal done
-            if done:
-                return
-            done = True
-            timer.cancel()
-            lst = self._waiters.get(task_id)
-            if lst is not None and on_done in lst:
-                lst.remove(on_done)
-                if not lst:
-                    del self._waiters[task_id]
-
-        def on_timeout() -> None:
-            if done:
-                return
-            forget()
-            if owned is not None:
-                owned.discard(forget)
-            reply(WaitTimeout(f"task {task_id} did not finish within {timeout_ms} ms"))
-
-        # Clamped: a timeout beyond a year (or one a client sent as 2**63) is not a timer.
-        timer = self._loop.call_later(min(max(timeout_ms, 0), MAX_WAIT_MS) / 1000, on_timeout)
-        waiters.append(on_done)
-        if owned is not None:
-            owned.add(forget)
+        return _Wait(self._loop, self._waiters, task_id, timeout_ms, reply, owned).end
 
     def drop_waits(self, owner: object) -> None:
         """``owner`` (a connection) is gone: its waits end without a reply."""
-        for forget in self._owned_waits.pop(owner, ()):
-            forget()
+        for wait in list(self._owned_waits.pop(owner, ())):
+            wait.end()
 
     # --- timers ----------------------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from tq.protocol.messages import (
     TaskListReply,
     TaskResult,
     TaskSpec,
+    Unwait,
     Unwatch,
     WaitTask,
     Watch,
@@ -205,6 +206,7 @@ class Connection(asyncio.Protocol):
         self._hello_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         self._open: dict[str, int] = {"claims": 0, "waits": 0}  # requests held, see _held
+        self._waits: dict[int, Callable[[], None]] = {}  # rid -> ends that wait, for unwait
         # Well above what a client that reads promptly queues in one tick (seven concurrent
         # status calls of 10 MiB tasks crossed 64 MiB), and it bounds a hostile one's memory.
         self._max_backlog = max(256 * 1024 * 1024, 8 * core.config.max_frame_bytes)
@@ -458,7 +460,26 @@ class Connection(asyncio.Protocol):
     def _on_wait(self, msg: WaitTask) -> None:
         rid = msg.rid
         answer = self._held("waits", MAX_OPEN_WAITS, lambda t: TaskInfoReply(rid, t), rid)
-        self.core.wait(msg.task_id, msg.timeout_ms, answer, self)
+
+        def reply(value: Any) -> None:
+            self._waits.pop(rid, None)
+            answer(value)
+
+        end = self.core.wait(msg.task_id, msg.timeout_ms, reply, self)
+        if end is not None:
+
+            def withdraw() -> None:
+                end()
+                self._open["waits"] -= 1
+
+            self._waits[rid] = withdraw
+
+    def _on_unwait(self, msg: Unwait) -> None:
+        """Always acknowledged: the wait may have been answered while this was on its way."""
+        withdraw = self._waits.pop(msg.wait_rid, None)
+        if withdraw is not None:
+            withdraw()
+        self._send(Ack(msg.rid))
 
     def _on_list(self, msg: ListTasks) -> None:
         self._require_serving()
@@ -702,6 +723,7 @@ _HANDLERS: dict[type[Any], Callable[[Connection, Any], None]] = {
     ReleaseTasks: Connection._on_release,
     QueryStatus: Connection._on_status,
     WaitTask: Connection._on_wait,
+    Unwait: Connection._on_unwait,
     ListTasks: Connection._on_list,
     CancelTask: Connection._on_cancel,
     GetStats: Connection._on_stats,

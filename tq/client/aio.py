@@ -64,6 +64,7 @@ from tq.protocol.messages import (
     TaskInfoReply,
     TaskListReply,
     TaskSpec,
+    Unwait,
     Unwatch,
     WaitTask,
     Watch,
@@ -148,6 +149,25 @@ class TaskInfo:
             if isinstance(out[key], bytes):
                 out[key] = out[key].hex()
         return out
+
+
+def _unwait(conn: Connection, rid: int) -> None:
+    """A cancelled ``wait``: tell the broker, which would otherwise hold the wait (and count it
+    against the connection's cap) until its timeout. Fire and forget: nobody awaits the ack."""
+    conn.forget(rid)
+    _send_quietly(conn, lambda urid: Unwait(urid, rid))
+
+
+def _send_quietly(conn: Connection, build: Callable[[int], Any]) -> None:
+    """Send a request whose answer nobody needs, if the connection is still up."""
+    if conn.error is None and conn.transport is not None:
+        try:
+            urid = conn.next_rid()
+            conn.send(urid, build(urid), 5.0).add_done_callback(
+                lambda f: f.cancelled() or f.exception()
+            )
+        except TqError:
+            pass
 
 
 class AsyncClient:
@@ -280,11 +300,13 @@ class AsyncClient:
         *,
         retry: bool = True,
         timeout_s: float | None = None,
+        on_abandon: Callable[[Connection, int], None] | None = None,
     ) -> R:
         """Send one request and return its typed reply, raising the broker's error for a NACK.
 
         With ``retry`` the request is resent after a lost connection or a leader change: only for
-        requests that are safe to repeat."""
+        requests that are safe to repeat. ``on_abandon(conn, rid)`` runs if the caller is
+        cancelled while the request is in flight (to withdraw what the broker holds for it)."""
         attempts = 0
         loop = asyncio.get_running_loop()
         # Redirects and reconnects are retried for a while: a cluster elects a new leader in
@@ -309,7 +331,12 @@ class AsyncClient:
             rid = conn.next_rid()
             sent = loop.time()
             try:
-                reply = await conn.send(rid, build(rid), timeout_s or self.timeout_s)
+                try:
+                    reply = await conn.send(rid, build(rid), timeout_s or self.timeout_s)
+                except asyncio.CancelledError:
+                    if on_abandon is not None:
+                        on_abandon(conn, rid)
+                    raise
                 raise_for(reply)
             except NotLeader as exc:
                 attempts += 1
@@ -447,7 +474,9 @@ class AsyncClient:
             # ``timeout_s``, so a broker restart does not stretch the caller's timeout.
             return WaitTask(rid, task_id, max(0, int((deadline - loop.time()) * 1000)))
 
-        reply = await self.call(request, TaskInfoReply, timeout_s=timeout_s + self.timeout_s)
+        reply = await self.call(
+            request, TaskInfoReply, timeout_s=timeout_s + self.timeout_s, on_abandon=_unwait
+        )
         return TaskInfo.from_task(reply.task)
 
     async def list_page(
@@ -614,14 +643,7 @@ class AsyncClient:
                     yield item
         finally:
             conn.remove_stream(rid)
-            if conn.error is None and conn.transport is not None:
-                try:
-                    urid = conn.next_rid()
-                    conn.send(urid, Unwatch(urid, rid), 5.0).add_done_callback(
-                        lambda f: f.cancelled() or f.exception()
-                    )
-                except TqError:
-                    pass
+            _send_quietly(conn, lambda urid: Unwatch(urid, rid))
 
     async def report_progress(
         self, task_id: str, token: int, fraction: float = -1.0, message: str = ""

@@ -203,6 +203,15 @@ class WaitTask(_Msg, tag="wait", frozen=True):
     timeout_ms: int = 30_000
 
 
+class Unwait(_Msg, tag="unwait", frozen=True):
+    """The sender no longer wants the answer to its wait ``wait_rid``: the broker ends it without
+    a reply. A wait costs the broker memory and a timer, and counts against the per-connection
+    cap, until it is answered; a client that gives up on one (a cancelled ``wait``) says so."""
+
+    rid: int
+    wait_rid: int
+
+
 class ListTasks(_Msg, tag="list", frozen=True):
     rid: int
     state: str = "pending"
@@ -306,6 +315,7 @@ Request = (
     | ReleaseTasks
     | QueryStatus
     | WaitTask
+    | Unwait
     | ListTasks
     | CancelTask
     | GetStats
