@@ -6,6 +6,8 @@ import re
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,20 @@ def test_the_default_http_port_falls_back_to_a_free_one_when_taken(tmp_path: Pat
             broker.close()
     assert len(http) == 1
     assert int(http[0]["port"]) not in (0, 7701)
+
+
+def test_a_half_sent_request_is_closed_after_the_hello_timeout(
+    http_broker_factory: Callable[..., HttpBroker],
+) -> None:
+    """A request head that never ends used to hold its socket for about an hour (aiohttp's
+    default); complete requests on other connections are served meanwhile."""
+    broker = http_broker_factory("--hello-timeout", "1")
+    slow = socket.create_connection(("127.0.0.1", broker.http_port), timeout=15)
+    try:
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
+        t0 = time.monotonic()
+        assert broker.api().get("/healthz").status == 200
+        assert slow.recv(1024) == b""  # closed by the broker, nothing answered
+        assert 0.5 < time.monotonic() - t0 < 8
+    finally:
+        slow.close()

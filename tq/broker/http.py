@@ -434,6 +434,10 @@ class HttpServer:
             # default, answering text/plain).
             max_line_size=MAX_REQUEST_LINE,
             max_field_size=MAX_REQUEST_LINE,
+            # A connection that has not sent a whole request head this long after it opened, or
+            # after its last response, is closed: aiohttp's default (about an hour) let
+            # half-sent requests hold file descriptors (the TCP protocol's hello timeout).
+            keepalive_timeout=self.core.config.hello_timeout_s,
         )
         await runner.setup()
         self._runner = runner
