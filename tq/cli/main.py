@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
+from tq.cli.cancel import run as run_cancellable
 from tq.cli.output import (
     Format,
     OutputOpt,
@@ -87,7 +88,7 @@ def _run_client(fn: Callable[[Any], Awaitable[T]], broker: str | None) -> T:
             return await fn(client)
 
     try:
-        return asyncio.run(main())
+        return run_cancellable(main())
     except BrokerUnavailable as exc:
         fail(f"{exc.message} (is `tq broker` running? set --broker or TQ_BROKER)")
     except TqError as exc:
@@ -866,7 +867,7 @@ def cluster_status(broker: str | None = BrokerOpt, output: Format = OutputOpt) -
     async def gather() -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(_node_status(u) for u in urls)))
 
-    nodes = asyncio.run(gather())
+    nodes = run_cancellable(gather())
     leaders = [n for n in nodes if n.get("role") == "leader"]
     leader_commit = max((n.get("commit_index") or 0 for n in leaders), default=None)
     for n in nodes:

@@ -30,7 +30,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tq.cli import output
+from tq.cli import cancel, output
 from tq.logfields import kv
 
 log = logging.getLogger("tq.ssh")
@@ -75,6 +75,7 @@ MUTATING: frozenset[tuple[str, ...]] = frozenset(
 EXIT_WORDS = frozenset({"exit", "quit", "logout"})
 EXIT_USAGE = 2
 EXIT_REFUSED = 77
+EXIT_CANCELLED = 130  # as a shell reports a command stopped by Ctrl-C
 """Exit code of a command a read-only key may not run (``EX_NOPERM`` of sysexits.h)."""
 
 MAX_RUNNING = 4
@@ -114,6 +115,8 @@ class Terminal:
     width: int = EXEC_WIDTH
     tty: bool = False
     term_type: str = ""
+    # Done when the session has gone: its running command is then cancelled (tq/cli/cancel.py).
+    gone: asyncio.Future[Any] | None = None
 
 
 class _LoopWriter:
@@ -162,12 +165,17 @@ class Shell:
         # when its session goes, so four read-only `wait`s once held every thread and froze
         # the shell for admin keys too. (Created on first use, inside the event loop.)
         self._readonly_slots: asyncio.Semaphore | None = None
+        self._running: set[cancel.CancelScope] = set()
 
     def close(self) -> None:
-        """Stop taking commands (those running finish on their own)."""
+        """Stop taking commands, and cancel those running."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        for running in list(self._running):
+            if not running.cancelled:
+                log.info("ssh.command_cancelled", extra=kv(reason="shell closed"))
+                running.cancel()
 
     @cached_property
     def _root(self) -> Any:
@@ -205,24 +213,44 @@ class Shell:
             return self._refuse(term, exc.message, exc.code)
         full = [*path, "--broker", self.broker_url, *argv[len(path) :]]
         if who.admin:
-            code = await self._in_thread(self._invoke, full, out, err)
+            code = await self._in_thread(term, self._invoke, full, out, err)
         else:
             if self._readonly_slots is None:
                 self._readonly_slots = asyncio.Semaphore(max(1, self.max_running - 1))
             async with self._readonly_slots:
-                code = await self._in_thread(self._invoke, full, out, err)
+                code = await self._in_thread(term, self._invoke, full, out, err)
         if path in MUTATING:
             log.info("ssh.command", extra=kv(**_audit(who, argv), exit=code))
         return code
 
-    async def _in_thread(self, fn: Callable[..., int], *args: Any) -> int:
+    async def _in_thread(self, term: Terminal, fn: Callable[..., int], *args: Any) -> int:
         """``asyncio.to_thread`` on the shell's own threads: the context (and so the session's
-        consoles) goes along, and a slow command never takes a thread the broker needs."""
+        consoles) goes along, and a slow command never takes a thread the broker needs. The
+        command is cancelled if the session goes first (or the shell closes)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.max_running, thread_name_prefix="tq-ssh")
         context = contextvars.copy_context()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, partial(context.run, fn, *args))
+        scope = cancel.CancelScope()
+        self._running.add(scope)
+
+        def in_scope() -> int:
+            with cancel.scope(scope):
+                return fn(*args)
+
+        try:
+            loop = asyncio.get_running_loop()
+            done = loop.run_in_executor(self._pool, partial(context.run, in_scope))
+            if term.gone is not None:
+                await asyncio.wait([done, term.gone], return_when=asyncio.FIRST_COMPLETED)
+                if not done.done():
+                    log.info("ssh.command_cancelled", extra=kv(reason="session closed"))
+                    scope.cancel()
+            return await done
+        except asyncio.CancelledError:  # the session's own task is being cancelled
+            scope.cancel()
+            raise
+        finally:
+            self._running.discard(scope)
 
     def _path(self, argv: list[str], *, group_alone: bool = False) -> tuple[str, ...]:
         """The command ``argv`` names: one word, or a group and its subcommand."""
@@ -275,6 +303,8 @@ class Shell:
                 return 1
             except SystemExit as exc:
                 return exc.code if isinstance(exc.code, int) else 1
+            except asyncio.CancelledError:  # its session went, or the broker is stopping
+                return EXIT_CANCELLED
             except Exception as exc:  # a CLI bug costs this command, never the session
                 log.exception("ssh.command_failed", extra=kv(command=shlex.join(argv[:1])))
                 err.print(f"[bold red]tq:[/] internal error: {escape(str(exc))}", highlight=False)

@@ -229,21 +229,27 @@ class SshServer:
         assert who is not None  # set when the key was accepted
         assert self.shell is not None
         shell = self.shell
+        # Done when the client goes: the command it left running is cancelled.
+        gone = asyncio.ensure_future(process.channel.wait_closed())
         try:
             if process.command is not None:
-                code = await shell.run_line(process.command, who, _terminal(process))
+                code = await shell.run_line(process.command, who, _terminal(process, gone))
             else:
-                code = await _repl(shell, process, who)
+                code = await _repl(shell, process, who, gone)
         except (asyncssh.Error, BrokenPipeError):  # the client went away, or the server stops
             return
         except Exception:  # one session's failure must not reach the broker
             log.exception("ssh.session_failed", extra=kv(peer=who.peer, key=who.comment))
             code = 1
+        finally:
+            gone.cancel()
         if not process.is_closing():
             process.exit(code)
 
 
-def _terminal(process: asyncssh.SSHServerProcess[str]) -> Terminal:
+def _terminal(
+    process: asyncssh.SSHServerProcess[str], gone: asyncio.Future[Any] | None = None
+) -> Terminal:
     term_type = process.term_type or ""
     width = process.term_size[0] if term_type else 0
     # On a terminal, errors share the screen with the output (as a shell's stderr would, and
@@ -255,6 +261,7 @@ def _terminal(process: asyncssh.SSHServerProcess[str]) -> Terminal:
         width=width or EXEC_WIDTH,
         tty=bool(term_type),
         term_type=term_type,
+        gone=gone,
     )
 
 
@@ -263,7 +270,12 @@ def _write(stream: asyncssh.SSHWriter[str], text: str) -> None:
         stream.write(text)
 
 
-async def _repl(shell: Shell, process: asyncssh.SSHServerProcess[str], who: Identity) -> int:
+async def _repl(
+    shell: Shell,
+    process: asyncssh.SSHServerProcess[str],
+    who: Identity,
+    gone: asyncio.Future[Any] | None = None,
+) -> int:
     """The interactive shell: prompt, read a line (edited by asyncssh), run it, until ``exit``
     or Ctrl-D. Ctrl-C drops the line being typed."""
     prompt = "tq> " if who.admin else "tq (read-only)> "
@@ -306,7 +318,7 @@ async def _repl(shell: Shell, process: asyncssh.SSHServerProcess[str], who: Iden
             return code
         if line.strip() in EXIT_WORDS:
             return code
-        code = await shell.run_line(line, who, _terminal(process))
+        code = await shell.run_line(line, who, _terminal(process, gone))
 
 
 def _peer(conn: asyncssh.SSHServerConnection) -> str:
