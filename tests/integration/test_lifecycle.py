@@ -12,7 +12,7 @@ from tq.errors import InvalidState, TaskNotFound, WaitTimeout
 from tq.model import RetryPolicy
 
 from tests.apps.handlers import read_runs
-from tests.conftest import HANDLERS_APP, BrokerProcess, WorkerProcess, wait_until
+from tests.conftest import HANDLERS_APP, BrokerProcess, WorkerProcess, stop_worker, wait_until
 
 RETRY_BASE_S = 0.05
 NO_TASKS = {"pending": 0, "running": 0, "completed": 0, "failed": 0, "dead": 0, "cancelled": 0}
@@ -315,3 +315,35 @@ def test_retention_removes_completed_tasks_in_the_background(
 
         wait_until(gone, timeout=10, what="retention to delete the completed task")
         assert c.stats()["states"]["completed"] == 0
+
+
+def test_a_burst_worker_waits_for_retries_of_its_queues_but_not_of_paused_ones(
+    broker_factory: Callable[..., BrokerProcess], start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """`--burst` left as soon as nothing was ready: a task failing once was left waiting out
+    its backoff, unfinished, when the burst ended."""
+    broker = broker_factory()
+    with Client(broker.url) as c:
+        payload = {"file": str(tmp_path / "runs.jsonl"), "fail_times": 1}
+        tid = c.submit("test.record", payload, max_retries=2, backoff_s=1.0)
+        worker = start_worker(broker.url, "--burst", app=HANDLERS_APP)
+        assert worker.wait(30) == 0, worker.describe()
+        info = c.status(tid)
+        assert info.state == "completed", info
+        assert info.attempt == 2
+
+        # A paused queue's retries cannot be claimed: the burst ends without them.
+        first = start_worker(broker.url, "-q", "held", app=HANDLERS_APP)
+        held = c.submit(
+            "test.record",
+            {"file": str(tmp_path / "held.jsonl"), "fail_times": 1},
+            queue="held",
+            max_retries=2,
+            backoff_s=60.0,
+        )
+        wait_until(lambda: c.status(held).state == "failed", 20, what="the first failure")
+        stop_worker(first)
+        c.pause_queue("held")
+        worker = start_worker(broker.url, "--burst", "-q", "held", app=HANDLERS_APP)
+        assert worker.wait(30) == 0, worker.describe()
+        assert c.status(held).state == "failed"

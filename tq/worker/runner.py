@@ -4,7 +4,8 @@ batches, heartbeat the leases it holds.
 Lifecycle: ``run()`` until ``stop()`` (SIGTERM): stop claiming, let running tasks finish within
 ``grace_s``, hand back leases that arrive late, then cancel what is still running and leave (the
 broker requeues those when the connection closes). ``burst=True`` returns once the queues are
-empty and nothing runs, which is what tests and batch jobs want.
+empty, nothing runs and no task of them waits out a retry backoff, which is what tests and batch
+jobs want.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tq.logfields import kv
 from tq.protocol.messages import (
     Ack,
     ClaimTask,
+    GetStats,
     Heartbeat,
     Leased,
     LeasedTask,
@@ -35,6 +37,7 @@ from tq.protocol.messages import (
     ReleaseTasks,
     Response,
     ResultBatch,
+    StatsReply,
 )
 from tq.worker import context, outcomes
 from tq.worker.builtin import register_builtins
@@ -71,6 +74,7 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.grace_s = grace_s
         self.burst = burst
+        self._awaiting_retries = False  # burst mode: parked until a retry falls due
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
         self.token = token
         self.done = 0
@@ -163,8 +167,12 @@ class Worker:
                 continue
             for lt in leased:
                 self._start(lt)
-            if self.burst and not leased and not self._running:
-                return
+            if leased:
+                self._awaiting_retries = False
+            elif self.burst and not self._running:
+                self._awaiting_retries = await self._retries_pending(client)
+                if not self._awaiting_retries:
+                    return
 
     def _thread_freed(self, loop: asyncio.AbstractEventLoop) -> None:
         """A handler thread finished (any thread; maybe after the worker stopped)."""
@@ -193,8 +201,24 @@ class Worker:
         self._threads_short = short
         return min(free, threads)
 
+    async def _retries_pending(self, client: AsyncClient) -> bool:
+        """Burst mode, nothing to claim: do tasks of these queues wait out a retry backoff? They
+        are work still to do (a burst worker that left then left them unfinished). Paused queues
+        do not count: nobody could claim their retries."""
+        try:
+            reply = await client.call(GetStats, StatsReply)
+        except TqError:
+            return True  # the broker is away: the loop reconnects, then asks again
+        queues = reply.stats.queues
+        return any(
+            (q := queues.get(name)) is not None and q.delayed > 0 and not q.paused
+            for name in self.queues
+        )
+
     async def _claim(self, client: AsyncClient, free: int) -> list[LeasedTask]:
-        wait_ms = 0 if self.burst else CLAIM_WAIT_MS
+        # Burst mode asks without waiting, unless it knows a retry will fall due: then the claim
+        # parks until it does (the broker serves it then), or for CLAIM_WAIT_MS.
+        wait_ms = 0 if self.burst and not self._awaiting_retries else CLAIM_WAIT_MS
         claim = asyncio.ensure_future(
             client.call(
                 lambda rid: ClaimTask(rid, self.queues, free, wait_ms),
