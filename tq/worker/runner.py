@@ -205,6 +205,8 @@ class Worker:
         """Burst mode, nothing to claim: do tasks of these queues wait out a retry backoff? They
         are work still to do (a burst worker that left then left them unfinished). Paused queues
         do not count: nobody could claim their retries."""
+        # The last results first: a failure still on its way would not show as a retry yet.
+        await self._flush_results_now()
         try:
             reply = await client.call(GetStats, StatsReply)
         except TqError:
