@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from tq import __version__
-from tq.cli.shell import EXEC_WIDTH, EXIT_WORDS, Identity, Shell, Terminal, printable
+from tq.cli.shell import EXEC_WIDTH, EXIT_USAGE, EXIT_WORDS, Identity, Shell, Terminal, printable
 from tq.errors import TqError
 from tq.logfields import kv
 
@@ -72,22 +72,46 @@ def read_keys(path: str, *, admin: bool) -> list[AuthorizedKey]:
             entry = asyncssh.import_authorized_keys(line)
         except ValueError:  # asyncssh's KeyImportError too
             raise ValueError(f"{path}:{n}: not an OpenSSH authorized_keys entry") from None
-        keys.append(AuthorizedKey(entry, _comment(line) or f"{Path(path).name}:{n}", admin))
+        options, comment = _split(line)
+        # Only from= is honoured. An admin who writes command="stats" or restrict expects the
+        # key bound by it; ignored, the key could do everything its file allows.
+        for name in _option_names(options):
+            if name != "from":
+                raise ValueError(
+                    f"{path}:{n}: option {name} is not supported (only from= is honoured)"
+                )
+        keys.append(AuthorizedKey(entry, comment or f"{Path(path).name}:{n}", admin))
     if not keys:
         raise ValueError(f"{path} holds no key")
     return keys
 
 
-def _comment(line: str) -> str:
-    """The comment after the key on an authorized_keys line (options may precede the key)."""
+def _split(line: str) -> tuple[str, str]:
+    """An authorized_keys line's options (before the key) and the key's comment."""
     words = line.split()
     for i in range(len(words)):
         try:
             key = asyncssh.import_public_key(" ".join(words[i:]))
         except ValueError:
             continue
-        return key.get_comment() or ""
-    return ""
+        return " ".join(words[:i]), key.get_comment() or ""
+    return "", ""
+
+
+def _option_names(options: str) -> list[str]:
+    """The names in ``opt,opt="a,b",...`` (commas inside quotes do not split). asyncssh parses
+    options too, but keeps them only in private attributes."""
+    names, current, quoted = [], "", False
+    for ch in options + ",":
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            if current.strip():
+                names.append(current.split("=", 1)[0].strip().lower())
+            current = ""
+        else:
+            current += ch
+    return names
 
 
 class KeyRing:
@@ -229,6 +253,12 @@ class SshServer:
         assert who is not None  # set when the key was accepted
         assert self.shell is not None
         shell = self.shell
+        if process.subsystem is not None:  # asyncssh accepts any but sftp with a process_factory
+            _write(
+                process.stderr, f"tq: subsystem {printable(process.subsystem)} is not supported\n"
+            )
+            process.exit(EXIT_USAGE)
+            return
         # Done when the client goes: the command it left running is cancelled.
         gone = asyncio.ensure_future(process.channel.wait_closed())
         try:
