@@ -5,6 +5,7 @@ timeout, however long that was."""
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import pytest
 from tq import AsyncClient, Client
@@ -90,3 +91,24 @@ def test_a_withdrawn_wait_gets_no_answer_and_unwait_is_always_acked(
         raw.close()
     with Client(broker.url) as c:
         wait_until(lambda: c.stats()["counters"]["waits"] == 0, what="no waits left")
+
+
+def test_ctrl_c_in_the_sync_client_withdraws_its_wait(broker: BrokerProcess) -> None:
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted  # as Ctrl-C raises KeyboardInterrupt in the main thread
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with Client(broker.url) as c:
+            tid = c.submit("echo", 1)
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(Interrupted):
+                c.wait(tid, timeout_s=3600)
+            wait_until(lambda: c.stats()["counters"]["waits"] == 0, 5, what="the wait withdrawn")
+            assert c.status(tid).state == "pending"  # the client still works
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

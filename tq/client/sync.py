@@ -24,7 +24,14 @@ class _Portal:
         self._thread.start()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result()
+        except BaseException:
+            # Ctrl-C (KeyboardInterrupt) lands here, in the caller's thread: the request must
+            # stop too, or a `c.wait()` interrupted in a REPL would go on waiting behind it.
+            fut.cancel()
+            raise
 
     def stop(self) -> None:
         if self._loop.is_closed():
