@@ -115,6 +115,11 @@ def parse_broker_url(url: str) -> list[tuple[str, int]]:
             scheme, _, part = part.partition("://")
             if scheme != "tcp":
                 raise ValueError(f"unsupported broker scheme {scheme!r} (use tcp://host:port)")
+        if "@" in part:
+            # Not echoed: what precedes the @ is likely a password, and errors reach logs.
+            raise ValueError(
+                "a broker address takes no user or password (tcp://host:port; set TQ_TOKEN)"
+            )
         host, sep, port = part.rpartition(":")
         if not sep or not host:
             raise ValueError(f"broker address {part!r} is not host:port")
