@@ -533,16 +533,27 @@ class BrokerCore:
         """The dead-lettered tasks named by ``ids`` (if any) that match every filter given: the
         one selection behind ``tq dlq`` (TCP) and ``/api/v1/dead-letters`` (HTTP). Filters
         apply to named ids too, as documented: ``purge ID --queue q`` must not purge ``ID``
-        from another queue."""
+        from another queue.
+
+        ``limit`` bounds a selection by filters only. Named ids are each selected when dead:
+        cutting them to ``limit`` (1,000 by default) answered 200 for a retry of 1,200 ids and
+        left 200 of them dead, saying nothing. What bounds the work instead is the number of
+        ids, at most 10,000: the HTTP schema refuses more, and so does this for the TCP
+        protocol, whose message has no such bound of its own (a 16 MiB frame holds some
+        500,000 ids, each a store read on the event loop)."""
+        max_ids = 10_000  # tcp.MAX_LIST (tcp imports this module, so it cannot be imported here)
         sm = self.sm
         if older_than_s is not None and not older_than_s >= 0:  # NaN fails this too
             raise BadRequest("older_than_s must be a number >= 0")
+        if ids and len(ids) > max_ids:
+            raise BadRequest(f"at most {max_ids:,} task ids at once (got {len(ids):,})")
         before = None
         if older_than_s is not None:
             # clamp: an absurd age means "everything", not an overflow
             before = self.clock() - int(min(older_than_s, 10 * 365 * 86400.0) * 1000)
         if ids:
-            found = (sm.get_task(i) for i in ids[:limit])
+            # dict.fromkeys: an id named twice is selected (and retried or purged) once
+            found = (sm.get_task(i) for i in dict.fromkeys(ids))
             return [
                 t
                 for t in found

@@ -9,6 +9,12 @@ Routes, bodies and query parameters come from ``tq/broker/openapi.py``, which al
 OpenAPI document from them.
 
 Every error is ``application/problem+json`` (RFC 9457) carrying tq's stable error ``code``.
+
+The API serves no web page, so no browser has a reason to call it: ``_guard_middleware`` refuses
+requests that a page on another site could make the operator's browser send (an ``Origin`` or a
+cross-site ``Sec-Fetch-Site``, 403; a body that is not JSON, 415, as form and text bodies need no
+CORS preflight) and, on a loopback-bound broker, a ``Host`` that is not loopback (421: DNS
+rebinding). Bodies are read within a deadline (408), so a half-sent one cannot hold a connection.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import ipaddress
 import logging
 import math
 import re
@@ -86,6 +93,12 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SHUTDOWN_GRACE_S: Final = 2.0
+# A request body must arrive at this rate at least, after ``--hello-timeout`` of grace (see
+# ``HttpServer._body``). 256 KiB/s is a 2 Mbit/s uplink: a full 16 MiB body gets 10 + 64 s, so
+# any client that can reasonably send a batch is not cut off, while a body that trickles in a
+# byte now and then (or never ends) frees its connection and its buffer within that bound.
+# 1 MiB/s would have refused a 16 MiB batch from anything slower than about 9 Mbit/s.
+MIN_BODY_RATE: Final = 256 * 1024  # bytes/s
 LIST_SCAN_BUDGET: Final = 20_000  # tasks looked at per page when time filters skip many
 
 STATUS_BY_CODE: Final = {
@@ -136,12 +149,19 @@ _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 
 class FieldError(Exception):
-    """A ``TqError`` about one input: a JSON path in the body or a parameter's name."""
+    """A ``TqError`` about one input: a JSON path in the body, a parameter's or a header's name.
+    ``status`` overrides the code's usual one (403, 408, 415, 421 are ``BAD_REQUEST`` too: the
+    TCP protocol has no code of its own for them); ``close``: answer, then close the connection
+    (a body that did not arrive in time is not worth waiting for any longer)."""
 
-    def __init__(self, error: TqError, field: str | None) -> None:
+    def __init__(
+        self, error: TqError, field: str | None, *, status: int = 0, close: bool = False
+    ) -> None:
         super().__init__(error.message)
         self.error = error
         self.field = field
+        self.status = status
+        self.close = close
 
 
 # --- problems ------------------------------------------------------------------------------------
@@ -185,6 +205,17 @@ def problem_response(
     )
 
 
+async def _answer_then_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response`` and close the connection at once. Left to aiohttp, a request whose body
+    was not read whole keeps its connection open up to 10 s more ("lingering", reading and
+    discarding the rest): more time for the very client that was too slow."""
+    response.force_close()  # Connection: close
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # the transport sends what is buffered, then closes
+    return response
+
+
 def _http_error(exc: web.HTTPException, request: web.Request) -> web.Response:
     """aiohttp's own refusals (no route, wrong method, body over the limit) as problems."""
     what = f"{request.method} {request.path}"
@@ -216,6 +247,93 @@ def _allowed_methods(path: str) -> str:
     matches = [r for pattern, r in _ROUTE_PATTERNS if pattern.fullmatch(path)]
     static = [r for r in matches if "{" not in r.path]
     return ",".join(sorted({r.method for r in static or matches}))
+
+
+# --- who may call -------------------------------------------------------------------------------
+
+# The probes and the document answer a browser too: they change nothing, reveal nothing a token
+# guards (they are the routes open without one), and a link to them from a wiki or a dashboard
+# should open. Everything else refuses requests a browser sends on behalf of a page.
+_BROWSER_OK_PATHS: Final = frozenset(r.path for r in ROUTES if not r.authenticated)
+# "none": the user typed the URL or opened a bookmark; "same-origin": a page of this broker's
+# own origin (it has none, and a page that got there by DNS rebinding fails the Host check).
+_USER_FETCH_SITES: Final = ("same-origin", "none")
+_HOST_HEADER: Final = re.compile(r"(?P<name>\[[^\]]*\]|[^:\[\]]*)(?::[0-9]{1,5})?")
+
+
+def loopback_host(value: str) -> bool:
+    """Whether a ``Host`` header names this machine by a loopback name: ``localhost``,
+    ``127.x.y.z`` or ``[::1]``, with or without a port (any port: a tunnel or a proxy may
+    forward another one). A DNS-rebinding page's requests carry the attacker's host name."""
+    m = _HOST_HEADER.fullmatch(value.strip())
+    if m is None:
+        return False
+    name = m["name"].lower()
+    if name == "localhost":
+        return True
+    try:
+        if name.startswith("["):
+            return ipaddress.IPv6Address(name[1:-1]).is_loopback
+        return ipaddress.IPv4Address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def json_media_type(content_type: str) -> bool:
+    """``application/json`` or a ``+json`` type such as ``application/merge-patch+json``:
+    what the API decodes. Every type a page may send cross-site without a CORS preflight
+    (``text/plain``, forms) is neither."""
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
+
+
+def refuse_foreign(request: web.Request, *, loopback: bool) -> None:
+    """Raise the problem for a request no intended client sends; the CLI, Python's clients,
+    curl, Prometheus and probes send no ``Origin`` and a JSON body when they send one.
+
+    Without a token (the default), any web page open in the operator's browser could otherwise
+    drive a broker on 127.0.0.1: a "simple" cross-site POST (``text/plain`` or form body, or no
+    body: pause, resume, cancel) needs no CORS preflight, and the page need not read the answer
+    to submit tasks or purge the dead-letter queue."""
+    host = request.headers.get("Host")
+    if loopback and host and not loopback_host(host):
+        # DNS rebinding: evil.example first resolves to the attacker, then to 127.0.0.1; the
+        # page is then "same-origin" with the broker, but its Host still says evil.example.
+        raise FieldError(
+            BadRequest(
+                f"this broker listens on loopback and answers only Host: localhost, 127.x.y.z "
+                f"or [::1], not {host[:100]!r}"
+            ),
+            "Host",
+            status=421,
+        )
+    if request.path not in _BROWSER_OK_PATHS:
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            raise FieldError(
+                BadRequest(
+                    f"requests from web pages are refused (Origin: {origin[:100]}): the API "
+                    "serves no page of its own"
+                ),
+                "Origin",
+                status=403,
+            )
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None and site.strip().lower() not in _USER_FETCH_SITES:
+            raise FieldError(
+                BadRequest(f"requests from web pages are refused (Sec-Fetch-Site: {site[:50]})"),
+                "Sec-Fetch-Site",
+                status=403,
+            )
+    if request.body_exists and not json_media_type(request.content_type):
+        raise FieldError(
+            BadRequest(
+                f"a request body must be application/json, not {request.content_type[:100]}"
+            ),
+            "Content-Type",
+            status=415,
+        )
 
 
 # --- conversions ---------------------------------------------------------------------------------
@@ -389,6 +507,7 @@ class HttpServer:
         self.metrics = BrokerMetrics(core, self._connection_counts)
         self.port = 0
         self._runner: web.AppRunner | None = None
+        self._loopback = False  # bound to a loopback address: Host headers are checked
         self._document = b""
         self._handlers: dict[str, Handler] = {
             "submitTask": self.submit_task,
@@ -420,7 +539,8 @@ class HttpServer:
         self._document = _encoder.encode(build_document(auth=token is not None))
         app = web.Application(
             client_max_size=self.core.config.max_frame_bytes,
-            middlewares=[self._problem_middleware()],
+            # problems outermost: the guard's refusals become problem+json like any error
+            middlewares=[self._problem_middleware(), self._guard_middleware()],
         )
         for route in ROUTES:
             app.router.add_route(route.method, route.path, self._bind(route, token))
@@ -450,6 +570,8 @@ class HttpServer:
             sock = listening_socket(host, 0)
         await web.SockSite(runner, sock).start()
         self.port = int(sock.getsockname()[1])
+        # What was bound decides, not what was asked: "localhost" binds 127.0.0.1.
+        self._loopback = ipaddress.ip_address(sock.getsockname()[0]).is_loopback
         self.metrics.start()
         log.info("http.started", extra=kv(host=host, port=self.port))
         return self.port
@@ -483,13 +605,28 @@ class HttpServer:
 
         return authenticated
 
+    def _guard_middleware(self) -> Any:
+        @web.middleware
+        async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+            refuse_foreign(request, loopback=self._loopback)
+            return await handler(request)
+
+        return guard
+
     def _problem_middleware(self) -> Any:
         @web.middleware
         async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
             try:
                 return await handler(request)
             except FieldError as exc:
-                return problem_response(exc.error, field=exc.field, instance=request.path)
+                response = problem_response(
+                    exc.error, field=exc.field, instance=request.path, status=exc.status
+                )
+                if exc.status == 415:
+                    response.headers["Accept-Post"] = "application/json"  # RFC 9110 15.5.16
+                if exc.close:
+                    return await _answer_then_close(request, response)
+                return response
             except TqError as exc:
                 return problem_response(exc, instance=request.path)
             except web.HTTPException as exc:
@@ -545,6 +682,28 @@ class HttpServer:
         self.core.after_durable(ready)
         await fut
 
+    async def _body(self, request: web.Request) -> bytes:
+        """The request body, read within ``--hello-timeout`` plus its length at
+        ``MIN_BODY_RATE``; a 408 (then the connection is closed) otherwise. The keep-alive
+        timeout bounds only the wait for a request head: a body that stopped half-way held its
+        connection, its handler and its buffer for ever. Without a Content-Length (chunked) the
+        length is the largest body accepted (``--max-frame``), and a larger Content-Length
+        counts as that much too: more than that is a 413 anyway, and a declared 1 TB must not
+        buy a deadline of days."""
+        max_bytes = self.core.config.max_frame_bytes
+        length = min(request.content_length or max_bytes, max_bytes)
+        deadline_s = self.core.config.hello_timeout_s + length / MIN_BODY_RATE
+        try:
+            return await asyncio.wait_for(request.read(), deadline_s)
+        except TimeoutError:
+            log.info("http.slow_body_closed", extra=kv(path=request.path, after_s=deadline_s))
+            raise FieldError(
+                BadRequest(f"the request body did not arrive within {deadline_s:.1f} s"),
+                None,
+                status=408,
+                close=True,
+            ) from None
+
     def _require_serving(self) -> None:
         if not self.core.serving:
             raise self.core.refusal()
@@ -552,7 +711,7 @@ class HttpServer:
     # --- tasks -----------------------------------------------------------------------------------
 
     async def submit_task(self, request: web.Request) -> web.StreamResponse:
-        body = _decode(await request.read(), TaskIn)
+        body = _decode(await self._body(request), TaskIn)
         spec = _spec(body, body.id or new_ids.new())
         ids, _rejected = await self._command(Submit([spec]))
         task_id = ids[0]
@@ -560,7 +719,7 @@ class HttpServer:
         return _json(Submitted(task_id), 201, {"Location": location})
 
     async def submit_batch(self, request: web.Request) -> web.StreamResponse:
-        body = _decode(await request.read(), TaskBatchIn)
+        body = _decode(await self._body(request), TaskBatchIn)
         fresh = iter(new_ids.many(sum(1 for t in body.tasks if t.id is None)))
         specs = [_spec(t, t.id or next(fresh), f"tasks[{i}].") for i, t in enumerate(body.tasks)]
         ids, _rejected = await self._command(Submit(specs))
@@ -711,7 +870,7 @@ class HttpServer:
         return await self._change_dead_letters(request, "purge")
 
     async def _change_dead_letters(self, request: web.Request, op: str) -> web.StreamResponse:
-        body = _decode(await request.read(), DeadLetterChange)
+        body = _decode(await self._body(request), DeadLetterChange)
         filtered = any(
             v is not None for v in (body.queue, body.name, body.error_type, body.older_than_s)
         )

@@ -379,11 +379,30 @@ ROUTES: Final[tuple[Route, ...]] = (
 _TITLES: Final = {
     400: "Bad request",
     401: "Unauthenticated",
+    403: "A request from a web page (an Origin, or a cross-site Sec-Fetch-Site header)",
     404: "Not found",
+    408: "The request body did not arrive in time",
     409: "Conflict",
     413: "Payload too large",
+    415: "A request body that is not application/json",
+    421: "On a broker bound to loopback: a Host header that is not localhost, 127.x.y.z or [::1]",
     503: "Unavailable",
 }
+
+
+def guard_statuses(route: Route) -> set[int]:
+    """The refusals of tq/broker/http.py's guard and body reader, which apply to whole classes
+    of routes rather than to one: 421 everywhere (DNS rebinding), 403 except on the routes open
+    without a token (they answer browsers too), 415 where a body is posted, 408 where one is
+    read."""
+    out = {421}
+    if route.authenticated:
+        out.add(403)
+    if route.method == "POST":
+        out.add(415)
+    if route.body is not None:
+        out.add(408)
+    return out
 
 
 def _media(content_type: str) -> str:
@@ -443,7 +462,9 @@ def build_document(auth: bool = False) -> dict[str, Any]:
                 "content": {_media(route.content_type): {"schema": ok_schema}},
             }
         }
-        statuses = set(route.errors) | ({401} if auth and route.authenticated else set())
+        statuses = set(route.errors) | guard_statuses(route)
+        if auth and route.authenticated:
+            statuses.add(401)
         for status in sorted(statuses):
             responses[str(status)] = {"description": _TITLES[status], "content": problem}
         responses["default"] = {"description": "any other error", "content": problem}
@@ -478,7 +499,10 @@ def build_document(auth: bool = False) -> dict[str, Any]:
             "title": "tq HTTP API",
             "version": __version__,
             "description": "The broker's HTTP face: the same state machine as the TCP protocol. "
-            "Errors are application/problem+json (RFC 9457) with tq's stable `code`.",
+            "Errors are application/problem+json (RFC 9457) with tq's stable `code`. Request "
+            "bodies must be application/json; requests from web pages (an Origin, or a "
+            "Sec-Fetch-Site other than same-origin or none) are refused except by the probes "
+            "and this document.",
         },
         "paths": paths,
         "components": {"schemas": components},
