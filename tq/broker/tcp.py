@@ -678,8 +678,35 @@ class Connection(asyncio.Protocol):
             raise BadRequest(f"a result batch holds at most {MAX_CLAIM} outcomes")
         for outcome in outcomes:
             if outcome.result is not None and len(outcome.result) > MAX_PAYLOAD_BYTES:
-                raise PayloadTooLarge(f"result of {outcome.task_id} exceeds {MAX_PAYLOAD_BYTES}")
+                self._report_some(rid, worker_id, outcomes)
+                return
         self.core.submit(Report(worker_id, outcomes), self._replier(rid, lambda r: Ack(rid, *r)))
+
+    def _report_some(self, rid: int, worker_id: str, outcomes: list[Any]) -> None:
+        """A report holding results over ``MAX_PAYLOAD_BYTES``: those alone are refused, as
+        ``PAYLOAD_TOO_LARGE`` in ``Ack.rejected``, and the others applied. Refusing the whole
+        batch refused every other result in it, and (as a worker resends what it could not
+        report, with whatever finished since) every result of that worker from then on. The
+        leases of the refused ones end as any unreported lease does (requeued when the worker's
+        heartbeats stop listing them, or when the lease expires)."""
+        kept: list[Any] = []
+        refused: list[tuple[str, str]] = []
+        for outcome in outcomes:
+            if outcome.result is not None and len(outcome.result) > MAX_PAYLOAD_BYTES:
+                refused.append((outcome.task_id, PayloadTooLarge.code))
+            else:
+                kept.append(outcome)
+        log.warning(
+            "tcp.results_too_large",
+            extra=kv(worker=worker_id, tasks=len(refused), limit=MAX_PAYLOAD_BYTES),
+        )
+        if not kept:
+            self._send(Ack(rid, [], refused))
+            return
+        self.core.submit(
+            Report(worker_id, kept),
+            self._replier(rid, lambda r: Ack(rid, r[0], [*refused, *r[1]])),
+        )
 
     def _status(self, rid: int, task_id: str) -> None:
         task: Task | None = self.core.sm.get_task(task_id)

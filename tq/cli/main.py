@@ -339,6 +339,7 @@ def _make_worker(
     grace: float,
     burst: bool,
 ) -> Any:
+    from tq.errors import TqError
     from tq.worker.registry import import_app
     from tq.worker.runner import Worker
 
@@ -347,16 +348,32 @@ def _make_worker(
         parse_broker_url(url)
     except ValueError as exc:
         fail(str(exc), code=2)
+    # Checked here, before anything is sent: the broker refuses such a worker's hello, which
+    # read as an unreachable broker, retried forever (with --burst too).
+    queues = queue or ["default"]
+    for name in queues:
+        _check_name("--queue", name)
+    if len(queues) > 100:
+        fail(f"a worker serves at most 100 queues, not {len(queues)}", code=2)
     sys.path.insert(0, os.getcwd())
     for module in app_modules or []:
         try:
             import_app(module)
         except Exception as exc:
             fail(f"cannot import --app {module}: {exc}")
-    return Worker(
+
+    class CliWorker(Worker):
+        async def run(self) -> None:
+            """The broker refused the worker (a wrong token, ...): one line, exit 1."""
+            try:
+                await super().run()
+            except TqError as exc:
+                fail(f"{exc.code}: {exc.message}")
+
+    return CliWorker(
         url,
         concurrency=concurrency,
-        queues=queue or ["default"],
+        queues=queues,
         heartbeat_s=heartbeat,
         grace_s=grace,
         burst=burst,

@@ -85,7 +85,9 @@ def encode_payload(payload: Any) -> bytes:
         return bytes(payload)
     try:
         return _json_encode(payload)
-    except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:  # (a lone surrogate)
+    # UnicodeEncodeError: a lone surrogate; RecursionError: a container that holds itself (or
+    # nesting deeper than the interpreter's recursion limit)
+    except (TypeError, msgspec.EncodeError, UnicodeEncodeError, RecursionError) as exc:
         raise BadRequest(f"payload is not JSON-serializable: {exc}") from None
 
 

@@ -16,15 +16,28 @@ import inspect
 import itertools
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import psutil
 
 from tq.client import AsyncClient, decode_value, encode_payload
 from tq.config import DEFAULT_FRAME_LIMIT
-from tq.errors import TqError
+from tq.errors import (
+    BadRequest,
+    BrokerUnavailable,
+    FrameTooLarge,
+    InternalError,
+    NotLeader,
+    ShuttingDown,
+    TqError,
+    Unauthenticated,
+    UnsupportedVersion,
+)
 from tq.logfields import kv
+from tq.model import valid_name, valid_task_id
 from tq.protocol.messages import (
     Ack,
     ClaimTask,
@@ -50,6 +63,43 @@ log = logging.getLogger("tq.worker")
 CLAIM_WAIT_MS = 10_000
 MAX_UNREPORTED = 10_000
 
+# The broker refused to have this worker at all (its hello or its claims): retrying cannot change
+# its mind, so the worker stops with the error (``tq worker`` prints it and exits 1).
+FATAL = (Unauthenticated, UnsupportedVersion, BadRequest)
+# Errors a result report may meet that a later resend can get past: the connection, a leader
+# change, a broker stopping, a cluster entry applied without a result, or a frame limit that
+# changed with the broker (results are fitted again to the new one). Any other refusal of a
+# report (BAD_REQUEST, PAYLOAD_TOO_LARGE, ...) would be the same for every resend: those results
+# are dropped, and the broker requeues their leases (their heartbeats no longer list them).
+TRANSIENT_REPORT_ERRORS = (BrokerUnavailable, NotLeader, ShuttingDown, InternalError, FrameTooLarge)
+
+
+class _Raised:
+    """What a sync handler raised, handed back from its thread as a value: an exception set on a
+    future is raised again through asyncio, which cannot take every exception (StopIteration
+    cannot be set on an asyncio future: the run waited out its whole timeout, reported as
+    TIMEOUT)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _call_sync(fn: Callable[[Any], Any], payload: Any) -> Any:
+    """Run a sync handler (in a pool thread): its return value, or ``_Raised``."""
+    try:
+        return fn(payload)
+    except BaseException as exc:
+        return _Raised(exc)
+
+
+def _default_worker_id() -> str:
+    """``host-pid-xxxx``, a valid client id (1-64 of ``A-Za-z0-9_.:-``) whatever the host name:
+    the broker refuses a hello with any other."""
+    host = re.sub(r"[^A-Za-z0-9_.:-]", "-", socket.gethostname())[:48] or "worker"
+    return f"{host}-{os.getpid()}-{os.urandom(2).hex()}"
+
 
 class Worker:
     def __init__(
@@ -67,6 +117,12 @@ class Worker:
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        # What the broker would refuse in the hello, refused here: as a BAD_REQUEST it read as
+        # a broker that cannot be reached, retried forever.
+        if not 1 <= len(queues) <= 100 or not all(valid_name(q) for q in queues):
+            raise ValueError("queues must be 1-100 names of 1-200 of A-Za-z0-9_.:-")
+        if worker_id is not None and not valid_task_id(worker_id):
+            raise ValueError("worker_id must be 1-64 of A-Za-z0-9_.:-")
         self.broker = broker
         self.concurrency = concurrency
         self.queues = list(queues)
@@ -75,17 +131,24 @@ class Worker:
         self.grace_s = grace_s
         self.burst = burst
         self._awaiting_retries = False  # burst mode: parked until a retry falls due
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+        self.worker_id = worker_id or _default_worker_id()
         self.token = token
         self.done = 0
         self.failed = 0
-        # Keyed by fencing token, not task id: a stale and a fresh lease of one task are
-        # different runs.
+        # Runs by a worker-local id, not by task id (a stale and a fresh lease of one task are
+        # different runs) nor by fencing token: a token is unique only per broker, and a broker
+        # started afresh on the same address hands out token 1 again. Keyed by token, a new
+        # lease overwrote a run still going: that run was no longer counted against
+        # ``concurrency`` nor listed in heartbeats, so it was never cancelled as lease-lost.
+        # (A deadline keyed by token once timed out another run too.)
+        self._run_ids = itertools.count(1)
         self._running: dict[int, tuple[LeasedTask, asyncio.Task[None]]] = {}
-        self._results: list[Outcome] = []
-        # Finished, result not yet acknowledged: still listed in heartbeats (a lease a
+        self._timed_out: set[int] = set()  # ids of runs cancelled by their deadline
+        # Finished, result not yet acknowledged: waiting to be sent (``_results``) or sent and
+        # not yet answered (``_reporting``). Heartbeats still list their leases (a lease a
         # heartbeat omits is one the broker may hand back).
-        self._unacked: dict[int, LeaseRef] = {}
+        self._results: list[Outcome] = []
+        self._reporting: list[list[Outcome]] = []
         self._results_scheduled = False
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -98,12 +161,6 @@ class Worker:
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadlines: Deadlines | None = None
-        # Runs by a worker-local id: a lease token is unique only per broker (a broker started
-        # afresh on the same address hands out token 1 again), and a deadline keyed by token
-        # once timed out another run.
-        self._run_ids = itertools.count(1)
-        self._runs: dict[int, asyncio.Task[None]] = {}
-        self._timed_out: set[int] = set()  # ids of runs cancelled by their deadline
 
     def stop(self) -> None:
         """Graceful stop: no new claims; running tasks get ``grace_s`` to finish. A second call
@@ -137,6 +194,10 @@ class Worker:
         try:
             await self._claim_loop(client)
             await self._drain()
+        except FATAL:
+            for _, task in list(self._running.values()):  # nothing they do can be reported
+                task.cancel()
+            raise
         finally:
             heartbeat.cancel()
             self._deadlines.close()
@@ -152,6 +213,10 @@ class Worker:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            # Burst mode ends only on a claim made with nothing running: one made while a task
+            # ran comes back empty at once (``wait_ms`` 0), and a task submitted while it ran,
+            # maybe by it, is still to be claimed.
+            idle = not self._running
             try:
                 conn = await client.connect()
                 conn.on_unsolicited = self._on_unsolicited
@@ -161,6 +226,8 @@ class Worker:
             except TqError as exc:  # unreachable, or a cluster between leaders
                 if self._stopping.is_set():
                     return
+                if isinstance(exc, FATAL):
+                    raise  # run() raises it: the caller says it (tq worker: one line, exit 1)
                 log.warning("worker.broker_unavailable", extra=kv(error=str(exc), retry_in_s=delay))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -169,7 +236,7 @@ class Worker:
                 self._start(lt)
             if leased:
                 self._awaiting_retries = False
-            elif self.burst and not self._running:
+            elif self.burst and idle:
                 self._awaiting_retries = await self._retries_pending(client)
                 if not self._awaiting_retries:
                     return
@@ -235,11 +302,13 @@ class Worker:
         finally:
             stop.cancel()
         if claim in done:
-            if self.burst and not claim.result().tasks and self._running:
-                # Burst mode with work still running: wait for a slot instead of spinning.
+            tasks = claim.result().tasks
+            if self.burst and not tasks and self._running:
+                # Burst mode with work still running: wait for a slot instead of spinning, then
+                # claim again (the loop does: what it asked for before is not all there is now).
                 self._slot_free.clear()
                 await self._slot_free.wait()
-            return claim.result().tasks
+            return tasks
         # Stopping while the claim is parked: leases that still arrive are handed back.
         claim.add_done_callback(self._release_late)
         return []
@@ -307,22 +376,17 @@ class Worker:
 
     def _start(self, lt: LeasedTask) -> None:
         run = next(self._run_ids)
-        task = asyncio.create_task(self._execute(lt, run))
-        self._runs[run] = task
-        self._running[lt.token] = (lt, task)
+        self._running[run] = (lt, asyncio.create_task(self._execute(lt, run)))
 
     def _expire(self, run: int) -> None:
         """A run's timeout is up: cancel it in place (``_call_handler`` reports ``TIMEOUT``)."""
-        task = self._runs.get(run)
-        if task is not None and not task.done():
+        entry = self._running.get(run)
+        if entry is not None and not entry[1].done():
             self._timed_out.add(run)
-            task.cancel()
+            entry[1].cancel()
 
     def _ended(self, lt: LeasedTask, run: int) -> None:
-        task = self._runs.pop(run, None)
-        entry = self._running.get(lt.token)
-        if entry is not None and entry[1] is task:
-            del self._running[lt.token]
+        self._running.pop(run, None)
         self._timed_out.discard(run)
         assert self._deadlines is not None
         self._deadlines.discard(run, lt.task.timeout_s)
@@ -338,7 +402,6 @@ class Worker:
             log.exception("worker.execute_failed", extra=kv(task=lt.task.id))
             outcome = outcomes.failure(lt.task.id, lt.token, "INTERNAL", outcomes.describe(exc))
         self._ended(lt, run)
-        self._unacked[lt.token] = LeaseRef(lt.task.id, lt.token)
         if outcome.ok:
             self.done += 1
         else:
@@ -370,10 +433,16 @@ class Worker:
             else:
                 assert self._pool is not None
                 loop = asyncio.get_running_loop()
-                work = self._pool.submit(contextvars.copy_context().run, handler.fn, payload)
+                work = self._pool.submit(
+                    contextvars.copy_context().run, _call_sync, handler.fn, payload
+                )
                 # A thread that outlived its timeout frees its slot only now (see _free).
                 work.add_done_callback(lambda _: self._thread_freed(loop))
                 value = await asyncio.wrap_future(work)
+                if type(value) is _Raised:
+                    # Raised here, on the loop, to meet the handlers below like the exception
+                    # of an async handler (its traceback, the handler's frames, goes with it).
+                    raise value.exc
             if inspect.isawaitable(value):
                 # an async function behind a plain decorator, or an async callable object
                 value = await value
@@ -402,11 +471,21 @@ class Worker:
             # as exceptions inside a task.)
             return outcomes.from_exception(task.id, lt.token, exc)
         try:
-            return Outcome(task.id, lt.token, True, result=encode_payload(value))
+            result = encode_payload(value)
         except TqError as exc:
             return outcomes.failure(
                 task.id, lt.token, "ResultNotSerializable", f"the handler's result: {exc.message}"
             )
+        # JSON has no NaN or infinity: msgspec writes them as null, which would complete the
+        # task with null in place of the numbers. Only a result whose JSON holds null is checked.
+        if b"null" in result and outcomes.non_finite(value):
+            return outcomes.failure(
+                task.id,
+                lt.token,
+                "ResultNotSerializable",
+                "the handler's result holds NaN or infinity, which JSON cannot represent",
+            )
+        return Outcome(task.id, lt.token, True, result=result)
 
     # --- reporting -------------------------------------------------------------------------------
 
@@ -435,6 +514,7 @@ class Worker:
         # A frame the broker refuses would close the connection (and end every lease on it),
         # then be sent again: so each result must fit, and each batch too.
         for batch in outcomes.prepare(pending, limit):
+            self._reporting.append(batch)  # now: a heartbeat must list them from here on
             task = asyncio.create_task(self._report(batch))
             self._inflight_reports.add(task)
             task.add_done_callback(self._inflight_reports.discard)
@@ -447,20 +527,35 @@ class Worker:
             # After a cluster failover the results reach the new leader instead of being lost.
             ack = await self._client.call(lambda rid: ResultBatch(rid, batch), Ack, retry=True)
         except TqError as exc:
+            self._reported(batch)
+            if not isinstance(exc, TRANSIENT_REPORT_ERRORS):
+                # Refused for what it holds: every resend would be too, and every result
+                # finished meanwhile would join it and be refused with it, forever.
+                log.error(
+                    "worker.results_dropped",
+                    extra=kv(tasks=len(batch), code=exc.code, error=exc.message),
+                )
+                return
             log.warning("worker.report_failed", extra=kv(tasks=len(batch), error=str(exc)))
             if not self._stopping.is_set() and len(self._results) < MAX_UNREPORTED:
                 # Keep them for the next report; the broker may also requeue the tasks when it
                 # notices us gone: at-least-once holds either way.
                 self._results[:0] = batch
                 asyncio.get_running_loop().call_later(1.0, self._send_results)
-            else:
-                for outcome in batch:
-                    self._unacked.pop(outcome.token, None)
             return
-        for outcome in batch:
-            self._unacked.pop(outcome.token, None)
+        self._reported(batch)
         if ack.rejected:
-            log.warning("worker.results_refused", extra=kv(tasks=len(ack.rejected)))
+            log.warning(
+                "worker.results_refused",
+                extra=kv(tasks=len(ack.rejected), codes=sorted({c for _, c in ack.rejected})),
+            )
+
+    def _reported(self, batch: list[Outcome]) -> None:
+        """``batch`` is no longer in flight (answered, dropped or back in ``_results``)."""
+        for i, sent in enumerate(self._reporting):
+            if sent is batch:
+                del self._reporting[i]
+                return
 
     async def _flush_results_now(self) -> None:
         self._send_results()
@@ -490,19 +585,48 @@ class Worker:
             client = self._client
             if client is None or not client.connected:
                 continue
-            refs = [LeaseRef(lt.task.id, lt.token) for lt, _ in self._running.values()]
-            refs += self._unacked.values()
+            running = [(run, lt) for run, (lt, _) in self._running.items()]
+            refs = [LeaseRef(lt.task.id, lt.token) for _, lt in running]
+            refs += [LeaseRef(o.task_id, o.token) for o in self._results]
+            for batch in self._reporting:
+                refs += [LeaseRef(o.task_id, o.token) for o in batch]
             beat = self._heartbeat_message(refs)
             try:
                 ack = await client.call(beat, Ack, retry=False)
             except TqError:
                 continue
-            lost = {task_id for task_id, _code in ack.rejected}
-            for ref in refs:
-                entry = self._running.get(ref.token) if ref.task_id in lost else None
-                if entry is not None:
-                    log.warning("worker.lease_lost", extra=kv(task=ref.task_id))
-                    entry[1].cancel()
+            if ack.rejected:
+                self._cancel_lost(running, refs, ack.rejected)
+
+    def _cancel_lost(
+        self,
+        running: list[tuple[int, LeasedTask]],
+        refs: list[LeaseRef],
+        rejected: list[tuple[str, str]],
+    ) -> None:
+        """Cancel the runs whose leases a heartbeat came back rejected for: the broker will
+        refuse their results. Each run is matched by its task id and token (the leases the
+        heartbeat listed), never by token alone: two brokers hand out the same tokens."""
+        lost: dict[str, int] = {}
+        for task_id, _code in rejected:
+            lost[task_id] = lost.get(task_id, 0) + 1
+        listed: dict[str, int] = {}
+        for ref in refs:
+            if ref.task_id in lost:
+                listed[ref.task_id] = listed.get(ref.task_id, 0) + 1
+        # A rejection names a task id only. A task id listed more often than it was rejected
+        # (a stale and a fresh run of one task) had one lease honoured: the newest run's.
+        for run, lt in reversed(running):
+            task_id = lt.task.id
+            if task_id not in lost:
+                continue
+            if listed[task_id] > lost[task_id]:
+                listed[task_id] -= 1
+                continue
+            entry = self._running.get(run)
+            if entry is not None and entry[0] is lt:
+                log.warning("worker.lease_lost", extra=kv(task=task_id, token=lt.token))
+                entry[1].cancel()
 
     def _heartbeat_message(self, refs: list[LeaseRef]) -> Callable[[int], Heartbeat]:
         cpu = self._proc.cpu_percent()

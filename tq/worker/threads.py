@@ -27,7 +27,8 @@ class DaemonThreadPool(Executor):
         self._name = name
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._idle = 0
+        self._idle = 0  # threads waiting for work that no submit has reserved
+        self._backlog = 0  # work submitted while no thread was free
         self._lock = threading.Lock()
         self._shutdown = False
 
@@ -35,14 +36,21 @@ class DaemonThreadPool(Executor):
         if self._shutdown:
             raise RuntimeError("pool is shut down")
         fut: Future[T] = Future()
-        self._queue.put((fut, fn, args, kwargs))
         with self._lock:
-            if self._idle == 0 and len(self._threads) < self._max:
+            # Reserve a thread for this work now, under the lock: an idle thread counted as idle
+            # until it woke up once served several submits of one loop iteration, which then ran
+            # one after another on it while their timeouts ran.
+            if self._idle > 0:
+                self._idle -= 1
+            elif len(self._threads) < self._max:
                 t = threading.Thread(
                     target=self._run, name=f"{self._name}-{len(self._threads)}", daemon=True
                 )
                 self._threads.append(t)
                 t.start()
+            else:
+                self._backlog += 1  # every thread is busy: the first to finish takes it
+        self._queue.put((fut, fn, args, kwargs))
         return fut
 
     @property
@@ -52,21 +60,23 @@ class DaemonThreadPool(Executor):
             return self._max - len(self._threads) + self._idle
 
     def _run(self) -> None:
+        # A thread starts reserved for the work that started it, and is idle (counted in
+        # ``_idle``) only between finishing one piece of work and a submit reserving it again.
         while True:
-            with self._lock:
-                self._idle += 1
             work = self._queue.get()
-            with self._lock:
-                self._idle -= 1
             if work is None:
                 return
             fut, fn, args, kwargs = work
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn(*args, **kwargs))
-            except BaseException as exc:
-                fut.set_exception(exc)
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+            with self._lock:
+                if self._backlog > 0:
+                    self._backlog -= 1  # stay reserved: take work queued while all were busy
+                else:
+                    self._idle += 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._shutdown = True
