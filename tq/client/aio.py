@@ -238,7 +238,7 @@ class AsyncClient:
                     host, port = self.addresses[(self._preferred + i) % n]
                     try:
                         conn = await self._open(host, port)
-                    except (Unauthenticated, UnsupportedVersion):
+                    except (Unauthenticated, UnsupportedVersion, BadRequest):
                         raise  # the broker answered: retrying will not change its mind
                     except (TimeoutError, OSError, TqError) as exc:
                         last = exc
