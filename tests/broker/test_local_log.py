@@ -26,7 +26,7 @@ from tq.broker.log import INLINE_BYTES, JOURNAL_OPS, LocalLog
 from tq.broker.state import ApplyResult, StateMachine
 from tq.model import ErrorInfo, RetryPolicy
 from tq.protocol.messages import LeasedTask, LeaseRef, Outcome, TaskSpec
-from tq.store import Store
+from tq.store import Store, StoreError
 from tq.store.journal import BLOCK, Journal, JournalError
 
 from tests.broker.support import dump_store
@@ -370,4 +370,57 @@ def test_a_failed_write_is_fatal_and_every_waiter_hears_it(tmp_path: Path) -> No
     assert later is first
     assert node.fatal == [first]
     log._journal._fd = -1
+    node.close()
+
+
+@pytest.mark.parametrize("where", ["write", "read"])
+def test_a_store_that_refuses_a_write_or_a_read_is_fatal_and_answered(
+    tmp_path: Path, where: str
+) -> None:
+    """Disk full (ENOSPC) or an I/O error inside RocksDB: the exception escaped into the event
+    loop, the tick's clients never got a reply, and the broker stayed up, stuck and 'ready'."""
+    node = Node(tmp_path)
+    log = node.log
+    db, cfs = node.store._db, node.store._cfs
+
+    class Refusing:
+        """The store's RocksDB, failing as rocksdict does when the disk fails."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(db, name)
+
+        def write(self, *args: Any) -> None:
+            raise Exception("IO error: No space left on device: While appending to file")
+
+    async def run() -> list[Any]:
+        log.start(asyncio.get_running_loop())
+        await commit(log, 1, [RegisterWorker("w1"), Submit(specs(0, 3))])
+        if where == "write":
+            node.store._db = Refusing()  # type: ignore[assignment]
+            cmds: list[Command] = [Submit(specs(3, 1))]
+        else:
+
+            class Unreadable(dict[Any, Any]):
+                def __getitem__(self, cf: Any) -> Any:
+                    class Col:
+                        def get(self, key: bytes) -> bytes:
+                            raise Exception("IO error: Input/output error")
+
+                    return Col()
+
+            node.store._cfs = Unreadable(cfs)
+            cmds = [Cancel("t000001")]
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        log.append(2, cmds, fut.set_result)
+        log.kick()
+        first = await fut
+        later: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        log.append(3, [Submit(specs(4, 1))], later.set_result)
+        return [first, await later]
+
+    first, later = asyncio.run(run())
+    assert isinstance(first, StoreError), first
+    assert later is first
+    assert node.fatal == [first]
+    node.store._db, node.store._cfs = db, cfs
     node.close()

@@ -137,3 +137,14 @@ def test_a_heartbeat_with_nan_metrics_still_extends_and_stores_no_nan(
 
     (odd,) = [w for w in asyncio.run(go()) if w["id"] == "odd-1"]
     assert odd["cpu_percent"] == 0.0  # not NaN: `tq workers -o json` must stay valid JSON
+
+
+def test_a_data_dir_that_cannot_be_created_is_named_not_blamed_on_the_port(tmp_path: Path) -> None:
+    """Startup I/O errors (a full disk, a file in the way) read as a bind failure of the port,
+    without the path."""
+    in_the_way = tmp_path / "data"
+    in_the_way.write_text("not a directory")
+    result = tq("broker", "--port", "0", "--http-port", "-1", "--data-dir", str(in_the_way))
+    line = one_line_error(result, code=1)
+    assert str(in_the_way) in line
+    assert "cannot start broker on" not in line

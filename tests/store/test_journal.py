@@ -216,7 +216,11 @@ def test_damaged_header_refuses_to_open(tmp_path: Path) -> None:
     j.close()
     with path.open("r+b") as f:
         f.write(b"garbage!")
-    with pytest.raises(JournalError, match="header"):
+    # ... and says the way out (a clean stop left nothing in it the store lacks)
+    with pytest.raises(JournalError, match=r"header is damaged\); .* move the journal aside"):
+        opened(path, None)
+    path.write_bytes(b"\0" * 5000)
+    with pytest.raises(JournalError, match=r"truncated journal \(5000 bytes\); .* aside"):
         opened(path, None)
 
 

@@ -144,7 +144,19 @@ class LocalLog:
         index = self._index + 1
         small = _size(cmds) <= JOURNAL_OPS
         self._store.record_effects = small
-        result = self._sm.apply(now_ms, cmds, applied_index=index)
+        if self.failed is not None:
+            done(self.failed)
+            return
+        try:
+            result = self._sm.apply(now_ms, cmds, applied_index=index)
+        except Exception as exc:
+            # The store refused a write or a read (disk full, I/O error): the state machine's
+            # memory may be ahead of the store now, so the only safe answer is the one a failed
+            # flush gets. Before, the exception escaped into the event loop: this tick's
+            # clients never got a reply, and the broker stayed up, stuck, saying it was ready.
+            done(exc)
+            self._fail(exc)
+            return
         effects = self._store.take_effects() if small else None
         if effects is not None and len(effects) <= JOURNAL_MAX_BYTES:
             self._journal.append(index, effects)
@@ -227,19 +239,27 @@ class LocalLog:
         self._journal.reset(upto + 1, lazy=True)
         self.store_syncs += 1
 
+    def _fail(self, exc: BaseException) -> None:
+        """A write failed: everyone waiting hears it, and the broker stops (once)."""
+        cbs, self._running_cbs = self._running_cbs + self._next_cbs, []
+        self._next_cbs = []
+        first = self.failed is None
+        if first:
+            self.failed = exc
+            log.critical("store.flush_failed", extra=kv(error=str(exc)))
+        for cb in cbs:
+            cb(self.failed or exc)
+        if first:
+            self._on_fatal(exc)
+
     def _flush_finished(self, fut: Future[None]) -> None:
         self._flush_done(fut.exception())
 
     def _flush_done(self, exc: BaseException | None) -> None:
-        cbs, self._running_cbs = self._running_cbs, []
         if exc is not None:
-            self.failed = exc
-            log.critical("store.flush_failed", extra=kv(error=str(exc)))
-            for cb in cbs + self._next_cbs:
-                cb(exc)
-            self._next_cbs = []
-            self._on_fatal(exc)
+            self._fail(exc)
             return
+        cbs, self._running_cbs = self._running_cbs, []
         self.flushes += 1
         self.flushed_commits += self._running_upto - self._durable
         self._durable = self._running_upto

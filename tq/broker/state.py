@@ -56,7 +56,7 @@ from tq.protocol.messages import (
     TaskSpec,
     WorkerInfo,
 )
-from tq.store import CF, Batch, Store, pending_key, split_pending_key
+from tq.store import CF, Batch, Store, StoreError, pending_key, split_pending_key
 from tq.store.keys import pending_prefix
 
 log = logging.getLogger("tq.broker.state")
@@ -389,6 +389,10 @@ class StateMachine:
             self._mirror = i < last
             try:
                 results.append(self._apply_one(now_ms, cmd))
+            except StoreError:
+                # Not this command's failure: the disk's. Memory may already have changed for
+                # it, so nothing after it can be trusted; the log makes it fatal.
+                raise
             except TqError as exc:
                 results.append(exc)
             except Exception as exc:  # apply must never raise: record and go on

@@ -324,6 +324,8 @@ def broker(
     try:
         code = asyncio.run(broker_app.serve_forever())
     except OSError as exc:
+        if exc.filename:  # the data dir or the journal, not the port (a full or read-only disk)
+            fail(f"broker failed to start: {exc.filename}: {exc.strerror or exc}")
         fail(f"cannot start broker on {host}:{port}: {exc.strerror or exc}")
     except Exception as exc:
         fail(f"broker failed to start: {exc}")

@@ -56,6 +56,14 @@ _CRC = struct.Struct("<I")
 _ZEROS = bytes(1024 * 1024)
 
 
+# Refusing is the safe answer, but a damaged journal after a clean stop holds nothing the store
+# lacks: say how to start again (the broker then logs journal.missing).
+_WAY_OUT = (
+    "; if the broker was stopped cleanly (SIGTERM), the store holds everything: move the "
+    "journal aside and start again"
+)
+
+
 class JournalError(TqError):
     code = "STORE"
 
@@ -116,7 +124,7 @@ class Journal:
             # mostly stale or zeros; reading all 64 MiB at every start would cost ~0.1 s).
             size = os.fstat(f.fileno()).st_size
             if size < 2 * BLOCK:
-                raise JournalError(f"{self.path}: truncated journal ({size} bytes)")
+                raise JournalError(f"{self.path}: truncated journal ({size} bytes){_WAY_OUT}")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 yield from self._scan(data, skip_through)
 
@@ -124,7 +132,9 @@ class Journal:
         magic, version, first, generation = _HEADER.unpack_from(data, 0)
         (crc,) = _CRC.unpack_from(data, _HEADER.size)
         if magic != _MAGIC or zlib.crc32(data[: _HEADER.size]) != crc:
-            raise JournalError(f"{self.path}: not a tq journal (or its header is damaged)")
+            raise JournalError(
+                f"{self.path}: not a tq journal (or its header is damaged){_WAY_OUT}"
+            )
         if version != _VERSION:
             raise JournalError(f"{self.path}: journal format {version}, this tq reads {_VERSION}")
         self.first_index = self.next_index = first

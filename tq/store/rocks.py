@@ -146,7 +146,10 @@ class Store:
     def write(self, batch: Batch) -> None:
         """Apply atomically, not yet durable: the journal (or ``flush_wal``) makes it so."""
         if len(batch):
-            self._db.write(batch._wb, self._wo)
+            try:
+                self._db.write(batch._wb, self._wo)
+            except Exception as exc:  # rocksdict raises plain Exception("IO error: ...")
+                raise StoreError(f"store write failed: {exc}") from exc
         if batch.ops is not None:  # only a recording batch is asked for its effects
             self._last = batch
 
@@ -182,7 +185,10 @@ class Store:
             hit = batch.lookup(cf, key)
             if hit is not _MISSING:
                 return cast(bytes | None, hit)
-        value: bytes | None = self._cfs[cf].get(key)
+        try:
+            value: bytes | None = self._cfs[cf].get(key)
+        except Exception as exc:  # a read error of the disk, as rocksdict reports it
+            raise StoreError(f"store read failed: {exc}") from exc
         return value
 
     def exists_many(self, cf: CF, keys: list[bytes], batch: Batch | None = None) -> list[bool]:
