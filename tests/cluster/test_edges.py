@@ -14,6 +14,7 @@ from tq import AsyncClient, Client
 from tq.broker.cluster import Closed, RaftLog, _other_peers
 from tq.errors import BadRequest
 from tq.protocol.messages import Ack, ClusterChange
+from tq.store import StoreError
 
 from tests.cluster.conftest import MakeCluster
 from tests.cluster.harness import HOST, Cluster
@@ -169,3 +170,27 @@ def test_importing_the_cluster_module_leaves_inet_ntop_working() -> None:
 
     assert socket.inet_ntop(socket.AF_INET, b"\x7f\x00\x00\x01") == "127.0.0.1"
     assert socket.inet_ntop(socket.AF_INET6, b"\x00" * 15 + b"\x01") == "::1"
+
+
+def test_a_store_error_while_applying_stops_the_node_instead_of_skipping_the_entry() -> None:
+    """Disk full on one node: the entry's apply failed, and the node marked it applied anyway
+    (an ApplyFailed result), its store now behind the others' for good."""
+
+    class FullDisk:
+        def apply(self, index: int, entry: bytes) -> object:
+            raise StoreError("store write failed: IO error: No space left on device")
+
+    raft = RaftLog.__new__(RaftLog)
+    raft.sm = FullDisk()  # type: ignore[assignment]
+    raft._applied = 4
+    raft.fatal = None
+    raft._pending = set()
+    stopped: list[BaseException] = []
+    raft._on_fatal_cb = stopped.append
+    raft.apply_errors = raft.skipped_entries = raft.applied_entries = 0
+    raft._apply(5, b"entry")
+    assert raft._applied == 4  # not applied: restarted, the node applies it from the log
+    assert [type(e) for e in stopped] == [StoreError]
+    raft._apply(6, b"next")  # nothing after it is applied either
+    assert raft._applied == 4
+    assert len(stopped) == 1

@@ -62,7 +62,7 @@ from tq.broker.commands import Announce, Command, CommandBatch
 from tq.broker.state import ApplyResult
 from tq.broker.state import StateMachine as TqStateMachine
 from tq.errors import InternalError, NotLeader, TqError
-from tq.store import Store
+from tq.store import Store, StoreError
 from tq.store.files import write_durably
 
 log = logging.getLogger("tq.broker.cluster")
@@ -777,12 +777,20 @@ class RaftLog:
     # --- loop thread -------------------------------------------------------------------------
 
     def _apply(self, index: int, entry: bytes) -> None:
-        if index <= self._applied:
+        if index <= self._applied or self.fatal is not None:
             self.skipped_entries += 1
             return
         # (No contiguity check: no-op and membership entries never reach apply_entry.)
         try:
             result = self.sm.apply(index, entry)
+        except StoreError as exc:
+            # The disk, not the entry (full, I/O error): this node's memory may be ahead of its
+            # store, and going on as if the entry had applied would make it diverge from the
+            # others. It stops instead; restarted, it applies the entry again from the log.
+            self.apply_errors += 1
+            log.critical("raft.store_failed index=%d error=%s", index, exc)
+            self._fatal(exc)
+            return
         except Exception as exc:  # apply never raises into the log
             self.apply_errors += 1
             log.exception("raft.apply_failed index=%d", index)
