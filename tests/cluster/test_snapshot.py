@@ -1,5 +1,5 @@
-"""A follower killed during 50,000 writes comes back after the leader compacted its log past the
-follower's last entry (compaction every 5,000 entries): it can only catch up by installing the
+"""A follower killed during 10,000 writes comes back after the leader compacted its log past the
+follower's last entry (compaction every 1,000 entries): it can only catch up by installing the
 leader's snapshot, and it ends with exactly the state of the others."""
 
 from __future__ import annotations
@@ -16,15 +16,25 @@ from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
-WRITES = 50_000
-COMPACTION_ENTRIES = 5_000  # the implementation's logCompactionMinEntries
-KILL_AFTER = 2_000  # acknowledged writes
+WRITES = 10_000
+COMPACTION_ENTRIES = 1_000  # --raft-compaction-entries (PySyncObj's logCompactionMinEntries)
+KILL_AFTER = 1_000  # acknowledged writes
 
 
 def test_follower_restarted_after_compaction_installs_a_snapshot(
     make_cluster: MakeCluster, record_file: Path, history: History
 ) -> None:
-    cluster = make_cluster(3)
+    cluster = make_cluster(
+        3,
+        extra_args=(
+            "--heartbeat-timeout",
+            "2",
+            "--retry-base",
+            "0.05",
+            "--raft-compaction-entries",
+            str(COMPACTION_ENTRIES),
+        ),
+    )
     leader = cluster.wait_leader()
     follower = next(n for n in cluster.nodes if n is not leader)
     # Single-task submits from a few lanes: the broker makes one Raft entry per tick, so few

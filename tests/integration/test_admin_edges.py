@@ -112,6 +112,7 @@ def test_a_bad_wait_timeout_is_refused_before_anything_is_submitted(
         ("--max-frame", "0"),
         ("--retry-base", "-1"),
         ("--hello-timeout", "0"),
+        ("--raft-compaction-entries", "5"),
     ],
 )
 def test_bad_broker_options_are_one_line_and_exit_2(

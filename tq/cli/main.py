@@ -130,6 +130,9 @@ def _broker_config(
     _check_range("--retention-interval", cluster.get("retention_interval_s", 60.0), 0.1, 86_400)
     _check_range("--max-frame", max_frame_bytes, 1024, 1024 * 1024 * 1024)
     _check_range("--hello-timeout", cluster.get("hello_timeout_s", 10.0), 0.1, 3600)
+    _check_range(
+        "--raft-compaction-entries", cluster.get("compaction_min_entries", 5000), 100, 10_000_000
+    )
     return BrokerConfig(
         journal_bytes=journal_bytes,
         host=host,
@@ -292,6 +295,11 @@ def broker(
     raft_secret_file: str | None = typer.Option(
         None, "--raft-secret-file", help="cluster: shared secret encrypting Raft traffic"
     ),
+    raft_compaction_entries: int = typer.Option(
+        5000,
+        "--raft-compaction-entries",
+        help="cluster: compact the Raft log into a snapshot after this many entries",
+    ),
     http_port: int | None = HttpPortOpt,
     ssh_port: int | None = SshPortOpt,
     ssh_authorized_keys: str | None = SshKeysOpt,
@@ -316,6 +324,7 @@ def broker(
         max_frame,
         retention_interval_s=retention_interval,
         hello_timeout_s=hello_timeout,
+        compaction_min_entries=raft_compaction_entries,
         journal_mb=journal_mb,
         **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
     )
