@@ -105,10 +105,16 @@ class BrokerProcess:
     """
 
     def __init__(
-        self, workdir: Path, *args: str, data_dir: Path | None = None, command: str = "broker"
+        self,
+        workdir: Path,
+        *args: str,
+        data_dir: Path | None = None,
+        command: str = "broker",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.command = command
+        self.env = env or {}
         self.args = list(args)
         self.data_dir = data_dir or workdir / "data"
         self.host = "127.0.0.1"
@@ -158,7 +164,7 @@ class BrokerProcess:
                 stdin=subprocess.DEVNULL,
                 text=True,
                 cwd=self.workdir,
-                env=subprocess_env(),
+                env=subprocess_env(**self.env),
             )
         finally:
             err.close()
@@ -276,10 +282,12 @@ def broker_factory(
     """``broker_factory("--retry-base", "0.05")``: start a broker with extra arguments."""
     brokers: list[BrokerProcess] = []
 
-    def make(*args: str, name: str | None = None) -> BrokerProcess:
+    def make(
+        *args: str, name: str | None = None, env: dict[str, str] | None = None
+    ) -> BrokerProcess:
         workdir = tmp_path / (name or f"broker{len(brokers)}")
         workdir.mkdir()
-        b = BrokerProcess(workdir, *args)
+        b = BrokerProcess(workdir, *args, env=env)
         brokers.append(b)
         return b.start()
 
@@ -295,6 +303,15 @@ def broker_factory(
 def broker(broker_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
     """A fresh broker with default settings."""
     return broker_factory()
+
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture
+def broker_with_token(broker_factory: Callable[..., BrokerProcess]) -> str:
+    """The URL of a broker started with ``TQ_TOKEN`` set to ``TOKEN``."""
+    return broker_factory("--http-port", "-1", env={"TQ_TOKEN": TOKEN}).url
 
 
 @pytest.fixture

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
 
 DEFAULT_BROKER_URL = "tcp://127.0.0.1:7700"
 DEFAULT_PORT = 7700
@@ -67,15 +70,22 @@ def journal_mb_from_env(explicit: int | None = None) -> int:
     """``--journal-mb`` wins, then ``TQ_JOURNAL_MB``, then 64 (MiB of commit journal)."""
     if explicit is not None:
         return explicit
-    raw = os.environ.get("TQ_JOURNAL_MB")
+    return _env_number("TQ_JOURNAL_MB", int, DEFAULT_JOURNAL_MB, 1, MAX_JOURNAL_MB, "MiB")
+
+
+def _env_number(name: str, kind: type[N], default: N, low: N, high: N, unit: str) -> N:
+    """``$name`` as a number from ``low`` to ``high`` (``default`` when unset or empty); a bad
+    value is a ``ValueError`` naming the variable."""
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_JOURNAL_MB
+        return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ValueError(f"TQ_JOURNAL_MB={raw!r} is not a whole number of MiB") from None
-    if not 1 <= value <= MAX_JOURNAL_MB:
-        raise ValueError(f"TQ_JOURNAL_MB={value} is outside 1..{MAX_JOURNAL_MB}")
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{name}={raw!r} is not {what} of {unit}") from None
+    if not low <= value <= high:  # NaN fails this too
+        raise ValueError(f"{name}={raw} is outside {low}..{high} {unit}")
     return value
 
 
@@ -87,16 +97,7 @@ def connect_timeout_from_env(explicit: float | None = None) -> float:
     trying to reach a broker): a script can fail fast without a code change."""
     if explicit is not None:
         return explicit
-    raw = os.environ.get("TQ_CONNECT_TIMEOUT")
-    if not raw:
-        return DEFAULT_CONNECT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"TQ_CONNECT_TIMEOUT={raw!r} is not a number of seconds") from None
-    if not 0 <= value <= 3600:  # NaN fails this too
-        raise ValueError(f"TQ_CONNECT_TIMEOUT={raw} is outside 0..3600 seconds")
-    return value
+    return _env_number("TQ_CONNECT_TIMEOUT", float, DEFAULT_CONNECT_TIMEOUT_S, 0.0, 3600.0, "s")
 
 
 def auth_token_from_env() -> str | None:

@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.cli.test_cli import free_port, tq
 from tests.conftest import (
-    READY_RE,
     BrokerProcess,
     WorkerProcess,
     ok,
     one_line_error,
-    subprocess_env,
 )
 
 
@@ -114,28 +110,6 @@ def test_cluster_status_without_a_reachable_node_says_why(nowhere: str) -> None:
         assert re.fullmatch(rf"tq: no leader: {nowhere}: cannot reach a broker at .*", line)
         assert result.stdout.strip()  # the node table (or document) is still printed
     assert json.loads(result.stdout)["leader"] is None
-
-
-@pytest.fixture
-def broker_with_token(tmp_path: Path) -> Iterator[str]:
-    """A ``tq broker`` started with ``TQ_TOKEN=s3cret``; yields its URL."""
-    cmd = [sys.executable, "-m", "tq", "broker", "--port", "0", "--http-port", "-1"]
-    with subprocess.Popen(
-        [*cmd, "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=subprocess_env(TQ_TOKEN="s3cret"),
-    ) as proc:  # leaving the block closes its pipe and reaps it
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline().strip()  # the readiness line (EOF if it died)
-            match = READY_RE.match(line)
-            assert match, f"the broker did not start: {line!r}"
-            yield f"tcp://127.0.0.1:{match['port']}"
-        finally:
-            proc.kill()
 
 
 def test_cluster_status_with_a_wrong_token_names_it(broker_with_token: str, nowhere: str) -> None:

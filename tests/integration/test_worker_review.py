@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from tq import AsyncClient, Client
 from tq.errors import PayloadTooLarge
 from tq.model import MAX_PAYLOAD_BYTES
@@ -17,7 +16,6 @@ from tq.protocol.messages import Ack, ClaimTask, Leased, Outcome, ResultBatch
 from tests.apps.review_handlers import most_at_once, read_events
 from tests.conftest import (
     HANDLERS_APP,
-    READY_RE,
     ROOT,
     BrokerProcess,
     WorkerProcess,
@@ -188,27 +186,6 @@ def test_an_invalid_queue_name_is_a_usage_error(broker: BrokerProcess) -> None:
     too_many = [arg for i in range(101) for arg in ("-q", f"q{i}")]
     line = one_line_error(_tq_worker(broker.url, "--burst", *too_many), code=2)
     assert "at most 100 queues" in line
-
-
-@pytest.fixture
-def broker_with_token(tmp_path: Path) -> Iterator[str]:
-    """A ``tq broker`` started with ``TQ_TOKEN=s3cret``; yields its URL."""
-    cmd = [sys.executable, "-m", "tq", "broker", "--port", "0", "--http-port", "-1"]
-    with subprocess.Popen(
-        [*cmd, "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=subprocess_env(TQ_TOKEN="s3cret"),
-    ) as proc:
-        try:
-            assert proc.stdout is not None
-            match = READY_RE.match(proc.stdout.readline().strip())
-            assert match, "the broker did not start"
-            yield f"tcp://127.0.0.1:{match['port']}"
-        finally:
-            proc.kill()
 
 
 def test_a_worker_with_a_wrong_token_says_so_and_exits_1(broker_with_token: str) -> None:
