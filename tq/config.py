@@ -97,7 +97,9 @@ def connect_timeout_from_env(explicit: float | None = None) -> float:
     trying to reach a broker): a script can fail fast without a code change."""
     if explicit is not None:
         return explicit
-    return _env_number("TQ_CONNECT_TIMEOUT", float, DEFAULT_CONNECT_TIMEOUT_S, 0.0, 3600.0, "s")
+    return _env_number(
+        "TQ_CONNECT_TIMEOUT", float, DEFAULT_CONNECT_TIMEOUT_S, 0.0, 3600.0, "seconds"
+    )
 
 
 def auth_token_from_env() -> str | None:
