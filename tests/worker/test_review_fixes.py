@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from tq.client import encode_payload
+from tq.client.values import non_finite
 from tq.errors import BadRequest, BrokerUnavailable, PayloadTooLarge, TqError
 from tq.model import MAX_PAYLOAD_BYTES, Task
 from tq.protocol.messages import LeasedTask, Outcome
@@ -194,6 +195,13 @@ def test_a_self_referencing_value_is_not_serializable_not_a_recursion_error() ->
         encode_payload(d)
 
 
+@pytest.mark.parametrize("value", [float("nan"), {"a": [1, float("-inf")]}])
+def test_a_payload_holding_nan_or_infinity_is_refused_not_sent_as_null(value: Any) -> None:
+    """msgspec writes NaN and infinity as null: the handler got null in their place."""
+    with pytest.raises(BadRequest, match="holds NaN or infinity"):
+        encode_payload(value)
+
+
 def _self_ref(payload: Any) -> Any:
     d: dict[str, Any] = {}
     d["d"] = d
@@ -216,7 +224,7 @@ async def test_a_self_referencing_result_is_result_not_serializable() -> None:
     ],
 )
 def test_non_finite_finds_nan_and_infinity(value: Any) -> None:
-    assert outcomes.non_finite(value)
+    assert non_finite(value)
 
 
 @pytest.mark.parametrize(
@@ -230,7 +238,7 @@ def test_non_finite_finds_nan_and_infinity(value: Any) -> None:
     ],
 )
 def test_non_finite_passes_what_json_can_carry(value: Any) -> None:
-    assert not outcomes.non_finite(value)
+    assert not non_finite(value)
 
 
 async def test_a_result_holding_nan_or_infinity_is_not_completed_with_null() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -538,6 +539,17 @@ def _show_task(info: Any, fmt: Format) -> None:
     emit_table(f"task {info.id}", ["field", "value"], rows)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Python's float says inf
+        raise ValueError(f"{text} is out of range for a float")
+    return value
+
+
 @app.command()
 def submit(
     name: str = typer.Argument(..., help="task name (a registered handler)"),
@@ -553,8 +565,9 @@ def submit(
 ) -> None:
     """Submit a task; prints its id (or, with --wait, its result)."""
     try:
-        value = json.loads(payload)
-    except json.JSONDecodeError as exc:
+        # Python's json takes NaN, Infinity and 1e400 (inf), which JSON cannot carry.
+        value = json.loads(payload, parse_constant=_no_constant, parse_float=_finite)
+    except (json.JSONDecodeError, ValueError) as exc:
         fail(f"payload is not valid JSON: {exc}", code=2)
     if priority.lower() not in ("high", "normal", "low"):
         fail("--priority must be high, normal or low", code=2)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from tq.client.connection import Connection, raise_for
+from tq.client.values import decode_value, encode_payload
 from tq.config import (
     DEFAULT_FRAME_LIMIT,
     MAX_WAIT_S,
@@ -74,31 +75,6 @@ from tq.protocol.messages import (
 
 R = TypeVar("R", bound=Response)
 CLOSE_WAIT_S = 1.0  # how long close() lets a connection finish closing before aborting it
-
-_json_encode = msgspec.json.encode
-_json_decode = msgspec.json.decode
-
-
-def encode_payload(payload: Any) -> bytes:
-    """JSON by default; bytes pass through untouched (the caller chose the encoding)."""
-    if isinstance(payload, bytes | bytearray | memoryview):
-        return bytes(payload)
-    try:
-        return _json_encode(payload)
-    # UnicodeEncodeError: a lone surrogate; RecursionError: a container that holds itself (or
-    # nesting deeper than the interpreter's recursion limit)
-    except (TypeError, msgspec.EncodeError, UnicodeEncodeError, RecursionError) as exc:
-        raise BadRequest(f"payload is not JSON-serializable: {exc}") from None
-
-
-def decode_value(raw: bytes | None) -> Any:
-    """A payload or result as the handler saw it: decoded JSON, or the raw bytes if not JSON."""
-    if raw is None:
-        return None
-    try:
-        return _json_decode(raw)
-    except msgspec.DecodeError:
-        return raw
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,7 @@ of that one task, and result batches are cut to fit the frame limit the broker a
 
 from __future__ import annotations
 
-import json
-import re
 import traceback
-from typing import Any
-
-import msgspec
 
 from tq.model import MAX_PAYLOAD_BYTES, ErrorInfo
 from tq.protocol.codec import encode_body
@@ -65,36 +60,6 @@ def from_exception(task_id: str, token: int, exc: BaseException) -> Outcome:
     """The handler raised ``exc``: its type, message and traceback (its first 20 frames)."""
     trace = "".join(traceback.format_exception(exc, limit=20))
     return failure(task_id, token, type(exc).__name__, describe(exc), trace)
-
-
-# msgpack's float64 (0xcb) whose exponent bits are all ones: NaN or an infinity. Text cannot hold
-# it (0xcb starts a 2-byte UTF-8 sequence, which 0x7f and 0xff do not continue); bytes, integers,
-# lengths or finite floats may, so a match is confirmed by the exact check.
-_NON_FINITE = re.compile(rb"\xcb[\x7f\xff][\xf0-\xff]")
-
-
-def non_finite(value: Any) -> bool:
-    """Whether ``value``, whose JSON encoding holds ``null``, holds a NaN or an infinity.
-
-    msgspec writes those as ``null``: a result would complete with ``null`` in place of its
-    numbers, silently. Only results whose JSON holds ``null`` get here (the caller checks, for the
-    price of a ``bytes`` search), and only those whose msgpack encoding shows a non-finite float
-    get the exact check: all of it C code, no Python walk of the result."""
-    if isinstance(value, bytes | bytearray | memoryview):
-        return False
-    try:
-        packed: bytes | None = msgspec.msgpack.encode(value)
-    except Exception:  # e.g. an int msgpack cannot carry: let the exact check say
-        packed = None
-    if packed is not None and _NON_FINITE.search(packed) is None:
-        return False
-    try:
-        json.dumps(msgspec.to_builtins(value, str_keys=True), allow_nan=False)
-    except ValueError:  # json: "Out of range float values are not JSON compliant"
-        return True
-    except Exception:  # what msgspec encoded, the exact check could not: keep msgspec's answer
-        return False
-    return False
 
 
 def bound(outcome: Outcome) -> int:

@@ -476,15 +476,6 @@ class Worker:
             return outcomes.failure(
                 task.id, lt.token, "ResultNotSerializable", f"the handler's result: {exc.message}"
             )
-        # JSON has no NaN or infinity: msgspec writes them as null, which would complete the
-        # task with null in place of the numbers. Only a result whose JSON holds null is checked.
-        if b"null" in result and outcomes.non_finite(value):
-            return outcomes.failure(
-                task.id,
-                lt.token,
-                "ResultNotSerializable",
-                "the handler's result holds NaN or infinity, which JSON cannot represent",
-            )
         return Outcome(task.id, lt.token, True, result=result)
 
     # --- reporting -------------------------------------------------------------------------------
