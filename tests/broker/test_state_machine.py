@@ -332,7 +332,13 @@ class Model:
         )
         for task_id in expired:
             t = self.tasks[task_id]
+            if t.state is not RUNNING:  # requeued just above, with its silent worker
+                continue
             w = self.workers.get(t.worker)
+            if w is not None and now - w.last_seen >= self.lease_ms:
+                # silent for a whole lease: the worker is lost with all its leases
+                changed += self.worker_lost(now, t.worker)
+                continue
             if w is not None:
                 w.leases.discard(task_id)
             self.requeue_lease(now, t)

@@ -78,6 +78,31 @@ def test_worker_sigkilled_mid_task_is_redelivered_to_another_worker(
         assert [w["id"] for w in stats["workers"]] == [second.worker_id]
 
 
+def test_a_frozen_workers_expired_lease_goes_to_another_worker_not_back_to_it(
+    broker_factory: Callable[..., BrokerProcess], start_worker: StartWorker
+) -> None:
+    """With a lease shorter than the heartbeat timeout, an expired lease was handed straight back
+    to the claim the frozen worker had parked: attempt 2 went to the frozen worker too, and the
+    task was dead-lettered as LeaseExpired while a healthy worker sat idle."""
+    broker = broker_factory("--lease", "1", "--heartbeat-timeout", "30")
+    frozen = start_worker(broker.url, "-c", "2")  # one slot free: a claim stays parked
+    with Client(broker.url) as c:
+        tid = c.submit("sleep", 1.0, max_retries=1)
+        wait_until(lambda: c.status(tid).state == "running", what="task running")
+        time.sleep(0.3)  # the free slot's claim is parked at the broker
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            healthy = start_worker(broker.url, "-c", "2")
+            info = c.wait(tid, timeout_s=20)
+            assert info.state == "completed", info
+            assert info.attempt == 2
+            assert info.worker_id == healthy.worker_id
+            workers = [w["id"] for w in c.stats()["workers"]]
+            assert frozen.worker_id not in workers  # lost at its lease, not at the timeout
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+
+
 def test_acknowledged_submits_survive_broker_sigkill(
     broker: BrokerProcess, start_worker: StartWorker
 ) -> None:

@@ -907,8 +907,20 @@ class StateMachine:
             changed += self._worker_lost(now, worker_id)
         expired = sorted(tid for tid, lease in self.leases.items() if lease.deadline_ms <= now)
         for tid in expired:
-            lease = self._drop_lease(tid)
-            assert lease is not None
+            lease = self.leases.get(tid)
+            if lease is None:  # its worker was declared lost just above, for an earlier one
+                continue
+            worker = self.workers.get(lease.worker_id)
+            if worker is not None and now - worker.last_seen_ms >= self.lease_ms:
+                # Silent for a whole lease (frozen, cut off), so every lease it holds is running
+                # out: the worker is lost now, not at the heartbeat timeout. Requeueing the task
+                # alone handed it straight back to the claim the silent worker had parked, to
+                # expire again and be dead-lettered as LeaseExpired while a healthy worker sat
+                # idle. (A worker still heartbeating lets a lease run out by leaving it out of its
+                # heartbeats; then only that lease ends.)
+                changed += self._worker_lost(now, lease.worker_id)
+                continue
+            self._drop_lease(tid)
             self._requeue(now, lease, "lease expired")
             self._count("lease_expired")
             changed += 1
