@@ -75,6 +75,7 @@ from tq.protocol.messages import (
 
 R = TypeVar("R", bound=Response)
 CLOSE_WAIT_S = 1.0  # how long close() lets a connection finish closing before aborting it
+MIN_ATTEMPT_S = 0.5  # the least each address gets to connect and answer hello
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,51 @@ def _send_quietly(conn: Connection, build: Callable[[int], Any]) -> None:
             pass
 
 
+class _Resends:
+    """When one ``AsyncClient.call`` sends its request again.
+
+    Redirects and reconnects are retried for a while: a cluster elects a new leader in about a
+    second, during which nodes answer NOT_LEADER without naming one. The window bounds one
+    outage, not the call: it starts at a failure, again after a request that was answered or in
+    flight for a while (a wait of 40 s that met a failover at 12 s used to fail at once, its
+    window spent while it waited).
+
+    A request that got no answer within its timeout is resent once (if safe to repeat), not for
+    every timeout: a broker that is slow but alive, and still working on it, gets it twice at
+    most (a submit's task id makes the second harmless); a second timeout is the caller's error.
+
+    Nothing is resent across ``close()``: a request in flight when the client was closed fails
+    with ``BrokerUnavailable("client closed")`` instead of connecting it again."""
+
+    def __init__(self, client: AsyncClient, retry: bool) -> None:
+        self.client = client
+        self.closes = client._closes
+        self.loop = asyncio.get_running_loop()
+        self.window = max(client.connect_timeout_s, 5.0)
+        self.deadline: float | None = None
+        self.attempts = 0
+        self.timeouts = 0
+
+    def check_open(self) -> None:
+        if self.client._closes != self.closes:
+            raise BrokerUnavailable("client closed")
+
+    def again(self, sent: float, *, safe: bool, timed_out: bool = False) -> bool:
+        """After a failure of the request sent at ``sent``: send it again? (Raises if the
+        client was closed meanwhile.)"""
+        self.attempts += 1
+        self.check_open()
+        now = self.loop.time()
+        if self.deadline is None or now - sent > 1.0:
+            self.deadline = now + self.window
+        if not safe or now > self.deadline:
+            return False
+        if timed_out:
+            self.timeouts += 1
+            return self.timeouts <= 1
+        return True
+
+
 class AsyncClient:
     def __init__(
         self,
@@ -172,6 +218,7 @@ class AsyncClient:
         self._conn: Connection | None = None
         self._connecting: asyncio.Lock | None = None
         self._preferred = 0
+        self._closes = 0  # close() calls so far: a request in flight across one is not resent
         self.on_connect: Callable[[], Any] | None = None
 
     # --- connection ------------------------------------------------------------------------------
@@ -200,6 +247,7 @@ class AsyncClient:
             return conn
         if self._connecting is None:
             self._connecting = asyncio.Lock()
+        closes = self._closes
         async with self._connecting:
             conn = self._conn
             if conn is not None and conn.error is None:
@@ -208,17 +256,23 @@ class AsyncClient:
             deadline = loop.time() + self.connect_timeout_s
             delay = 0.05
             last: BaseException | None = None
+            last_at = ""
             while True:
                 n = len(self.addresses)
                 for i in range(n):
                     host, port = self.addresses[(self._preferred + i) % n]
                     try:
-                        conn = await self._open(host, port)
+                        conn = await self._open(host, port, deadline)
                     except (Unauthenticated, UnsupportedVersion, BadRequest):
                         raise  # the broker answered: retrying will not change its mind
                     except (TimeoutError, OSError, TqError) as exc:
-                        last = exc
+                        last, last_at = exc, f"{host}:{port}: "
                         continue
+                    if self._closes != closes:
+                        # close() ran while this connect was under way: a connection opened
+                        # now would be nobody's to close (and outlive a sync Client's loop).
+                        conn.abort()
+                        raise BrokerUnavailable("client closed")
                     if isinstance(conn, Connection):
                         self._preferred = (self._preferred + i) % n
                         self._conn = conn
@@ -227,16 +281,28 @@ class AsyncClient:
                         return conn
                 if loop.time() + delay > deadline:
                     where = ", ".join(f"{h}:{p}" for h, p in self.addresses)
-                    raise BrokerUnavailable(f"cannot reach a broker at {where}: {last}")
+                    if n == 1:
+                        last_at = ""  # said once is enough
+                    raise BrokerUnavailable(f"cannot reach a broker at {where}: {last_at}{last}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def _open(self, host: str, port: int) -> Connection:
+    async def _open(self, host: str, port: int, deadline: float) -> Connection:
+        """Open one connection and say hello, both within what is left until ``deadline`` (the
+        connect's): a broker that completes the TCP handshake but never answers (a SIGSTOPped
+        or hung one, whose kernel still accepts) used to hold the connect for ``timeout_s``,
+        past ``connect_timeout_s``. Each address gets at least ``MIN_ATTEMPT_S``, so the
+        addresses after a hung one are still tried once the deadline has passed."""
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: Connection(self.max_frame_bytes), host, port),
-            timeout=max(0.1, self.connect_timeout_s),
-        )
+        left = max(MIN_ATTEMPT_S, deadline - loop.time())
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: Connection(self.max_frame_bytes), host, port),
+                timeout=left,
+            )
+        except TimeoutError:
+            raise BrokerUnavailable(f"no TCP connection within {round(left, 1):g} s") from None
+        conn.address = f"{host}:{port}"
         hello = Hello(
             rid=conn.next_rid(),
             version=PROTOCOL_VERSION,
@@ -247,9 +313,15 @@ class AsyncClient:
             pid=os.getpid(),
             **self.hello_extra,
         )
+        wait_s = min(self.timeout_s, max(MIN_ATTEMPT_S, deadline - loop.time()))
         try:
-            reply = await conn.send(hello.rid, hello, self.timeout_s)
+            reply = await conn.send(hello.rid, hello, wait_s)
             raise_for(reply)
+        except TimeoutError:
+            conn.abort()
+            raise BrokerUnavailable(
+                f"connected, but no hello answer within {round(wait_s, 1):g} s"
+            ) from None
         except BaseException:
             conn.close()
             raise
@@ -260,7 +332,13 @@ class AsyncClient:
     async def close(self) -> None:
         """Close the connection and wait (at most ``CLOSE_WAIT_S``) until it is closed: a
         transport still flushing to a broker that stopped reading would otherwise outlive its
-        event loop (``asyncio.run`` returning right after ``close``) and leak its socket."""
+        event loop (``asyncio.run`` returning right after ``close``) and leak its socket.
+
+        Requests in flight fail with ``BrokerUnavailable`` and are not resent: a retried one
+        used to reconnect the client being closed (and a sync ``Client``'s thread waiting on it
+        then waited forever, its loop stopped under it). A request made after ``close`` connects
+        again (the TUI drops a silent link this way)."""
+        self._closes += 1
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -285,56 +363,62 @@ class AsyncClient:
         With ``retry`` the request is resent after a lost connection or a leader change: only for
         requests that are safe to repeat. ``on_abandon(conn, rid)`` runs if the caller is
         cancelled while the request is in flight (to withdraw what the broker holds for it)."""
-        attempts = 0
-        loop = asyncio.get_running_loop()
-        # Redirects and reconnects are retried for a while: a cluster elects a new leader in
-        # about a second, during which nodes answer NOT_LEADER without naming one. The window
-        # bounds one outage, not the call: it starts at a failure, again after a request that
-        # was answered or in flight for a while (a wait of 40 s that met a failover at 12 s
-        # used to fail at once, its window spent while it waited).
-        window = max(self.connect_timeout_s, 5.0)
-        deadline: float | None = None
-
-        def outage_over(sent: float) -> bool:
-            nonlocal deadline
-            now = loop.time()
-            if deadline is None or now - sent > 1.0:
-                deadline = now + window
-            return now > deadline
-
+        tries = _Resends(self, retry)
+        loop = tries.loop
         while True:
             conn = self._conn
             if conn is None or conn.error is not None:
+                tries.check_open()
                 conn = await self.connect()
             rid = conn.next_rid()
             sent = loop.time()
+            wait_s = timeout_s or self.timeout_s
             try:
                 try:
-                    reply = await conn.send(rid, build(rid), timeout_s or self.timeout_s)
+                    reply = await conn.send(rid, build(rid), wait_s)
                 except asyncio.CancelledError:
                     if on_abandon is not None:
                         on_abandon(conn, rid)
                     raise
                 raise_for(reply)
             except NotLeader as exc:
-                attempts += 1
-                if outage_over(sent):
+                if not tries.again(sent, safe=True):
                     raise
                 self._follow(exc.leader)
                 if exc.leader is None:
-                    await asyncio.sleep(min(0.05 * attempts, 0.3))
+                    await asyncio.sleep(min(0.05 * tries.attempts, 0.3))
                 continue
             except BrokerUnavailable:
-                attempts += 1
-                if not retry or outage_over(sent):
+                # (A connection another request's timeout dropped counts as a timeout.)
+                if not tries.again(sent, safe=retry, timed_out=conn.timed_out):
                     raise
-                await asyncio.sleep(min(0.02 * attempts, 0.2))
+                await asyncio.sleep(min(0.02 * tries.attempts, 0.2))
                 continue
             except TimeoutError:
-                raise BrokerUnavailable("the broker did not answer in time") from None
+                # No answer at all: a hung broker (a SIGSTOPped or cut-off leader, whose
+                # followers have elected another by now) or one far too slow. The connection is
+                # what is suspect, and kept, every later request would queue behind this one on
+                # it: drop it (the other requests in flight on it fail over with it, or fail if
+                # not safe to resend), and start the next connect at the next address.
+                error = BrokerUnavailable(
+                    f"the broker at {conn.address} did not answer within {wait_s:g} s"
+                )
+                self._drop(conn, error)
+                if not tries.again(sent, safe=retry, timed_out=True):
+                    raise error from None
+                continue
             if not isinstance(reply, expect):
                 raise BrokerUnavailable(f"unexpected reply {type(reply).__name__}")
             return reply
+
+    def _drop(self, conn: Connection, error: BrokerUnavailable) -> None:
+        """Abort a connection that stopped answering; if it is the current one, the next
+        connect tries the next address first (a single address is tried again)."""
+        conn.timed_out = True
+        conn.abort(error)
+        if self._conn is conn:
+            self._conn = None
+            self._preferred = (self._preferred + 1) % len(self.addresses)
 
     def _follow(self, leader: str | None) -> None:
         if self._conn is not None:

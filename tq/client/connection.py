@@ -8,7 +8,14 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
-from tq.errors import BrokerUnavailable, FrameTooLarge, NotLeader, TqError, error_from_code
+from tq.errors import (
+    BadRequest,
+    BrokerUnavailable,
+    FrameTooLarge,
+    NotLeader,
+    TqError,
+    error_from_code,
+)
 from tq.model import MAX_PAYLOAD_BYTES
 from tq.protocol.codec import decode_response, encode
 from tq.protocol.framing import HEADER_BYTES, FrameDecoder
@@ -34,6 +41,8 @@ class Connection(asyncio.Protocol):
         self.closed = asyncio.Event()
         self.error: TqError | None = None
         self.welcome: Welcome | None = None  # the broker's answer to hello, once connected
+        self.address = ""  # host:port it was opened to, for messages
+        self.timed_out = False  # dropped by the client: a request on it got no answer in time
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._flush_scheduled = False
@@ -100,7 +109,17 @@ class Connection(asyncio.Protocol):
         ``TimeoutError`` if no reply comes within ``timeout_s`` (checked about every 0.25 s)."""
         if self.error is not None or self.transport is None or self.transport.is_closing():
             raise self.error or BrokerUnavailable("not connected to the broker")
-        frame = encode(msg)
+        try:
+            frame = encode(msg)
+        except UnicodeEncodeError as exc:
+            # A str that is not text (a lone surrogate, as os.fsdecode or surrogateescape input
+            # makes) in a name, queue or id: msgspec's bare UnicodeEncodeError is no TqError, so
+            # callers catching TqError (as documented) saw a crash instead of a refusal.
+            bad = exc.object[exc.start : exc.end] if isinstance(exc.object, str) else ""
+            raise BadRequest(
+                f"{type(msg).__name__} request holds a string that is not valid text: "
+                f"{bad!r} at position {exc.start} of {str(exc.object)[:80]!r} ({exc.reason})"
+            ) from None
         limit = self.welcome.max_frame_bytes if self.welcome is not None else 0
         if limit and len(frame) - HEADER_BYTES > limit:
             # Refused here, for this request alone: sent, it would make the broker close the
@@ -161,8 +180,12 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def abort(self) -> None:
-        """Close at once, dropping whatever is still buffered for the broker."""
+    def abort(self, error: TqError | None = None) -> None:
+        """Close at once, dropping whatever is still buffered for the broker. ``error`` (set now,
+        not when ``connection_lost`` comes an iteration later, so that nobody sends on this
+        connection meanwhile) is what the requests still in flight fail with."""
+        if error is not None and self.error is None:
+            self.error = error
         if self.transport is not None:
             self.transport.abort()
 

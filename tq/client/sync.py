@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import concurrent.futures
 import threading
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 from tq.client.aio import AsyncClient, TaskInfo
+from tq.errors import BrokerUnavailable
 from tq.model import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
 
 T = TypeVar("T")
+
+
+STOP_WAIT_S = 2.0  # how long stop() lets the requests still running end before it stops the loop
 
 
 class _Portal:
@@ -21,12 +26,27 @@ class _Portal:
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="tq-client", daemon=True
         )
+        self._lock = threading.Lock()
+        self._stopping = False
+        # Every caller's future not yet resolved: stop() fails those the loop will never get
+        # to (a request scheduled just as the loop stopped would leave its caller blocked).
+        self._futures: set[concurrent.futures.Future[Any]] = set()
         self._thread.start()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._lock:
+            if self._stopping:
+                coro.close()  # never to run: no "was never awaited" warning
+                raise BrokerUnavailable("client closed")
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._futures.add(fut)
+        fut.add_done_callback(self._futures.discard)
         try:
             return fut.result()
+        except concurrent.futures.CancelledError:
+            if self._stopping:  # cancelled by stop(), not by this caller
+                raise BrokerUnavailable("client closed") from None
+            raise
         except BaseException:
             # Ctrl-C (KeyboardInterrupt) lands here, in the caller's thread: the request must
             # stop too, or a `c.wait()` interrupted in a REPL would go on waiting behind it.
@@ -34,15 +54,37 @@ class _Portal:
             raise
 
     def stop(self) -> None:
+        """Stop the loop thread. Requests other threads still wait on are cancelled first
+        (they raise ``BrokerUnavailable("client closed")``): stopped under them, their
+        coroutines would never finish, and those threads would block forever."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
         if self._loop.is_closed():
             return
+        try:
+            asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop).result(STOP_WAIT_S + 1)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass  # the loop is wedged or already stopped: the futures are failed below
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        for fut in list(self._futures):
+            fut.cancel()
         self._loop.close()
 
     @property
     def stopped(self) -> bool:
-        return self._loop.is_closed()
+        return self._stopping
+
+
+async def _cancel_all() -> None:
+    """Cancel every other task of the portal's loop and let them end (briefly)."""
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=STOP_WAIT_S)
 
 
 class Client:

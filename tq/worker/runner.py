@@ -569,6 +569,18 @@ class Worker:
                     interval = min(interval, limit_ms / 3000)
         return interval
 
+    def heartbeat_answer_timeout(self) -> float:
+        """How long a heartbeat may go unanswered before the worker gives up on the connection:
+        twice the broker's heartbeat timeout (the silence it allows the worker; twice, so that
+        a broker stalled for about that long, by a snapshot say, is not left at once, its
+        leases requeued), else ten intervals; at least a second. Not the request timeout
+        (30 s): a broker that answers nothing is usually hung, and the new leader requeues its
+        leases at its heartbeat timeout; the worker should be claiming there by then."""
+        welcome = self._client.welcome if self._client is not None else None
+        if welcome is not None and welcome.heartbeat_timeout_ms > 0:
+            return max(1.0, 2 * welcome.heartbeat_timeout_ms / 1000)
+        return max(1.0, 10 * self.heartbeat_interval())
+
     async def _heartbeat_loop(self) -> None:
         await self.connected.wait()  # the interval depends on what the broker said in Welcome
         while True:
@@ -583,8 +595,16 @@ class Worker:
                 refs += [LeaseRef(o.task_id, o.token) for o in batch]
             beat = self._heartbeat_message(refs)
             try:
-                ack = await client.call(beat, Ack, retry=False)
-            except TqError:
+                ack = await client.call(
+                    beat, Ack, retry=False, timeout_s=self.heartbeat_answer_timeout()
+                )
+            except TqError as exc:
+                # A beat not answered in time has dropped the connection (AsyncClient.call
+                # does): the claim parked on it fails, and the claim loop reconnects, trying the
+                # other addresses first. Skipping the beat and staying used to keep a worker on
+                # a hung (SIGSTOPped) leader for ever, running nothing, while the cluster had
+                # elected another.
+                log.warning("worker.heartbeat_failed", extra=kv(error=str(exc)))
                 continue
             if ack.rejected:
                 self._cancel_lost(running, refs, ack.rejected)

@@ -1,0 +1,246 @@
+"""Client and worker against brokers that stop answering, a client closed under a waiting thread,
+a connect to a broker that never says hello, and text that cannot be encoded.
+
+A hung broker is a real ``tq broker`` under SIGSTOP (its kernel still accepts connections and
+takes requests, nobody answers), or an in-process fake that answers hello and nothing else (to
+count what it is sent). Two single brokers stand in for a cluster's addresses: what is tested
+is the client's, not Raft's (tests/cluster/test_review_failover_client.py has the real thing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from tq import AsyncClient, Client
+from tq.errors import BadRequest, BrokerUnavailable, TqError
+from tq.protocol.codec import decode_request, encode
+from tq.protocol.framing import FrameDecoder
+from tq.protocol.messages import CancelTask, Hello, SubmitTask, Welcome
+
+from tests.conftest import BrokerProcess, WorkerProcess
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+@contextlib.contextmanager
+def frozen(broker: BrokerProcess) -> Iterator[None]:
+    """SIGSTOP the broker (a hung node: connections still open, nothing answered), SIGCONT at
+    the end whatever happens."""
+    assert broker.proc is not None
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(broker.proc.pid, signal.SIGCONT)
+
+
+class MuteBroker:
+    """Answers hello (``welcome``) or nothing at all (``welcome=False``), and records every
+    request it is sent."""
+
+    def __init__(self, welcome: bool = True) -> None:
+        self.welcome = welcome
+        self.requests: list[object] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.handlers: list[asyncio.Task[object] | None] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        self.handlers.append(asyncio.current_task())
+        with contextlib.suppress(ConnectionError):
+            await self._read(reader, writer)
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder(1 << 24)
+        while data := await reader.read(65536):
+            for body in decoder.feed(data):
+                msg = decode_request(body)
+                self.requests.append(msg)
+                if self.welcome and isinstance(msg, Hello):
+                    writer.write(encode(Welcome(msg.rid, msg.version)))
+
+
+@contextlib.asynccontextmanager
+async def mute_broker(welcome: bool = True) -> AsyncIterator[tuple[MuteBroker, str]]:
+    mute = MuteBroker(welcome)
+    server = await asyncio.start_server(mute.serve, "127.0.0.1", 0)
+    try:
+        yield mute, f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        for w in mute.writers:
+            w.close()
+        # Ended here, not cancelled when the loop closes (asyncio would log that).
+        await asyncio.gather(*(t for t in mute.handlers if t is not None), return_exceptions=True)
+        server.close()
+        await server.wait_closed()
+
+
+# --- a request that gets no answer ---------------------------------------------------------------
+
+
+def test_a_request_to_a_hung_broker_fails_over_to_the_next_address(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    """The submit used to wait out ``timeout_s`` on the hung broker's connection and raise,
+    never trying the other address; the next request queued on the same connection again."""
+    hung, live = broker_factory(), broker_factory()
+    with Client(f"{hung.url},{live.url}", timeout_s=1.0, connect_timeout_s=2.0) as c:
+        first = c.submit("echo", 1)  # connected to the first address
+        with frozen(hung):
+            started = time.monotonic()
+            tid = c.submit("echo", 2)
+            took = time.monotonic() - started
+            assert took < 4.0, took
+            assert c.status(tid).state == "pending"  # on the live broker, the same connection
+        with live.client() as other:
+            assert other.status(tid).state == "pending"
+            with pytest.raises(TqError):
+                other.status(first)  # it went to the other broker
+
+
+async def test_a_timed_out_request_is_resent_once_and_drops_its_connection() -> None:
+    """A broker that is alive but slower than ``timeout_s`` (here: never answers) gets a safe
+    request twice (with the same task id), not once per timeout for ever; a request that is
+    not safe to repeat is sent once. Either way the connection is dropped: the next request
+    connects again instead of queueing behind the unanswered one."""
+    async with mute_broker() as (mute, url):
+        c = AsyncClient(url, timeout_s=0.3, connect_timeout_s=1.0)
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(BrokerUnavailable, match=r"did not answer within 0\.3 s"):
+                await c.submit("echo", 1, task_id="t-once")
+            assert asyncio.get_running_loop().time() - started < 2.0
+            submits = [m.task.id for m in mute.requests if isinstance(m, SubmitTask)]
+            assert submits == ["t-once", "t-once"]
+            assert (
+                sum(isinstance(m, Hello) for m in mute.requests) == 2
+            )  # the resend went on a new connection
+            assert not c.connected
+
+            with pytest.raises(BrokerUnavailable, match="did not answer"):
+                await c.cancel("t-once")
+            assert sum(isinstance(m, CancelTask) for m in mute.requests) == 1
+            assert not c.connected
+        finally:
+            await c.close()
+
+
+def test_a_worker_leaves_a_hung_broker_for_the_next_address(
+    broker_factory: Callable[..., BrokerProcess], start_worker: StartWorker
+) -> None:
+    """Its heartbeats timed out and were skipped, and it claimed again on the same connection,
+    for ever: nothing ran while another broker had work. A heartbeat unanswered for the
+    broker's heartbeat timeout (twice that) now drops the connection, and the worker reconnects."""
+    hung = broker_factory("--heartbeat-timeout", "1")
+    live = broker_factory("--heartbeat-timeout", "1")
+    start_worker(f"{hung.url},{live.url}", "-c", "1")
+    with hung.client(timeout_s=5.0) as c:
+        assert c.wait(c.submit("echo", 1), timeout_s=5).state == "completed"  # on the hung one
+    with frozen(hung), live.client(timeout_s=5.0) as c:
+        tid = c.submit("echo", 2)
+        assert c.wait(tid, timeout_s=10).state == "completed"
+
+
+# --- close() from another thread -----------------------------------------------------------------
+
+
+def test_close_from_another_thread_ends_a_waiting_call(broker: BrokerProcess) -> None:
+    """``wait`` in one thread, ``close`` in another: the wait's request failed, was resent by
+    reconnecting the closed client, and the portal's loop stopped under it: the waiting thread
+    blocked for ever. It now raises, and the closed client refuses further calls."""
+    c = broker.client(timeout_s=5.0)
+    c.__enter__()
+    tid = c.submit("sleep", 100)  # no worker: never finishes
+    result: list[BaseException | object] = []
+
+    def waiter() -> None:
+        try:
+            result.append(c.wait(tid, timeout_s=5))
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    time.sleep(0.3)  # the wait is parked at the broker
+    c.close()
+    thread.join(3.0)
+    assert not thread.is_alive(), "the waiting thread is still blocked after close()"
+    assert isinstance(result[0], BrokerUnavailable), result
+    assert "client closed" in str(result[0])
+    with pytest.raises(BrokerUnavailable, match="client closed"):
+        c.status(tid)
+
+
+async def test_close_fails_the_requests_in_flight_but_not_later_ones(
+    broker: BrokerProcess,
+) -> None:
+    """An ``AsyncClient`` request in flight when it is closed fails instead of connecting the
+    closed client again; one made afterwards connects (the TUI drops a silent link so)."""
+    c = AsyncClient(broker.url, timeout_s=5.0)
+    try:
+        tid = await c.submit("sleep", 100)
+        waiting = asyncio.ensure_future(c.wait(tid, timeout_s=5))
+        await asyncio.sleep(0.3)
+        await c.close()
+        with pytest.raises(BrokerUnavailable, match="client closed"):
+            await asyncio.wait_for(waiting, 2.0)
+        assert (await c.status(tid)).state == "pending"
+    finally:
+        await c.close()
+
+
+# --- connect_timeout_s ---------------------------------------------------------------------------
+
+
+async def test_connect_timeout_bounds_a_hello_nobody_answers(broker: BrokerProcess) -> None:
+    """The hello waited ``timeout_s`` (here 10 s) on a broker that accepts but never answers,
+    and the error ended in an empty ": ". The connect now gives up on it within
+    ``connect_timeout_s`` and says why; with another address, that one is tried in time."""
+    loop = asyncio.get_running_loop()
+    async with mute_broker(welcome=False) as (_, silent):
+        c = AsyncClient(silent, timeout_s=10.0, connect_timeout_s=1.0)
+        started = loop.time()
+        with pytest.raises(BrokerUnavailable) as caught:
+            await asyncio.wait_for(c.connect(), 4.0)
+        assert loop.time() - started < 2.0
+        assert str(caught.value).endswith(": connected, but no hello answer within 1 s")
+
+        c = AsyncClient(f"{silent},{broker.url}", timeout_s=10.0, connect_timeout_s=1.0)
+        try:
+            started = loop.time()
+            await asyncio.wait_for(c.connect(), 4.0)
+            assert loop.time() - started < 2.5
+            assert c.welcome is not None
+        finally:
+            await c.close()
+
+
+# --- text that is not text -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.status("id\udcff"),
+        lambda c: c.submit("echo\udcff"),
+        lambda c: c.submit("echo", queue="q\udcff"),
+        lambda c: c.list(queue="q\udcff"),
+    ],
+    ids=["status-id", "submit-name", "submit-queue", "list-queue"],
+)
+def test_a_lone_surrogate_is_a_bad_request(
+    client: Client, call: Callable[[Client], object]
+) -> None:
+    """A str with a lone surrogate (os.fsdecode, surrogateescape input) raised msgspec's bare
+    UnicodeEncodeError, which is no TqError; the connection stays usable."""
+    with pytest.raises(BadRequest, match="not valid text: '\\\\udcff'"):
+        call(client)
+    assert client.stats()["states"] is not None
