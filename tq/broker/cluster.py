@@ -18,9 +18,11 @@ What this closes around PySyncObj (see REPORT.md for the file:line facts behind 
   the asyncio loop with ``call_soon_threadsafe``; the loop applies strictly in log order (FIFO of
   ``call_soon_threadsafe``), skips indexes it already has (pysyncobj replays its journal from the
   start or from the snapshot on every restart), and never raises.
-* Snapshots (log compaction) go through a custom ``serializer``/``deserializer``: the Raft thread
-  waits until the loop has applied exactly up to the snapshot index, the state machine serializes
-  itself in the loop thread. No fork, no pickling of our objects.
+* Snapshots (log compaction) go through a custom ``serializer``/``deserializer``: the serializer
+  only queues the capture (a RocksDB checkpoint) in the loop, after every apply up to the
+  snapshot index; the tar, pickle and fsync run in a thread of their own, and pysyncobj's
+  ``serializeChecker`` hook says when the file is in place, so the Raft thread never waits for
+  a snapshot. No fork, no pickling of our objects.
 * ``password`` for peer traffic, ``bindAddress`` so the Raft port does not listen on 0.0.0.0.
 """
 
@@ -35,20 +37,24 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import socket
 import struct
 import tarfile
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
 import pysyncobj.syncobj as _pso
+from cryptography.fernet import InvalidToken
 from pysyncobj import (
     FAIL_REASON,
+    SERIALIZER_STATE,
     SyncObj,
     SyncObjConf,
     SyncObjConsumer,
@@ -63,7 +69,7 @@ from tq.broker.state import ApplyResult
 from tq.broker.state import StateMachine as TqStateMachine
 from tq.errors import InternalError, NotLeader, TqError
 from tq.store import Store, StoreError
-from tq.store.files import write_durably
+from tq.store.files import fsync_dir, write_durably
 
 log = logging.getLogger("tq.broker.cluster")
 
@@ -113,6 +119,13 @@ class Closed(RaftError):
 
 class JournalError(RaftError):
     code = "JOURNAL"
+
+
+class MembersMismatch(RaftError):
+    """``--peers`` names other members than this node's Raft data records (a start-up refusal:
+    ``tq broker`` exits 2 with this message)."""
+
+    code = "MEMBERS"
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,9 +201,28 @@ class DurableJournal(Journal):
         fd = os.open(self.path, os.O_RDWR)
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read()
-        if data[: len(_MAGIC)] != _MAGIC:
+        try:
+            entries, offsets, off = self.parse(data, self.path)
+        except JournalError:
             os.close(fd)
-            raise JournalError(f"{self.path}: not a tq raft journal")
+            raise
+        end = len(data)
+        if off != end:
+            self.truncated_tail_bytes = end - off
+            log.warning("journal %s: cutting %d bytes of torn tail", self.path, end - off)
+            os.ftruncate(fd, off)
+            os.fsync(fd)
+        self._entries, self._offsets = entries, offsets
+        self._end = self._phys_end = off
+        self.opened_entries = len(entries)
+        return fd
+
+    @staticmethod
+    def parse(data: bytes, path: str) -> tuple[list[tuple[bytes, int, int]], list[int], int]:
+        """The entries of a journal file's bytes, their offsets, and where the valid records
+        end (a torn or corrupt tail starts there)."""
+        if data[: len(_MAGIC)] != _MAGIC:
+            raise JournalError(f"{path}: not a tq raft journal")
         off = len(_MAGIC)
         entries, offsets = [], []
         end = len(data)
@@ -209,15 +241,7 @@ class DurableJournal(Journal):
             offsets.append(off)
             prev_idx = idx
             off = start + ln
-        if off != end:
-            self.truncated_tail_bytes = end - off
-            log.warning("journal %s: cutting %d bytes of torn tail", self.path, end - off)
-            os.ftruncate(fd, off)
-            os.fsync(fd)
-        self._entries, self._offsets = entries, offsets
-        self._end = self._phys_end = off
-        self.opened_entries = len(entries)
-        return fd
+        return entries, offsets, off
 
     @staticmethod
     def _record(command: bytes, idx: int, term: int) -> bytes:
@@ -385,6 +409,7 @@ def _create_journal(journal_file: Any) -> Journal:
 
 
 _pso.createJournal = _create_journal
+_MEMBERSHIP = bytes([_pso._COMMAND_TYPE.MEMBERSHIP])  # first byte of a membership entry
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,12 +417,58 @@ _pso.createJournal = _create_journal
 # --------------------------------------------------------------------------------------------
 
 
+class _AuthWatch:
+    """The cluster secret's Fernet on one connection, reporting a message that does not verify.
+
+    pysyncobj's TcpConnection drops a connection whose message fails to decrypt without a word
+    (tcp_connection.py:284-297, a bare ``except``): a node given another ``--raft-secret-file``
+    sat at term 0 for ever and no node said why."""
+
+    def __init__(self, fernet: Any, report: Callable[[], None]) -> None:
+        self._fernet = fernet
+        self._report = report
+
+    def encrypt_at_time(self, data: bytes, at: int) -> bytes:
+        return bytes(self._fernet.encrypt_at_time(data, at))
+
+    def extract_timestamp(self, data: bytes) -> int:
+        try:
+            return int(self._fernet.extract_timestamp(data))
+        except InvalidToken:
+            self._report()
+            raise
+
+    def decrypt(self, data: bytes) -> bytes:
+        try:
+            return bytes(self._fernet.decrypt(data))
+        except InvalidToken:
+            self._report()
+            raise
+
+
+# A dialed peer that closes the connection this soon after it opened, before answering the key
+# exchange, refused our first message: most likely a different secret (a frozen peer would
+# hold it until connectionTimeout, 3.5 s). Reported after this many in a row.
+_HANDSHAKE_REFUSED_S = 1.0
+_HANDSHAKE_REFUSED_REPORT = 2
+
+
 class _TqTransport(TCPTransport):
     """Holds outgoing messages while the journal has unsynced entries, once an ack is among
-    them (order to a node is kept by holding everything after the first held message)."""
+    them (order to a node is kept by holding everything after the first held message).
+
+    Also says when a peer's traffic does not authenticate (``_AuthWatch``): logged once per
+    peer as ``raft.peer_auth_failed``, counted in ``tq_auth_failures`` for ``cluster status``.
+    A node that dials sees the peer drop the connection during the key exchange; the node dialed
+    sees a message that does not decrypt, from an address it cannot map to a member (the dialer's
+    port is ephemeral and it never got to say who it is)."""
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         self._tq_held: list[tuple[Any, Any]] = []
+        # peer -> {"count", "last" (monotonic), "how"}; read by status() from the loop thread
+        self.tq_auth_failures: dict[str, dict[str, Any]] = {}
+        self._tq_handshakes: dict[Any, float] = {}  # outgoing conn -> when it connected
+        self._tq_refused_in_row: dict[str, int] = {}
         # monotonic time of the last message from each peer (by address), for `cluster status`
         self.tq_last_contact: dict[str, float] = {}
         self._tq_journal: DurableJournal = syncObj._tq_journal
@@ -460,6 +531,70 @@ class _TqTransport(TCPTransport):
             return
         super()._onMessageReceived(node, message)
 
+    # --- authentication failures (Raft thread) --------------------------------------------
+
+    def _tq_auth_failed(self, peer: str, how: str) -> None:
+        entry = self.tq_auth_failures.get(peer)
+        if entry is None:
+            # Never the secret, nor anything derived from it: who, and the likely cause.
+            log.warning(
+                "raft.peer_auth_failed peer=%s: %s (a different --raft-secret-file?)", peer, how
+            )
+            entry = {"count": 0, "last": 0.0, "how": how}
+        entry = {**entry, "count": entry["count"] + 1, "last": time.monotonic()}
+        self.tq_auth_failures = {**self.tq_auth_failures, peer: entry}  # replaced, not mutated
+
+    def _onNewIncomingConnection(self, conn: Any) -> None:
+        super()._onNewIncomingConnection(conn)
+        if conn.encryptor is not None:
+            try:
+                host, port = conn._TcpConnection__socket.getpeername()[:2]
+                where = f"{host}:{port}"
+            except (OSError, AttributeError, ValueError):
+                host = where = "?"
+            conn.encryptor = _AuthWatch(
+                conn.encryptor,
+                # once per host: the port of an incoming connection changes at every retry
+                lambda: self._tq_auth_failed(
+                    f"{host} (incoming)", f"a message from {where} did not decrypt"
+                ),
+            )
+
+    def addNode(self, node: Any) -> None:
+        super().addNode(node)
+        conn = self._connections.get(node)
+        if conn is not None and conn.encryptor is not None:
+            address = node.address
+            conn.encryptor = _AuthWatch(
+                conn.encryptor,
+                lambda: self._tq_auth_failed(address, "a message did not decrypt"),
+            )
+
+    def _onOutgoingConnected(self, conn: Any) -> None:
+        if self._syncObj.encryptor:
+            self._tq_handshakes[conn] = time.monotonic()
+        super()._onOutgoingConnected(conn)
+
+    def _onOutgoingMessageReceived(self, conn: Any, message: Any) -> None:
+        if self._tq_handshakes.pop(conn, None) is not None:
+            node = self._connToNode(conn)
+            if node is not None:
+                self._tq_refused_in_row.pop(node.address, None)
+        super()._onOutgoingMessageReceived(conn, message)
+
+    def _onDisconnected(self, conn: Any) -> None:
+        started = self._tq_handshakes.pop(conn, None)
+        if started is not None and time.monotonic() - started < _HANDSHAKE_REFUSED_S:
+            node = self._connToNode(conn)
+            if node is not None:
+                n = self._tq_refused_in_row.get(node.address, 0) + 1
+                self._tq_refused_in_row[node.address] = n
+                if n >= _HANDSHAKE_REFUSED_REPORT:
+                    self._tq_auth_failed(
+                        node.address, "it closed the connection during the key exchange"
+                    )
+        super()._onDisconnected(conn)
+
     def tq_release(self) -> None:
         held, self._tq_held = self._tq_held, []
         for node, message in held:
@@ -475,6 +610,9 @@ class _TqSyncObj(SyncObj):
         self._tq_journal = journal
         self._tq_transport: _TqTransport | None = None
         self._tq_on_fatal: Callable[[BaseException], None] | None = kwargs.pop("on_fatal", None)
+        self._tq_on_membership: Callable[[int, str, str], None] | None = kwargs.pop(
+            "on_membership", None
+        )
         self._tq_keep_next_index: bool = kwargs.pop("keep_next_index", True)
         self._tq_fatal_reported = False
         self._tq_last_tick = 0.0
@@ -522,6 +660,18 @@ class _TqSyncObj(SyncObj):
         if self._tq_transport is not None and self._tq_transport._tq_held:
             self._tq_transport.tq_release()
 
+    def _SyncObj__doApplyCommand(self, command: Any) -> Any:
+        # Every committed entry passes here (syncobj.py:717), a membership change too (pysyncobj
+        # already switched its configuration when the entry was appended; this is the commit).
+        result = super()._SyncObj__doApplyCommand(command)
+        if self._tq_on_membership is not None and command[:1] == _MEMBERSHIP:
+            try:
+                request = pickle.loads(command[1:])  # noqa: S301 (our own journal, see below)
+                self._tq_on_membership(int(self.raftLastApplied) + 1, request[0], str(request[1]))
+            except Exception:  # recording the members must never stop the log
+                log.exception("cluster.members_record_failed")
+        return result
+
     def _onTick(self, timeToWait: float = 0.0) -> None:
         # Start of tick: entries a follower appended during the last poll become durable and
         # their held acks leave; the leader's own entries are durable before the commit count.
@@ -553,7 +703,9 @@ class ReplicatedMachine(Protocol):
         ...
 
     def snapshot(self) -> bytes:
-        """State as of ``applied_index()`` (which RaftLog guarantees is the snapshot index)."""
+        """State as of ``applied_index()`` (which RaftLog guarantees is the snapshot index).
+        A machine may offer ``snapshot_begin() -> Callable[[], bytes]`` instead: capture in the
+        loop, pack in another thread (ReplicatedState does)."""
         ...
 
     def restore(self, blob: bytes) -> None:
@@ -563,6 +715,17 @@ class ReplicatedMachine(Protocol):
 
 class ApplyFailed(RaftError):
     code = "APPLY"
+
+
+class _SnapshotStarted(Exception):
+    """Raised by the serializer once a snapshot is under way (see _serialize_in_raft_thread)."""
+
+
+@dataclass
+class _SnapshotJob:
+    started: float
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -598,7 +761,7 @@ def _endpoint(addr: str) -> tuple[frozenset[str], str]:
     return ips or frozenset([host]), port
 
 
-def _other_peers(self_addr: str, peers: list[str]) -> list[str]:
+def _other_peers(self_addr: str, peers: list[str], *, warn: bool = True) -> list[str]:
     """``peers`` without this node and without repeats, by what the addresses resolve to: a
     node given itself as ``localhost:PORT`` beside ``127.0.0.1:PORT`` counted itself as one
     more member it could never reach (it then could not win an election with a peer down)."""
@@ -608,12 +771,81 @@ def _other_peers(self_addr: str, peers: list[str]) -> list[str]:
     for peer in peers:
         ips, port = _endpoint(peer)
         if any(port == p and ips & known for known, p in seen):
-            if peer != self_addr:
+            if peer != self_addr and warn:
                 log.warning("cluster.peer_ignored %s: names this node or an earlier peer", peer)
             continue
         seen.append((ips, port))
         out.append(peer)
     return out
+
+
+MEMBERS_FILE = "members.json"
+
+
+def raft_dir(data_dir: str) -> str:
+    """Where a node keeps its Raft journal, snapshot and member record."""
+    return os.path.join(data_dir, "raft")
+
+
+def _change_members(members: set[str], op: str, addr: str) -> None:
+    """A membership entry's effect on a member set (``add``/``rem``, as pysyncobj names them)."""
+    if op == "add":
+        members.add(addr)
+    elif op == "rem":
+        members.discard(addr)
+
+
+def check_members(directory: str, self_addr: str, peers: list[str]) -> tuple[list[str], int] | None:
+    """Refuse to start with other members than this node's Raft data (in ``directory``)
+    belongs to: raise ``MembersMismatch``, naming both sets. Returns the member record (sorted
+    members, index of the entry it was recorded at), or None when there is none yet: no Raft
+    data (a first start) or data from a tq that did not record members.
+
+    pysyncobj takes its configuration from the constructor (``--peers``) and only then replays
+    membership changes (and a snapshot's member set). A follower restarted with ``--peers ""``
+    on its data dir became a one-member cluster: it elected itself at a higher term,
+    acknowledged writes alone, and on rejoining its log replaced entries the real majority had
+    acknowledged. So the member set is recorded at the first start and again at every
+    committed ``cluster add/remove`` (and snapshot installed), and a later start must name the
+    same set, or the set after a membership change its journal holds but has not applied yet
+    (the node stopped before that entry committed here). The order of ``--peers``, repeats and
+    aliases of this node do not matter."""
+    given = sorted({self_addr, *_other_peers(self_addr, peers, warn=False)})
+    path = os.path.join(directory, MEMBERS_FILE)
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read())
+        members = sorted(str(m) for m in record["members"])
+        index = int(record.get("index", 0))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MembersMismatch(f"cannot read the member record {path}: {exc}") from exc
+    if given == members:
+        return members, index
+    accepted = [members]
+    journal = os.path.join(directory, "raft.journal")
+    try:
+        with open(journal, "rb") as f:
+            entries = DurableJournal.parse(f.read(), journal)[0]
+    except (FileNotFoundError, JournalError):
+        entries = []
+    current = set(members)
+    for payload, idx, _term in entries:
+        if idx > index and payload[:1] == _MEMBERSHIP:
+            # our own journal: pysyncobj pickles membership entries (see the snapshot note)
+            request = pickle.loads(payload[1:])  # noqa: S301
+            _change_members(current, request[0], str(request[1]))
+            accepted.append(sorted(current))
+    if given in accepted:
+        return members, index
+    also = "".join(f" or {','.join(a)}" for a in accepted[1:] if a != members)
+    raise MembersMismatch(
+        f"--peers does not match the members this node's Raft data ({directory}) belongs to: "
+        f"recorded {','.join(members)}{also}, given {','.join(given)} (this node is "
+        f"{self_addr}); start it with --peers naming the recorded members, and change members "
+        "with tq cluster add/remove"
+    )
 
 
 class RaftLog:
@@ -673,8 +905,13 @@ class RaftLog:
         self.apply_errors = 0
         self.snapshots_taken = 0
         self.snapshots_restored = 0
-        self.snapshot_max_s = 0.0  # longest time the Raft thread spent in the serializer
+        self.snapshot_max_s = 0.0  # longest snapshot, start to file renamed (off the Raft thread)
+        self._snapshot_job: _SnapshotJob | None = None
         self.role_changes: list[tuple[float, str]] = []
+        # The member set this node's Raft data belongs to (see check_members), and the index of
+        # the entry (membership change or snapshot) it was last recorded at.
+        self.members: list[str] = []
+        self._members_index = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -683,6 +920,17 @@ class RaftLog:
         self._loop = asyncio.get_running_loop()
         self._applied = self.sm.applied_index()
         os.makedirs(self.data_dir, exist_ok=True)
+        # Before the journal exists: refuse other members than the data belongs to.
+        record = check_members(self.data_dir, self.self_addr, self.peers)
+        if record is None:
+            if os.path.exists(os.path.join(self.data_dir, "raft.journal")):
+                log.warning(
+                    "cluster.members_recorded: the Raft data had no member record (an older "
+                    "tq); recording the --peers given"
+                )
+            self._write_members(sorted({self.self_addr, *self.peers}), 0)
+        else:
+            self.members, self._members_index = record
         self.journal = DurableJournal(os.path.join(self.data_dir, "raft.journal"))
         lo, hi = self._election_timeout
         conf = SyncObjConf(
@@ -690,6 +938,7 @@ class RaftLog:
             journalFile=self.journal,  # picked up by the patched createJournal
             fullDumpFile=os.path.join(self.data_dir, "raft.snapshot"),
             serializer=self._serialize_in_raft_thread,
+            serializeChecker=self._snapshot_state,
             deserializer=self._deserialize_in_raft_thread,
             appendEntriesUseBatch=False,
             appendEntriesBatchSizeBytes=self._ae_batch,
@@ -721,8 +970,27 @@ class RaftLog:
             conf=conf,
             consumers=[self._consumer],
             on_fatal=self._fatal_in_raft_thread,
+            on_membership=self._membership_in_raft_thread,
             keep_next_index=self._keep_next_index,
         )
+
+    # --- the member record -------------------------------------------------------------------
+
+    def _write_members(self, members: list[str], index: int) -> None:
+        record = {"v": 1, "members": members, "index": index}
+        write_durably(os.path.join(self.data_dir, MEMBERS_FILE), json.dumps(record).encode())
+        self.members, self._members_index = members, index
+
+    def _membership_in_raft_thread(self, index: int, op: str, addr: str) -> None:
+        """A membership change committed (``tq cluster add/remove``): record the new set, so
+        the node restarts with the ``--peers`` that now describe the cluster. Entries replayed
+        at start-up that the record already covers change nothing."""
+        if index <= self._members_index:
+            return
+        current = set(self.members)
+        _change_members(current, op, addr)
+        self._write_members(sorted(current), index)
+        log.info("cluster.members_recorded members=%s index=%d", ",".join(self.members), index)
 
     async def wait_bound(self) -> None:
         """Return once the Raft port is bound; raise ``OSError`` (as a taken client port does)
@@ -967,26 +1235,83 @@ class RaftLog:
         # serializer.py:86-87: called as serializer(fullDumpFile + '.tmp', data[1:]) with
         # data[1:] == (last applied entry, the entry before it, set of cluster nodes)
         # (syncobj.py:1455-1470), synchronously in the Raft thread (no fork with a custom
-        # serializer, serializer.py:16). pysyncobj renames the file after we return.
+        # serializer, serializer.py:16).
+        #
+        # This only starts the snapshot: waiting here for it (a RocksDB checkpoint, a tar of the
+        # whole store, pickle, fsync) stalled the Raft thread for seconds with a 65 MB store,
+        # past the election timeout, on every node at once. The state is captured in the loop
+        # (flush_wal + checkpoint: ReplicatedState.snapshot_begin), packed and written in a
+        # thread of its own, and renamed over fullDumpFile there; ``_snapshot_state`` (the
+        # serializeChecker) reports SERIALIZING until then, and pysyncobj compacts the journal
+        # only on its SUCCESS. Raising keeps pysyncobj's Serializer from renaming the .tmp it
+        # expects us to have written (serializer.py:88-94: it records a failure, which the
+        # checker's answer replaces).
         target = data[0][1]
+        assert self._loop is not None
+        job = _SnapshotJob(time.monotonic())
+        self._snapshot_job = job
+        final = file_name[: -len(".tmp")] if file_name.endswith(".tmp") else file_name + ".tq"
 
-        def snap() -> bytes:
-            # FIFO puts this after every apply up to target (the Raft thread is blocked here,
-            # so nothing later is queued). applied_index() may be lower than target (no-op
-            # entries are not handed to us) or higher (tq's store recovered ahead of the
-            # journal replay): the snapshot carries the state machine's own index and the
-            # receiver skips entries it already holds.
-            return self.sm.snapshot()
+        def finish(pack: Callable[[], bytes]) -> None:  # snapshot thread
+            try:
+                blob = pack()
+                fd = os.open(file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # payloads
+                with os.fdopen(fd, "wb") as f:
+                    pickle.dump({"v": 1, "index": target, "raft": data, "sm": blob}, f, protocol=4)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(file_name, final)
+                fsync_dir(os.path.dirname(os.path.abspath(final)))
+            except BaseException as exc:
+                log.exception("raft.snapshot_failed index=%d", target)
+                job.error = exc
+            job.done.set()
 
-        t0 = time.monotonic()
-        blob = self._run_in_loop(snap)  # queued after every apply up to target: FIFO
-        fd = os.open(file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds payloads
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump({"v": 1, "index": target, "raft": data, "sm": blob}, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
+        def begin() -> None:  # loop thread
+            # FIFO puts this after every apply up to target (later entries are handed over
+            # after this call). applied_index() may be lower than target (no-op entries are not
+            # handed to us) or higher (tq's store recovered ahead of the journal replay): the
+            # snapshot carries the state machine's own index and the receiver skips entries it
+            # already holds.
+            try:
+                if self._closed:  # the store may be closed already
+                    raise Closed("raft log closed")
+                begin_ = getattr(self.sm, "snapshot_begin", None)
+                if begin_ is not None:
+                    pack: Callable[[], bytes] = begin_()
+                else:
+                    blob = self.sm.snapshot()
+                    pack = lambda: blob  # noqa: E731
+            except BaseException as exc:
+                log.exception("raft.snapshot_failed index=%d", target)
+                job.error = exc
+                job.done.set()
+                return
+            threading.Thread(
+                target=finish, args=(pack,), name="tq-raft-snapshot", daemon=True
+            ).start()
+
+        try:
+            self._loop.call_soon_threadsafe(begin)
+        except RuntimeError as exc:  # the loop is closed: the process is going away
+            job.error = exc
+            job.done.set()
+        raise _SnapshotStarted(f"snapshot at {target} started")
+
+    def _snapshot_state(self) -> int:
+        """pysyncobj's serializeChecker (Raft thread): SERIALIZING while a snapshot is being
+        made, then SUCCESS or FAILED once, then NOT_SERIALIZING."""
+        job = self._snapshot_job
+        if job is None:
+            return int(SERIALIZER_STATE.NOT_SERIALIZING)
+        if not job.done.is_set():
+            return int(SERIALIZER_STATE.SERIALIZING)
+        self._snapshot_job = None
+        if job.error is not None:
+            return int(SERIALIZER_STATE.FAILED)
         self.snapshots_taken += 1
-        self.snapshot_max_s = max(self.snapshot_max_s, time.monotonic() - t0)
+        self.snapshot_max_s = max(self.snapshot_max_s, time.monotonic() - job.started)
+        return int(SERIALIZER_STATE.SUCCESS)
 
     def _deserialize_in_raft_thread(self, file_name: str) -> Any:
         # serializer.py:110-111: must return data[1:] as given to the serializer. Called at
@@ -999,6 +1324,12 @@ class RaftLog:
             os.fchmod(f.fileno(), 0o600)  # pysyncobj writes a received one with its umask
             os.fsync(f.fileno())  # received snapshots are written without fsync
         index = d["index"]
+        if index > self._members_index:
+            # A snapshot replaces the membership entries it covers: its member set is the record.
+            try:
+                self._write_members(sorted(str(n.address) for n in d["raft"][2]), index)
+            except Exception:
+                log.exception("cluster.members_record_failed")
 
         def restore() -> None:
             if index > self._applied:
@@ -1035,6 +1366,7 @@ class RaftLog:
                 "next_index": st.get("next_node_idx_server_" + node.id),
                 "last_contact_s": round(now - seen, 3) if seen is not None else None,
             }
+        auth = dict(transport.tq_auth_failures) if transport else {}
         j = self.journal
         return {
             "self": self.self_addr,
@@ -1046,9 +1378,18 @@ class RaftLog:
             "applied_index": self._applied,
             "leader_commit_index": st.get("leader_commit_idx"),
             "has_quorum": st.get("has_quorum"),
+            "members": list(self.members),
             "ready": self.ready.is_set(),
             "log_len": st.get("log_len"),
             "peers": peers,
+            "peer_auth_failures": {
+                peer: {
+                    "count": e["count"],
+                    "last_s": round(now - e["last"], 3),
+                    "how": e["how"],
+                }
+                for peer, e in auth.items()
+            },
             "journal": {
                 "syncs": j.syncs if j else 0,
                 "synced_entries": j.synced_entries if j else 0,
@@ -1107,15 +1448,31 @@ class ReplicatedState:
         return result
 
     def snapshot(self) -> bytes:
+        return self.snapshot_begin()()
+
+    def snapshot_begin(self) -> Callable[[], bytes]:
+        """Capture the state now (loop thread): returns what packs it into the snapshot blob,
+        to run in another thread (a tar of the whole store took seconds on the loop)."""
         # The journal is about to be compacted: what it held must be durable in the store.
         self.store.flush_wal()
-        with tempfile.TemporaryDirectory(prefix="tq-snap-") as tmp:
-            checkpoint = os.path.join(tmp, "store")
-            self.store.checkpoint(checkpoint)
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as tar:
-                tar.add(checkpoint, arcname="store")
-            return buf.getvalue()
+        tmp = tempfile.mkdtemp(prefix="tq-snap-")
+        checkpoint = os.path.join(tmp, "store")
+        try:
+            self.store.checkpoint(checkpoint)  # hard links: later writes do not change it
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+        def pack() -> bytes:
+            try:
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as tar:
+                    tar.add(checkpoint, arcname="store")
+                return buf.getvalue()
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        return pack
 
     def restore(self, blob: bytes) -> None:
         with tempfile.TemporaryDirectory(prefix="tq-restore-", dir=self.store.parent) as tmp:
@@ -1159,7 +1516,7 @@ class ClusterLog:
         self.raft = RaftLog(
             raft_address,
             peers,
-            os.path.join(data_dir, "raft"),
+            raft_dir(data_dir),
             self.state,
             password=password,
             bind_address=bind_address,
@@ -1169,8 +1526,17 @@ class ClusterLog:
         )
         self.flushes = 0
         self.flushed_commits = 0
+        # A node elected leader knows every committed entry but may not have applied them yet
+        # (Raft: it learns which ones are committed only once an entry of its own term is): it
+        # answered status/list/wait from that state, and an acknowledged task read as
+        # TASK_NOT_FOUND right after a failover. It serves once the Announce it proposes on
+        # election is applied here (log order: everything before it is applied too).
+        self._lead_ready = False
+        self._lead_gen = 0  # bumped at every role change: a late Announce reply is ignored
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self.raft.start()
 
     async def wait_bound(self) -> None:
@@ -1178,7 +1544,8 @@ class ClusterLog:
 
     @property
     def is_leader(self) -> bool:
-        return self.raft.is_leader() and self.raft.fatal is None
+        """Leader *and* caught up: what the core serves on (see ``_lead_ready``)."""
+        return self._lead_ready and self.raft.is_leader() and self.raft.fatal is None
 
     def leader_client(self) -> str | None:
         leader = self.raft.leader()
@@ -1211,6 +1578,11 @@ class ClusterLog:
         fut.add_done_callback(finished)
 
     def not_leader(self, reason: str = "") -> NotLeader:
+        if self.raft.is_leader() and not self._lead_ready:
+            # Elected but not caught up: naming itself would send clients straight back here in
+            # a tight loop. With no leader named they try the other addresses, pausing a little
+            # (tq/client/aio.py), and come back once it serves: one commit round trip later.
+            return NotLeader("this node was just elected and is catching up; retry", leader=None)
         leader = self.leader_client()
         text = "this node is not the leader" + (f" ({reason})" if reason else "")
         return NotLeader(text + (f"; leader is {leader}" if leader else ""), leader=leader)
@@ -1229,15 +1601,43 @@ class ClusterLog:
 
     def _role_changed(self, role: str) -> None:
         log.info("cluster.role_changed node=%s role=%s", self.node_id, role)
+        self._lead_gen += 1
+        self._lead_ready = False
         if role == "leader":
-            # Tell every node where clients should go now.
-            self.append(
-                int(time.time() * 1000),
-                [Announce(self.raft_address, self.client_address, self.node_id)],
-                lambda _result: None,
-            )
+            # The core hears "leader" (and arms its timers) once this node serves: _announced.
+            self._announce(self._lead_gen)
+            return
         if self._on_role_change_cb is not None:
             self._on_role_change_cb(role)
+
+    def _announce(self, gen: int) -> None:
+        """Propose the Announce of this term: it tells every node where clients should go now,
+        and once it is applied here this node has applied every entry committed before it."""
+        if gen != self._lead_gen or not self.raft.is_leader() or self.raft.fatal is not None:
+            return
+        batch = CommandBatch(
+            int(time.time() * 1000),
+            [Announce(self.raft_address, self.client_address, self.node_id)],
+        )
+        self.raft.propose(_batch_enc.encode(batch)).add_done_callback(
+            lambda f: self._announced(gen, f)
+        )
+
+    def _announced(self, gen: int, fut: asyncio.Future[Committed]) -> None:
+        if gen != self._lead_gen:
+            return  # the role changed since: that change decides
+        if fut.exception() is None:
+            if not self.raft.is_leader():
+                return  # stepped down meanwhile; its role change is on its way
+            self._lead_ready = True
+            log.info("cluster.leader_ready node=%s", self.node_id)
+            if self._on_role_change_cb is not None:
+                self._on_role_change_cb("leader")
+            return
+        # Not committed (queue full, an apply error) while still leading: try again shortly,
+        # or this node would lead without ever serving. Losing leadership bumps the gen.
+        if self._loop is not None and not self.raft._closed:
+            self._loop.call_later(0.05, self._announce, gen)
 
     def add_node(self, address: str) -> asyncio.Future[None]:
         return self.raft.add_node(address)
@@ -1259,6 +1659,9 @@ class ClusterLog:
             "commit_index": st.get("commit_index"),
             "applied_index": st.get("applied_index"),
             "has_quorum": st.get("has_quorum"),
+            # a leader serves once an entry of its term is applied here (False on followers)
+            "serving": self.is_leader,
+            "members": st.get("members"),  # the member set recorded in the data dir
             "peers": {
                 addr: {
                     "connected": p.get("connected"),
@@ -1267,6 +1670,8 @@ class ClusterLog:
                 }
                 for addr, p in st.get("peers", {}).items()
             },
+            # peers whose Raft traffic did not authenticate (a different --raft-secret-file?)
+            "peer_auth_failures": st.get("peer_auth_failures"),
             "journal": st.get("journal"),
             "snapshots_taken": st.get("snapshots_taken"),
             "snapshots_restored": st.get("snapshots_restored"),
@@ -1280,6 +1685,7 @@ __all__ = [
     "Committed",
     "DurableJournal",
     "JournalError",
+    "MembersMismatch",
     "Overloaded",
     "ProposalTimeout",
     "RaftError",
@@ -1287,4 +1693,6 @@ __all__ = [
     "RaftNotLeader",
     "ReplicatedMachine",
     "ReplicatedState",
+    "check_members",
+    "raft_dir",
 ]

@@ -203,6 +203,20 @@ def _cluster_options(
     }
 
 
+def _check_cluster_members(
+    data_dir: str, host: str, raft_port: int, peers: tuple[str, ...]
+) -> None:
+    """A node restarted with other ``--peers`` than its Raft data records stops here, with one
+    line and exit code 2, before it opens anything (tq/broker/cluster.py ``check_members``)."""
+    from tq.broker.cluster import MembersMismatch, check_members, raft_dir
+
+    try:
+        # the Raft address the node advertises: host:raft-port, as the broker core builds it
+        check_members(raft_dir(data_dir), f"{host}:{raft_port}", list(peers))
+    except MembersMismatch as exc:
+        fail(str(exc), code=2)
+
+
 DEFAULT_HTTP_PORT = 7701
 JournalOpt = typer.Option(
     None,
@@ -329,6 +343,8 @@ def broker(
         journal_mb=journal_mb,
         **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
     )
+    if raft_port is not None:
+        _check_cluster_members(data_dir, host, raft_port, config.peers)
     broker_app = BrokerApp(config, **_http_options(http_port))
     _add_ssh(broker_app, ssh_port, ssh_authorized_keys, ssh_readonly_keys)
     try:
