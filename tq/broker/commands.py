@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import msgspec
 
+from tq.config import DEFAULT_FRAME_LIMIT
 from tq.protocol.messages import LeaseRef, Outcome, TaskSpec
+
+# What one claim leases at most, in payload (and error) bytes, before it stops: a reply of eight
+# 9.9 MB tasks was more than a client takes in one frame, the worker dropped the connection, the
+# broker requeued the leases with the attempt counted, and the tasks died without running. The
+# limit is on the command, so every replica applies a claim with the leader's budget. A client's
+# frame limit takes a default frame and two payloads more, so a claim that stops once this half
+# frame is reached (one task past it at most) always fits.
+CLAIM_MAX_BYTES = DEFAULT_FRAME_LIMIT // 2
 
 
 class _Cmd(msgspec.Struct, frozen=True, array_like=True, tag_field="c"):
@@ -21,9 +30,13 @@ class Submit(_Cmd, tag="submit", frozen=True):
 
 
 class Claim(_Cmd, tag="claim", frozen=True):
+    """Lease up to ``max`` ready tasks, and no more once their payloads add up to ``max_bytes``
+    (always at least one)."""
+
     worker_id: str
     queues: list[str]
     max: int
+    max_bytes: int = CLAIM_MAX_BYTES
 
 
 class Report(_Cmd, tag="report", frozen=True):

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from tq.broker.cluster import ClusterLog
 import msgspec
 
-from tq.broker.state import ApplyResult, StateMachine
+from tq.broker.state import ApplyResult, RetentionCursor, StateMachine
 from tq.broker.watch import WatchHub, watch_counters
 from tq.config import MAX_WAIT_S, BrokerConfig
 from tq.errors import (
@@ -225,7 +225,8 @@ class BrokerCore:
         self._tick_in_flight = False
         self._tick_gen = 0  # which Tick is in flight: a late reply of a resent one is ignored
         self._retention: asyncio.TimerHandle | None = None
-        self._retention_cursor: bytes | None = None
+        # where the next retention scan resumes: a column family and a key in it
+        self._retention_cursor: RetentionCursor | None = None
         self._rate_samples: deque[tuple[float, dict[str, int], dict[str, int]]] = deque(maxlen=61)
         self._rate_timer: asyncio.TimerHandle | None = None
         self.worker_metrics: dict[str, dict[str, Any]] = {}

@@ -82,11 +82,16 @@ _TERMINAL_CF: Final[dict[str, CF]] = {
     TaskState.CANCELLED: CF.CANCELLED,
 }
 _PRIORITIES: Final = tuple(int(p) for p in Priority)
+_RETENTION_CFS: Final = (CF.COMPLETED, CF.CANCELLED)  # what retention deletes, scanned in order
+# Where a retention scan resumes: the column family and the key to start at in it.
+RetentionCursor = tuple[CF, bytes]
 _LOOKUP_ORDER: Final = (CF.COMPLETED, CF.FAILED, CF.DEAD_LETTER, CF.CANCELLED)
 _FINAL_STATES: Final = frozenset({TaskState.COMPLETED, TaskState.DEAD, TaskState.CANCELLED})
 _PERSISTED_COUNTS: Final = frozenset({TaskState.COMPLETED, TaskState.DEAD, TaskState.CANCELLED})
 _SEQ: Final = struct.Struct(">BQ")
 UNLISTED_GRACE_MS: Final = 5_000  # a lease a heartbeat omits is released after this long
+_ROW_BYTES: Final = 64  # what an export row's numbers and framing take, besides its strings
+MAX_STATS_QUEUES: Final = 1_000  # queues listed in stats at most (the busiest; see queue_stats)
 
 
 class LeaseMark(msgspec.Struct, frozen=True, array_like=True):
@@ -108,6 +113,13 @@ class LeaseMark(msgspec.Struct, frozen=True, array_like=True):
 
 
 _mark_dec = msgspec.msgpack.Decoder(LeaseMark)
+
+
+def _error_bytes(error: ErrorInfo | None) -> int:
+    """About what an error adds to a reply: its text's length (in characters, near enough)."""
+    if error is None:
+        return 0
+    return len(error.type) + len(error.message) + len(error.traceback)
 
 
 class WorkerRecord(msgspec.Struct, frozen=True, array_like=True):
@@ -257,6 +269,7 @@ class StateMachine:
         self._mirror = True
         self._touched_workers: set[str] = set()  # workers to write back at the end of the apply
         self.delayed: dict[str, int] = {}  # queue -> tasks in `failed` waiting for a retry
+        self.queues_left_out = 0  # what the last queue_stats() did not list (read side only)
 
     def reset(self) -> None:
         """Forget every in-memory index (before ``recover()`` from a store replaced by a
@@ -416,8 +429,8 @@ class StateMachine:
         match cmd:
             case Submit(specs):
                 return self._submit(now, specs)
-            case Claim(worker_id, queues, n):
-                return self._claim(now, worker_id, queues, n)
+            case Claim(worker_id, queues, n, max_bytes):
+                return self._claim(now, worker_id, queues, n, max_bytes)
             case Report(worker_id, outcomes):
                 return self._report(now, worker_id, outcomes)
             case Extend(worker_id, leases):
@@ -649,7 +662,12 @@ class StateMachine:
             known[i] = hit
         return known
 
-    def _claim(self, now: int, worker_id: str, queues: list[str], n: int) -> list[LeasedTask]:
+    def _claim(
+        self, now: int, worker_id: str, queues: list[str], n: int, max_bytes: int
+    ) -> list[LeasedTask]:
+        """Lease up to ``n`` ready tasks, stopping once their payloads (and the errors of earlier
+        attempts) reach ``max_bytes``: the reply must fit in a frame the worker accepts, or the
+        worker drops the connection and every task of the claim loses an attempt unrun."""
         batch = self._batch
         assert batch is not None
         out: list[LeasedTask] = []
@@ -669,13 +687,15 @@ class StateMachine:
         held = worker.leases
         running = RUNNING
         paused = self.paused
+        size = 0
+        full = n <= 0  # n leased, or their bytes reached max_bytes (after at least one)
         for priority in _PRIORITIES:
             for queue in queues:
                 rq = self.ready.get(queue)
                 if rq is None or (paused and queue in paused):
                     continue
                 prefix = queue.encode() + b"\x00"
-                while len(out) < n:
+                while not full:
                     seq = rq.pop(priority)
                     if seq is None:
                         break
@@ -702,9 +722,11 @@ class StateMachine:
                     leases[task.id] = Lease(task, token, worker_id, deadline, key)
                     held.add(task.id)
                     out.append(LeasedTask(task, token, lease_ms))
-                if len(out) >= n:
+                    size += len(stored.payload) + _error_bytes(stored.error)
+                    full = len(out) >= n or size >= max_bytes
+                if full:
                     break
-            if len(out) >= n:
+            if full:
                 break
         if out:
             self.counts[PENDING] -= len(out)
@@ -991,10 +1013,17 @@ class StateMachine:
         error_type: str | None = None,
         finished_before_ms: int | None = None,
         limit: int = 10_000,
+        after: str | None = None,
     ) -> list[Task]:
-        """Dead-lettered tasks matching every filter given (a read, outside apply)."""
+        """Dead-lettered tasks matching every filter given, by id after ``after`` (a read,
+        outside apply). Payloads are left out, as ``list_tasks`` does (``status`` shows a task
+        whole): five dead tasks of 9.9 MB made a reply no client would take, so ``tq dlq list``
+        could not show the dead-letter queue at all. Retry and purge need only the ids."""
         out: list[Task] = []
-        for _key, value in self.store.items(CF.DEAD_LETTER):
+        start = after.encode() if after else None
+        for key, value in self.store.items(CF.DEAD_LETTER, start):
+            if start is not None and key == start:
+                continue  # the cursor itself was on the previous page
             task = _task_dec.decode(value)
             if queue and task.queue != queue:
                 continue
@@ -1004,7 +1033,7 @@ class StateMachine:
                 continue
             if finished_before_ms is not None and task.finished_at_ms >= finished_before_ms:
                 continue
-            out.append(task)
+            out.append(msgspec.structs.replace(task, payload=b""))
             if len(out) >= limit:
                 break
         return out
@@ -1032,22 +1061,29 @@ class StateMachine:
         return deleted
 
     def retention_candidates(
-        self, cutoff_ms: int, start: bytes | None, limit: int
-    ) -> tuple[list[str], bytes | None]:
+        self, cutoff_ms: int, start: RetentionCursor | None, limit: int
+    ) -> tuple[list[str], RetentionCursor | None]:
         """Finished tasks older than the cutoff, scanning at most ``limit`` records from
-        ``start``; returns the ids and where the next scan resumes (None: wrapped around)."""
+        ``start``; returns the ids and where the next scan resumes (None: wrapped around).
+
+        The cursor names its column family with the key: one bare key for both families sent
+        a key from ``cancelled`` into ``completed`` (skipping the ids before it there) and
+        started ``cancelled`` over at every run, so expired cancelled tasks behind 20,000 live
+        ones were never reached."""
         found: list[str] = []
         scanned = 0
-        last: bytes | None = None
-        for cf in (CF.COMPLETED, CF.CANCELLED):
-            for key, value in self.store.items(cf, start):
+        first = 0
+        key_from: bytes | None = None
+        if start is not None and start[0] in _RETENTION_CFS:
+            first, key_from = _RETENTION_CFS.index(start[0]), start[1]
+        for cf in _RETENTION_CFS[first:]:
+            for key, value in self.store.items(cf, key_from):
                 scanned += 1
-                last = key
                 if _task_dec.decode(value).finished_at_ms < cutoff_ms:
                     found.append(key.decode())
                 if scanned >= limit:
-                    return found, last + b"\x00"
-            start = None
+                    return found, (cf, key + b"\x00")
+            key_from = None
         return found, None
 
     # --- read side (not commands: no state change) -----------------------------------------------
@@ -1091,15 +1127,43 @@ class StateMachine:
                 return True
         return False
 
-    def queue_stats(self) -> dict[str, QueueStats]:
-        out: dict[str, QueueStats] = {}
+    def queue_stats(self, limit: int = MAX_STATS_QUEUES) -> dict[str, QueueStats]:
+        """Per queue with something to show (ready, running or delayed tasks, paused, or served
+        by a registered worker): its ready tasks by priority, running, delayed, the oldest ready
+        task's submit time.
+
+        Every queue that ever held a task was listed, empty or not, and after 140,000 queues the
+        stats reply (and every ``tq top`` snapshot) was over the frame limit until a restart. At
+        most ``limit`` are listed: first those with running or delayed tasks or paused (a burst
+        worker decides by its queues' delayed tasks), then the deepest; ``queues_left_out``
+        says how many more there were."""
         running: dict[str, int] = {}
         for lease in self.leases.values():
             running[lease.task.queue] = running.get(lease.task.queue, 0) + 1
         delayed = self.delayed
-        names = set(self.ready) | set(running) | {q for q, n in delayed.items() if n} | self.paused
-        for queue in sorted(names):
-            rq = self.ready.get(queue) or ReadyQueue()
+        paused = self.paused
+        # an idle queue a worker waits on is still worth a line (bounded: 100 queues a worker)
+        served = {q for w in self.workers.values() for q in w.queues}
+        names = set(self.ready) | set(running) | {q for q, n in delayed.items() if n} | paused
+        empty = ReadyQueue()
+        shown: list[tuple[str, ReadyQueue, int, int]] = []
+        for queue in names | served:
+            rq = self.ready.get(queue) or empty
+            busy = running.get(queue, 0) + delayed.get(queue, 0)
+            if busy or queue in paused or queue in served or rq.total():
+                shown.append((queue, rq, running.get(queue, 0), delayed.get(queue, 0)))
+        self.queues_left_out = max(len(shown) - limit, 0)
+        if self.queues_left_out:
+            shown.sort(
+                key=lambda s: (
+                    not (s[2] or s[3] or s[0] in paused),
+                    -(s[1].total() + s[2] + s[3]),
+                    s[0],
+                )
+            )
+            del shown[limit:]
+        out: dict[str, QueueStats] = {}
+        for queue, rq, run, delay in sorted(shown, key=lambda s: s[0]):
             depth = {Priority(p).label: rq.count(p) for p in _PRIORITIES}
             oldest = 0
             for p in _PRIORITIES:
@@ -1112,10 +1176,10 @@ class StateMachine:
                     oldest = submitted if oldest == 0 else min(oldest, submitted)
             out[queue] = QueueStats(
                 pending=depth,
-                running=running.get(queue, 0),
-                delayed=delayed.get(queue, 0),
+                running=run,
+                delayed=delay,
                 oldest_pending_ms=oldest,
-                paused=queue in self.paused,
+                paused=queue in paused,
             )
         return out
 
@@ -1203,10 +1267,15 @@ class StateMachine:
         until_ms: int,
         limit: int,
         after: str | None,
+        max_bytes: int | None = None,
     ) -> tuple[list[HistoryRow], str | None]:
         """A page of finished tasks for export, state by state in the order given, by id within
         a state. The cursor is ``state:task_id`` of the last row returned (raises ValueError for
-        a cursor that names no listed state)."""
+        a cursor that names no listed state).
+
+        With ``max_bytes`` the page also ends (with a cursor) once its rows add up to about that
+        much: 5,000 dead tasks with 8 KiB error messages made a page over the client's frame
+        limit, and ``tq export`` failed. A page always holds at least one row."""
         start_state = 0
         start_key: bytes | None = None
         if after:
@@ -1217,6 +1286,7 @@ class StateMachine:
             start_state = names.index(state_name)
             start_key = last_id.encode()
         rows: list[HistoryRow] = []
+        size = 0
         decode = _task_dec.decode
         for i in range(start_state, len(states)):
             state = states[i]
@@ -1233,24 +1303,26 @@ class StateMachine:
                 ):
                     continue
                 error = task.error
-                rows.append(
-                    HistoryRow(
-                        task.id,
-                        task.name,
-                        task.queue,
-                        task.priority,
-                        task.state,
-                        task.attempt,
-                        task.worker_id,
-                        task.submitted_at_ms,
-                        task.started_at_ms,
-                        finished,
-                        error.type if error is not None else "",
-                        error.message if error is not None else "",
-                        len(task.payload),
-                        len(task.result) if task.result is not None else 0,
-                    )
+                row = HistoryRow(
+                    task.id,
+                    task.name,
+                    task.queue,
+                    task.priority,
+                    task.state,
+                    task.attempt,
+                    task.worker_id,
+                    task.submitted_at_ms,
+                    task.started_at_ms,
+                    finished,
+                    error.type if error is not None else "",
+                    error.message if error is not None else "",
+                    len(task.payload),
+                    len(task.result) if task.result is not None else 0,
                 )
-                if len(rows) >= limit:
+                rows.append(row)
+                if max_bytes is not None:
+                    size += _ROW_BYTES + len(row.id) + len(row.name) + len(row.queue)
+                    size += len(row.worker) + len(row.error_type) + len(row.error_message)
+                if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
                     return rows, f"{state.value}:{task.id}"
         return rows, None

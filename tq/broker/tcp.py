@@ -15,6 +15,8 @@ import socket
 from collections.abc import Callable
 from typing import Any, cast
 
+import msgspec
+
 from tq.broker import commands as cmds
 from tq.broker.commands import Cancel, Extend, RegisterWorker, Release, Report, Submit, WorkerLost
 from tq.broker.core import BrokerCore
@@ -491,7 +493,17 @@ class Connection(asyncio.Protocol):
 
     def _on_stats(self, msg: GetStats) -> None:
         # Any node answers (a follower from its local state): `tq cluster status` needs it.
-        self._after_durable(msg.rid, lambda: self._send(StatsReply(msg.rid, self.core.stats())))
+        self._after_durable(msg.rid, lambda: self._stats(msg.rid))
+
+    def _stats(self, rid: int) -> None:
+        stats = self.core.stats()
+        left_out = self.core.sm.queues_left_out
+        if left_out:
+            # Stats list a bounded number of queues (StateMachine.queue_stats): say how many
+            # more there are, where a client finds the other numbers.
+            counters = stats.counters | {"queues_left_out": left_out}
+            stats = msgspec.structs.replace(stats, counters=counters)
+        self._send(StatsReply(rid, stats))
 
     def _on_pause(self, msg: PauseQueue) -> None:
         if not valid_name(msg.queue):
@@ -521,7 +533,8 @@ class Connection(asyncio.Protocol):
             limit=msg.limit,
         )
         if msg.op == "list":
-            self._send(TaskListReply(rid, tasks))
+            page, cursor = _fit(tasks, msg.limit, self.core.config.max_frame_bytes // 2)
+            self._send(TaskListReply(rid, page, cursor))
             return
         ids = [t.id for t in tasks]
         if msg.dry_run or not ids:
@@ -597,7 +610,13 @@ class Connection(asyncio.Protocol):
     def _export(self, msg: ExportTasks, states: list[TaskState]) -> None:
         try:
             rows, cursor = self.core.sm.history_page(
-                states, msg.queue, msg.since_ms, msg.until_ms, msg.limit, msg.after
+                states,
+                msg.queue,
+                msg.since_ms,
+                msg.until_ms,
+                msg.limit,
+                msg.after,
+                max_bytes=self.core.config.max_frame_bytes // 2,
             )
         except ValueError:
             self._send(Nack(msg.rid, BadRequest.code, "bad cursor"))
@@ -780,6 +799,24 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _fit(tasks: list[Task], limit: int, max_bytes: int) -> tuple[list[Task], str | None]:
+    """A dead-letter list that fits in one reply: no payloads (tasks named by id come whole),
+    and it ends once results and errors reach ``max_bytes`` (after at least one task), with the
+    last id returned as the cursor, as ``list_tasks`` pages: without payloads, the tracebacks
+    of a few hundred dead tasks (up to 64 Ki characters each from a worker) still make a reply
+    over the frame limit. A page ``limit`` filled has a cursor too."""
+    out: list[Task] = []
+    size = 0
+    for task in tasks:
+        out.append(msgspec.structs.replace(task, payload=b"") if task.payload else task)
+        size += 256 + len(task.result or b"")
+        if task.error is not None:
+            size += len(task.error.message) + len(task.error.traceback)
+        if size >= max_bytes and len(out) < len(tasks):
+            return out, task.id
+    return out, (out[-1].id if out and len(out) >= limit else None)
 
 
 def _nack(rid: int, exc: TqError) -> Nack:
