@@ -9,6 +9,7 @@ informational worker metrics (CPU, memory) that do not belong in the replicated 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -111,6 +112,38 @@ class ParkedClaim:
     ended: bool = False  # answered while being served (a release): reply, never park again
 
 
+class _PendingWait:
+    """A wait that starts once the writes sent before it are applied. Until then it can end
+    (withdrawn, or its connection gone) and then never starts; after, ending it ends the wait."""
+
+    __slots__ = ("_begin", "_ended", "_owned", "_started")
+
+    def __init__(
+        self,
+        begin: Callable[[], Callable[[], None] | None],
+        owned: set[_Wait | _PendingWait] | None,
+    ) -> None:
+        self._begin, self._owned = begin, owned
+        self._started: Callable[[], None] | None = None
+        self._ended = False
+        if owned is not None:
+            owned.add(self)
+
+    def start(self) -> None:
+        if self._ended:
+            return
+        if self._owned is not None:
+            self._owned.discard(self)
+        self._started = self._begin()
+
+    def end(self) -> None:
+        self._ended = True
+        if self._owned is not None:
+            self._owned.discard(self)
+        if self._started is not None:
+            self._started()
+
+
 class _Wait:
     """One client waiting for one task to finish. It ends once: answered (the task, a timeout,
     a refusal), or without an answer when its connection goes or the client withdraws it;
@@ -125,7 +158,7 @@ class _Wait:
         task_id: str,
         timeout_ms: int,
         reply: Reply,
-        owned: set[_Wait] | None,
+        owned: set[_Wait | _PendingWait] | None,
     ) -> None:
         self._done = False
         self._waiters, self._task_id, self._reply, self._owned = waiters, task_id, reply, owned
@@ -219,7 +252,15 @@ class BrokerCore:
         # connection that closes meanwhile must still be able to drop them (see drop_parked).
         self._serving: dict[int, ParkedClaim] = {}
         self._waiters: dict[str, list[Reply]] = {}
-        self._owned_waits: dict[object, set[_Wait]] = {}  # see drop_waits
+        # Reads wait for the writes that came before them (see after_durable): the log appends
+        # made and not yet answered, by number; the reads behind them, each with the number of
+        # the last append it must see; and the reads that came while commands were queued for
+        # the next tick, which get that tick's number once it is appended.
+        self._appends = 0
+        self._appends_open: set[int] = set()
+        self._reads_waiting: collections.deque[tuple[int, Callable[[], None]]] = collections.deque()
+        self._reads_after_tick: list[Callable[[], None]] = []
+        self._owned_waits: dict[object, set[_Wait | _PendingWait]] = {}  # see drop_waits
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
         self._tick_in_flight = False
@@ -329,8 +370,19 @@ class BrokerCore:
         if not items:
             return
         cmds, replies = _coalesce_submits(items)
-        self.log.append(self.clock(), cmds, self._deliverer(replies))
+        number = self._append(self.clock(), cmds, replies)
+        if self._reads_after_tick:
+            reads, self._reads_after_tick = self._reads_after_tick, []
+            self._reads_waiting.extend((number, fn) for fn in reads)
         self.log.kick()
+
+    def _append(self, now: int, cmds: list[Command], replies: list[Reply | None]) -> int:
+        """Append a batch to the log under the next number; reads behind it wait for its answer."""
+        self._appends += 1
+        number = self._appends
+        self._appends_open.add(number)
+        self.log.append(now, cmds, self._deliverer(replies, number))
+        return number
 
     def _on_applied(self, result: ApplyResult) -> None:
         """Every applied batch passes here (on every node): serve parked claims at once."""
@@ -357,9 +409,16 @@ class BrokerCore:
             self.on_replies()
 
     def _deliverer(
-        self, replies: list[Reply | None]
+        self, replies: list[Reply | None], number: int
     ) -> Callable[[ApplyResult | BaseException], None]:
         def deliver(outcome: ApplyResult | BaseException) -> None:
+            try:
+                answer(outcome)
+            finally:
+                self._appends_open.discard(number)
+                self._release_reads()
+
+        def answer(outcome: ApplyResult | BaseException) -> None:
             if isinstance(outcome, BaseException):
                 err = (
                     outcome
@@ -381,13 +440,35 @@ class BrokerCore:
         return deliver
 
     def after_durable(self, fn: Callable[[], None]) -> None:
-        """Run a read once everything applied so far is durable: no reply reveals unsaved state."""
+        """Run a read once every write that came before it is applied and durable: no reply
+        reveals unsaved state, and a read sees the writes sent before it. A client that sent
+        ``submit(x)`` and ``status(x)`` in one write got TASK_NOT_FOUND: the submit waited in
+        the tick's queue while the read ran at once (and in a cluster, a write appended to the
+        log is applied only once a majority has it)."""
+        if self._queue:
+            self._reads_after_tick.append(fn)
+        elif self._appends_open:
+            self._reads_waiting.append((self._appends, fn))
+        else:
+            self._read_when_durable(fn)
 
+    def _writes_ahead(self) -> bool:
+        return bool(self._queue or self._appends_open)
+
+    def _read_when_durable(self, fn: Callable[[], None]) -> None:
         def run(exc: BaseException | None) -> None:
             if exc is None:
                 fn()
 
         self.log.when_durable(run)
+
+    def _release_reads(self) -> None:
+        """An append was answered: run the reads whose writes all are (appends are answered in
+        order, except a cluster's refusals, hence the lowest open number)."""
+        lowest = min(self._appends_open, default=self._appends + 1)
+        waiting = self._reads_waiting
+        while waiting and waiting[0][0] < lowest:
+            self._read_when_durable(waiting.popleft()[1])
 
     # --- claims ----------------------------------------------------------------------------------
 
@@ -470,7 +551,7 @@ class BrokerCore:
 
             return reply
 
-        self.log.append(now, cmds, self._deliverer([reply_or_repark(p) for p in serving]))
+        self._append(now, cmds, [reply_or_repark(p) for p in serving])
 
     # --- waiting for a result --------------------------------------------------------------------
 
@@ -486,6 +567,17 @@ class BrokerCore:
         if not self.serving:
             reply(self.refusal())
             return None
+        if self._writes_ahead():
+            # The task may be in a write sent just before this wait: look it up after that.
+            owned = self._owned_waits.setdefault(owner, set()) if owner is not None else None
+            pending = _PendingWait(lambda: self._wait(task_id, timeout_ms, reply, owner), owned)
+            self.after_durable(pending.start)
+            return pending.end
+        return self._wait(task_id, timeout_ms, reply, owner)
+
+    def _wait(
+        self, task_id: str, timeout_ms: int, reply: Reply, owner: object
+    ) -> Callable[[], None] | None:
         task = self.sm.get_task(task_id)
         if task is None:
             self.after_durable(lambda: reply(TaskNotFound(f"no task {task_id[:80]}")))
