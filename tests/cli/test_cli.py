@@ -24,6 +24,7 @@ from tests.conftest import (
     one_line_error,
     stop_worker,
     subprocess_env,
+    wait_until,
 )
 
 _SCRIPT = Path(sys.executable).with_name("tq")
@@ -101,6 +102,28 @@ def test_submit_wait_prints_the_result(system: System) -> None:
     assert json.loads(ok(result)) == {"hello": "world"}
     assert result.stdout.strip() == '{"hello": "world"}'
     assert result.stderr == ""
+
+
+def test_submit_with_an_id_twice_makes_one_task(system: System) -> None:
+    first = ok(tq("submit", "echo", "1", "--id", "cli-fixed-id", broker=system.url)).strip()
+    again = ok(tq("submit", "echo", "2", "--id", "cli-fixed-id", broker=system.url)).strip()
+    assert first == again == "cli-fixed-id"
+    waited = json.loads(ok(tq("wait", first, "--timeout", "10", "-o", "json", broker=system.url)))
+    assert waited["result"] == 1  # the first submit's payload: the second one was a no-op
+
+
+def test_submit_backoff_sets_the_first_retry_delay(system: System) -> None:
+    tid = ok(tq("submit", "fail", "--backoff", "60", "--max-retries", "1", broker=system.url))
+    tid = tid.strip()
+
+    def failed() -> dict[str, Any] | None:
+        info: dict[str, Any] = json.loads(ok(tq("status", tid, "-o", "json", broker=system.url)))
+        return info if info["state"] == "failed" else None
+
+    info = wait_until(failed, what="first attempt failed")
+    # 60 s with jitter (x 0.5-1.0), not the broker's 1 s --retry-base
+    assert info["eta_ms"] - info["started_at_ms"] >= 25_000, info
+    ok(tq("cancel", tid, broker=system.url))
 
 
 def test_submit_prints_the_id_and_status_shows_the_task(system: System) -> None:

@@ -532,6 +532,7 @@ _TASK_COLUMNS = ["id", "name", "queue", "priority", "state", "attempt", "submitt
 # which would load it into every command; tests/cli/test_usage_errors.py keeps them equal.
 MAX_RETRIES = 1000
 MAX_TIMEOUT_S = 7 * 86400.0
+MAX_BACKOFF_S = 86400.0
 
 
 def _check_name(what: str, value: str) -> None:
@@ -555,6 +556,12 @@ def _show_task(info: Any, fmt: Format) -> None:
     emit_table(f"task {info.id}", ["field", "value"], rows)
 
 
+def _valid_id(task_id: str) -> bool:
+    from tq.model import valid_task_id
+
+    return valid_task_id(task_id)
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -574,6 +581,12 @@ def submit(
     queue: str = typer.Option("default", "--queue", "-q"),
     max_retries: int = typer.Option(3, "--max-retries", help="retries after the first attempt"),
     timeout: float = typer.Option(300.0, "--timeout", help="handler timeout (s)"),
+    backoff: float = typer.Option(
+        0.0, "--backoff", help="first retry delay (s); 0: the broker's --retry-base"
+    ),
+    task_id: str | None = typer.Option(
+        None, "--id", help="the task's id (default: a new one); submitting an id again is a no-op"
+    ),
     wait: bool = typer.Option(False, "--wait", "-w", help="wait for the result and print it"),
     wait_timeout: float = typer.Option(60.0, "--wait-timeout"),
     broker: str | None = BrokerOpt,
@@ -592,12 +605,23 @@ def submit(
     _check_range("--max-retries", max_retries, 0, MAX_RETRIES)
     if not 0 < timeout <= MAX_TIMEOUT_S:  # NaN fails this too
         fail(f"--timeout must be above 0 and at most {MAX_TIMEOUT_S:g} s, not {timeout}", code=2)
+    if not 0 <= backoff <= MAX_BACKOFF_S:  # NaN fails this too
+        fail(f"--backoff must be from 0 to {MAX_BACKOFF_S:g} s, not {backoff}", code=2)
+    if task_id is not None and not _valid_id(task_id):
+        fail(f"--id {task_id[:80]!r} must be 1-64 of A-Za-z0-9_.:-", code=2)
     if wait:
         _check_range("--wait-timeout", wait_timeout, 0, MAX_WAIT_S)  # before submitting
 
     async def go(c: Any) -> Any:
         tid = await c.submit(
-            name, value, queue=queue, priority=priority, max_retries=max_retries, timeout_s=timeout
+            name,
+            value,
+            queue=queue,
+            priority=priority,
+            max_retries=max_retries,
+            timeout_s=timeout,
+            backoff_s=backoff,
+            task_id=task_id,
         )
         if not wait:
             return tid
