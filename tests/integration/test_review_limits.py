@@ -88,6 +88,12 @@ async def test_dlq_list_leaves_payloads_out_and_pages_by_bytes(
         assert all(t.payload == b"" for t in page.tasks)
         assert all(t.error == ErrorInfo("Boom", "m", "t" * 12_000) for t in page.tasks)
         assert len(await c.dead_letters(limit=2)) == 2
+        # the next page goes on after the cursor, and the client follows it to its limit
+        rest = await c.call(
+            lambda rid: DeadLetters(rid, "list", limit=100, after="dead-2"), TaskListReply
+        )
+        assert ([t.id for t in rest.tasks], rest.next) == (ids[3:], None)
+        assert [t.id for t in await c.dead_letters(limit=100)] == ids
         assert (await c.status("dead-0")).payload == "p" * 30_000  # status shows it whole
 
 

@@ -622,6 +622,7 @@ class BrokerCore:
         error_type: str | None = None,
         older_than_s: float | None = None,
         limit: int = 1000,
+        after: str | None = None,
     ) -> list[Task]:
         """The dead-lettered tasks named by ``ids`` (if any) that match every filter given: the
         one selection behind ``tq dlq`` (TCP) and ``/api/v1/dead-letters`` (HTTP). Filters
@@ -658,7 +659,12 @@ class BrokerCore:
                 and (before is None or t.finished_at_ms < before)
             ]
         return sm.dead_letters(
-            queue=queue, name=name, error_type=error_type, finished_before_ms=before, limit=limit
+            queue=queue,
+            name=name,
+            error_type=error_type,
+            finished_before_ms=before,
+            limit=limit,
+            after=after,
         )
 
     def cluster_change(self, op: str, address: str, reply: Reply) -> None:

@@ -531,6 +531,7 @@ class Connection(asyncio.Protocol):
             error_type=msg.error_type,
             older_than_s=msg.older_than_s,
             limit=msg.limit,
+            after=msg.after if msg.op == "list" else None,
         )
         if msg.op == "list":
             page, cursor = _fit(tasks, msg.limit, self.core.config.max_frame_bytes // 2)

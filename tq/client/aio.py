@@ -594,14 +594,24 @@ class AsyncClient:
         older_than_s: float | None = None,
         limit: int = 1000,
     ) -> builtins.list[TaskInfo]:
-        """Dead-lettered tasks matching every filter given."""
-        reply = await self.call(
-            lambda rid: DeadLetters(
-                rid, "list", [], queue, name, error_type, older_than_s, False, limit
-            ),
-            TaskListReply,
-        )
-        return [TaskInfo.from_task(t) for t in reply.tasks]
+        """Dead-lettered tasks matching every filter given, up to ``limit``. The broker ends a
+        reply at half its frame limit (dead tasks carry tracebacks), so this follows its cursor
+        until ``limit`` tasks are in or none are left."""
+        out: builtins.list[TaskInfo] = []
+        after: str | None = None
+        while len(out) < limit:
+
+            def build(rid: int, cursor: str | None = after, n: int = limit - len(out)) -> Any:
+                return DeadLetters(
+                    rid, "list", [], queue, name, error_type, older_than_s, False, n, cursor
+                )
+
+            reply = await self.call(build, TaskListReply)
+            out += [TaskInfo.from_task(t) for t in reply.tasks]
+            after = reply.next
+            if after is None or not reply.tasks:
+                break
+        return out
 
     async def _dlq_change(
         self,

@@ -252,6 +252,7 @@ class DeadLetters(_Msg, tag="dlq", frozen=True):
     older_than_s: float | None = None
     dry_run: bool = False
     limit: int = 1000
+    after: str | None = None  # ``list``: continue after this id (the last reply's ``next``)
 
 
 class ClusterChange(_Msg, tag="cluster_change", frozen=True):
