@@ -31,6 +31,7 @@ class BrokerConfig:
     retention_interval_s: float = 60.0
     auth_token: str | None = None
     hello_timeout_s: float = 10.0  # a connection that has not said hello by then is closed
+    max_connections: int = 0  # TCP connections taken at once; 0: the descriptor limit less 256
     journal_bytes: int = 64 * 1024 * 1024  # single node: the commit journal's size (--journal-mb)
     # cluster mode (a Raft port given): this node's id, its Raft port, the other members' Raft
     # addresses, where the Raft port really listens (default: host:raft_port) and the secret

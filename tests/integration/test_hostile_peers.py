@@ -313,3 +313,45 @@ def test_a_connection_with_watches_keeps_reading_when_its_watcher_is_slow() -> N
         conn.transport = transport  # type: ignore[assignment]
         conn.pause_writing()
     assert calls == ["pause"]  # only the connection without watches
+
+
+def test_connections_over_the_limit_are_closed_and_the_broker_carries_on(
+    broker_factory: BrokerFactory,
+) -> None:
+    """1,100 idle sockets under `ulimit -n 1024` took the descriptors RocksDB needed for its
+    next WAL file: the next write failed and the broker stopped. Now a connection over
+    --max-connections is closed as it opens, and the broker keeps serving the ones it took."""
+    broker = broker_factory("--max-connections", "6")
+    address = (broker.host, broker.port)
+    with broker.client() as c:  # one of the six, held throughout
+        held = [socket.create_connection(address) for _ in range(5)]
+
+        def refused() -> bool:
+            s = socket.create_connection(address)
+            s.settimeout(0.5)
+            try:
+                closed = s.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+            except TimeoutError:
+                closed = False
+            if closed:
+                s.close()
+            else:
+                held.append(s)  # taken: the broker had not counted all of the others yet
+            return closed
+
+        try:
+            wait_until(refused, what="a connection over the limit closed at once")
+            assert len(held) == 5
+            assert c.status(c.submit("echo", 1)).state == "pending"  # the held one still works
+        finally:
+            for s in held:
+                s.close()
+        wait_until(lambda: not refused(), what="room for a new connection")
+        for s in held:
+            s.close()
+        with broker.client() as again:
+            assert again.status(again.submit("echo", 2)).state == "pending"
+    assert broker.running
+    assert "tcp.too_many_connections" in broker.logs[-1].read_text()

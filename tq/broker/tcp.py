@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import resource
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -219,7 +221,10 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.server.connections.add(self)
+        if not self.server.admit(self):
+            self.closed = True
+            self.transport.abort()
+            return
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         # A peer that never says hello holds a file descriptor for nothing: 200 such sockets
         # slowed nobody, but enough of them would leave the broker unable to accept.
@@ -820,6 +825,26 @@ def _fit(tasks: list[Task], limit: int, max_bytes: int) -> tuple[list[Task], str
     return out, (out[-1].id if out and len(out) >= limit else None)
 
 
+FD_RESERVE = 256  # descriptors kept for the store (SST and WAL files), HTTP, SSH and Raft
+
+
+def connection_limit() -> int:
+    """How many TCP connections the broker takes: its file descriptor limit, raised to the hard
+    limit first (the usual soft 1,024 is a default, not a decision), less ``FD_RESERVE``."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+    except (ValueError, OSError):
+        return 1024 - FD_RESERVE
+    if soft == resource.RLIM_INFINITY:
+        soft = 65536
+    return max(16, soft - FD_RESERVE)
+
+
 def _nack(rid: int, exc: TqError) -> Nack:
     return Nack(rid, exc.code, exc.message, exc.leader if isinstance(exc, NotLeader) else None)
 
@@ -830,10 +855,30 @@ class TcpServer:
         core.on_worker_lost = self.close_worker
         core.on_replies = self.flush
         self.connections: set[Connection] = set()
+        self.max_connections = core.config.max_connections or connection_limit()
+        self.refused = 0  # connections closed at once for being over max_connections
+        self._refused_logged = 0.0
         self._dirty: list[Connection] = []  # connections with replies queued
         self._flush_scheduled = False
         self._server: asyncio.Server | None = None
         self.port = 0
+
+    def admit(self, conn: Connection) -> bool:
+        """Take a new connection unless ``max_connections`` are open: the descriptors left are
+        the store's. 1,100 idle sockets under ``ulimit -n 1024`` left RocksDB unable to open its
+        next WAL file, and the broker stopped (a failed store write is fatal)."""
+        if len(self.connections) >= self.max_connections:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged >= 10:  # a flood must not flood the log too
+                self._refused_logged = now
+                log.warning(
+                    "tcp.too_many_connections",
+                    extra=kv(open=len(self.connections), refused=self.refused, peer=conn.peer),
+                )
+            return False
+        self.connections.add(conn)
+        return True
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()

@@ -131,6 +131,7 @@ def _broker_config(
     _check_range("--retention-interval", cluster.get("retention_interval_s", 60.0), 0.1, 86_400)
     _check_range("--max-frame", max_frame_bytes, 1024, 1024 * 1024 * 1024)
     _check_range("--hello-timeout", cluster.get("hello_timeout_s", 10.0), 0.1, 3600)
+    _check_range("--max-connections", cluster.get("max_connections", 0), 0, 10_000_000)
     _check_range(
         "--raft-compaction-entries", cluster.get("compaction_min_entries", 5000), 100, 10_000_000
     )
@@ -296,6 +297,9 @@ def broker(
     hello_timeout: float = typer.Option(
         10.0, "--hello-timeout", help="close a connection silent this long (s) before its hello"
     ),
+    max_connections: int = typer.Option(
+        0, "--max-connections", help="TCP connections at once (0: the file limit less 256)"
+    ),
     journal_mb: int | None = JournalOpt,
     node_id: str | None = typer.Option(None, "--node-id", help="cluster: this node's name"),
     raft_port: int | None = typer.Option(
@@ -339,6 +343,7 @@ def broker(
         max_frame,
         retention_interval_s=retention_interval,
         hello_timeout_s=hello_timeout,
+        max_connections=max_connections,
         compaction_min_entries=raft_compaction_entries,
         journal_mb=journal_mb,
         **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
