@@ -29,6 +29,7 @@ from tq.protocol.messages import (
     TaskResult,
     TaskSpec,
     WaitTask,
+    Welcome,
 )
 
 from tests.conftest import BrokerProcess, wait_until
@@ -134,24 +135,41 @@ def test_an_unknown_id_is_not_echoed_whole(broker_factory: BrokerFactory) -> Non
         conn.close()
 
 
-def test_a_peer_that_never_reads_is_closed_before_its_replies_pile_up(
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_a_peer_that_does_not_read_gets_no_more_than_a_megabyte_ahead(
     broker_factory: BrokerFactory,
 ) -> None:
-    """400 status requests of 17 bytes each ask for 400 MiB of replies: the broker buffered
-    them all (+400 MB of memory) for a peer that never reads. Now it stops reading from it and
-    closes it once 64 MiB are waiting."""
+    """Status requests of 17 bytes each ask for a MiB of reply each: the broker answered every
+    request of a read at once, buffering all the replies for a peer that was not reading (four
+    such peers pinned a gigabyte). Now it handles a peer's frames only while less than a MiB
+    of its replies waits, and stops reading from it meanwhile; the replies come once it reads."""
     broker = broker_factory()
     with broker.client() as c:
         c.submit("echo", {"big": "x" * (1 << 20)}, task_id="big")
+    assert broker.proc is not None
+    before = _rss_mb(broker.proc.pid)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", broker.port))
     try:
         sock.sendall(encode(Hello(1, PROTOCOL_VERSION)))
-        sock.sendall(encode(QueryStatus(7, "big")) * 400)
-        wait_until(lambda: broker.events("tcp.slow_reader_closed"), timeout=10)
-        with broker.client() as c:
+        sock.sendall(encode(QueryStatus(7, "big")) * 60)  # 60 MiB of replies
+        time.sleep(1.0)
+        with broker.client() as c:  # everybody else is served meanwhile
             assert c.status("big").state == "pending"
+        grown = _rss_mb(broker.proc.pid) - before
+        assert grown < 25, f"broker RSS grew {grown:.0f} MB for a peer that does not read"
+        peer = RawConnection.__new__(RawConnection)  # the same socket, now reading
+        peer.sock, peer._buf = sock, b""
+        sock.settimeout(30)
+        replies = [peer.read() for _ in range(61)]
+        assert isinstance(replies[0], Welcome)
+        assert all(isinstance(r, TaskInfoReply) and r.task.id == "big" for r in replies[1:])
     finally:
         sock.close()
 
