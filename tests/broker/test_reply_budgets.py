@@ -9,11 +9,7 @@ messages and 140,000 queues each made a list, an export page or stats that nobod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import msgspec
-import pytest
 from tq.broker.commands import (
     CLAIM_MAX_BYTES,
     Cancel,
@@ -30,19 +26,9 @@ from tq.config import DEFAULT_FRAME_LIMIT
 from tq.model import ErrorInfo, TaskState
 from tq.protocol.codec import encode
 from tq.protocol.messages import Leased, Outcome, TaskSpec
-from tq.store import CF, Store
+from tq.store import CF
 
 NOW = 1_000_000
-
-
-@pytest.fixture
-def sm(tmp_path: Path) -> Iterator[StateMachine]:
-    store = Store(str(tmp_path / "store"))
-    store.open()
-    machine = StateMachine(store)
-    machine.recover()
-    yield machine
-    store.close()
 
 
 def _submit(

@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from tq.broker.commands import Cancel, Claim, RegisterWorker, Report, Retention, Submit
 from tq.broker.state import StateMachine
 from tq.protocol.messages import Outcome, TaskSpec
-from tq.store import Store
-
-
-@pytest.fixture
-def sm(tmp_path: Path) -> Iterator[StateMachine]:
-    store = Store(str(tmp_path / "store"))
-    store.open()
-    machine = StateMachine(store)
-    machine.recover()
-    yield machine
-    store.close()
 
 
 def _finish(sm: StateMachine, now: int, *ids: str) -> None:
