@@ -42,11 +42,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two test processes: most tests wait on the brokers and workers they start, so two share the
+# two cores well (the suite took 10.4 min alone, 6.3 with -n 2; measured 2026-12-03).
 test: lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not slow and not cluster"
+	$(BIN)/pytest -n 2 -m "not slow and not cluster"
 
 bench: $(STAMP)
 	$(BIN)/tq bench --json bench.json

@@ -57,12 +57,18 @@ def test_an_explicit_http_port_that_is_taken_is_an_error(tmp_path: Path) -> None
 
 def test_the_default_http_port_falls_back_to_a_free_one_when_taken(tmp_path: Path) -> None:
     with socket.socket() as blocker:
-        try:
-            blocker.bind(("127.0.0.1", 7701))
-        except OSError:
-            # Held by another process, which may let it go before our broker binds (a `tq up`
-            # that stopped meanwhile made this test fail): the test needs to hold it itself.
-            pytest.skip("127.0.0.1:7701 is in use by another process")
+        # The test must hold the port itself: held by another process, it may be let go before
+        # our broker binds (a `tq up` that stopped meanwhile made this test fail). Other tests'
+        # brokers (in parallel runs) take it for a second or two at a time: wait for a gap.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                blocker.bind(("127.0.0.1", 7701))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.skip("127.0.0.1:7701 is in use by another process")
+                time.sleep(0.05)
         blocker.listen()
         broker = BrokerProcess(tmp_path).start()
         out = tmp_path / "broker-0.out"
