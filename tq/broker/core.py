@@ -116,15 +116,16 @@ class _PendingWait:
     """A wait that starts once the writes sent before it are applied. Until then it can end
     (withdrawn, or its connection gone) and then never starts; after, ending it ends the wait."""
 
-    __slots__ = ("_begin", "_ended", "_owned", "_started")
+    __slots__ = ("_begin", "_begun", "_ended", "_owned", "_started")
 
     def __init__(
         self,
-        begin: Callable[[], Callable[[], None] | None],
+        begin: Callable[[], Callable[[], bool] | None],
         owned: set[_Wait | _PendingWait] | None,
     ) -> None:
         self._begin, self._owned = begin, owned
-        self._started: Callable[[], None] | None = None
+        self._started: Callable[[], bool] | None = None
+        self._begun = False
         self._ended = False
         if owned is not None:
             owned.add(self)
@@ -134,14 +135,20 @@ class _PendingWait:
             return
         if self._owned is not None:
             self._owned.discard(self)
+        self._begun = True
         self._started = self._begin()
 
-    def end(self) -> None:
+    def end(self) -> bool:
+        """End it; True if that stopped an answer, False if one is coming (or came) anyway:
+        a wait that found its task final or missing has its reply on the way."""
+        if self._ended:
+            return False
         self._ended = True
         if self._owned is not None:
             self._owned.discard(self)
-        if self._started is not None:
-            self._started()
+        if not self._begun:
+            return True
+        return self._started() if self._started is not None else False
 
 
 class _Wait:
@@ -173,9 +180,9 @@ class _Wait:
         if self._finish():
             self._reply(value)
 
-    def end(self) -> None:
-        """No answer at all."""
-        self._finish()
+    def end(self) -> bool:
+        """No answer at all; True if it was still unanswered."""
+        return self._finish()
 
     def _time_out(self, timeout_ms: int) -> None:
         if self._finish():
@@ -370,10 +377,13 @@ class BrokerCore:
         if not items:
             return
         cmds, replies = _coalesce_submits(items)
-        number = self._append(self.clock(), cmds, replies)
         if self._reads_after_tick:
+            # Before the append: a log that answers at once (a cluster node no longer leading)
+            # releases the reads behind the batch in that answer, and reads queued after it
+            # would wait for a later write that may never come.
             reads, self._reads_after_tick = self._reads_after_tick, []
-            self._reads_waiting.extend((number, fn) for fn in reads)
+            self._reads_waiting.extend((self._appends + 1, fn) for fn in reads)
+        self._append(self.clock(), cmds, replies)
         self.log.kick()
 
     def _append(self, now: int, cmds: list[Command], replies: list[Reply | None]) -> int:
@@ -557,7 +567,7 @@ class BrokerCore:
 
     def wait(
         self, task_id: str, timeout_ms: int, reply: Reply, owner: object = None
-    ) -> Callable[[], None] | None:
+    ) -> Callable[[], bool] | None:
         """Reply when the task is final, or with ``WaitTimeout``. An ``owner`` (a connection)
         can drop its waits with ``drop_waits`` when it goes: a client that gave up (Ctrl-C on
         ``tq wait``) must not leave a waiter, and its timer, behind until the timeout.
@@ -577,7 +587,12 @@ class BrokerCore:
 
     def _wait(
         self, task_id: str, timeout_ms: int, reply: Reply, owner: object
-    ) -> Callable[[], None] | None:
+    ) -> Callable[[], bool] | None:
+        if not self.serving:
+            # A wait that started late (behind a write): this node may have stopped leading
+            # meanwhile, and a follower's state would answer it wrongly (or never).
+            reply(self.refusal())
+            return None
         task = self.sm.get_task(task_id)
         if task is None:
             self.after_durable(lambda: reply(TaskNotFound(f"no task {task_id[:80]}")))

@@ -392,11 +392,19 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _after_durable(self, rid: int, fn: Callable[[], None]) -> None:
+    def _after_durable(self, rid: int, fn: Callable[[], None], leader_only: bool = True) -> None:
         """Run the rest of request ``rid`` once what is applied is durable, as ``_handle_frames``
         runs its first part: an error is that request's NACK, never an exception in the commit
-        path (where it once cost every later reply of the commit)."""
-        self.core.after_durable(lambda: self._guarded(rid, fn))
+        path (where it once cost every later reply of the commit). A leader-only read checks
+        again that this node serves: behind a write it may run after the node stepped down,
+        and a follower's state would answer it wrongly."""
+
+        def run() -> None:
+            if leader_only:
+                self._require_serving()
+            fn()
+
+        self.core.after_durable(lambda: self._guarded(rid, run))
 
     def _guarded(self, rid: int, fn: Callable[[], None]) -> None:
         try:
@@ -511,17 +519,27 @@ class Connection(asyncio.Protocol):
     def _on_wait(self, msg: WaitTask) -> None:
         rid = msg.rid
         answer = self._held("waits", MAX_OPEN_WAITS, lambda t: TaskInfoReply(rid, t), rid)
+        withdrawn = False
 
         def reply(value: Any) -> None:
             self._waits.pop(rid, None)
-            answer(value)
+            if withdrawn:  # its answer was on its way when the client withdrew it: not sent
+                self._open["waits"] -= 1
+            else:
+                answer(value)
 
         end = self.core.wait(msg.task_id, msg.timeout_ms, reply, self)
         if end is not None:
 
             def withdraw() -> None:
-                end()
-                self._open["waits"] -= 1
+                # A wait that started behind a write and found its task final has its answer
+                # on the way, which end() cannot stop: that answer uncounts it, unsent. Both
+                # used to uncount it (the cap drifted below what was open), and the client got
+                # an answer after the acknowledgement of its unwait.
+                nonlocal withdrawn
+                withdrawn = True
+                if end():
+                    self._open["waits"] -= 1
 
             self._waits[rid] = withdraw
 
@@ -542,7 +560,7 @@ class Connection(asyncio.Protocol):
 
     def _on_stats(self, msg: GetStats) -> None:
         # Any node answers (a follower from its local state): `tq cluster status` needs it.
-        self._after_durable(msg.rid, lambda: self._stats(msg.rid))
+        self._after_durable(msg.rid, lambda: self._stats(msg.rid), leader_only=False)
 
     def _stats(self, rid: int) -> None:
         stats = self.core.stats()
