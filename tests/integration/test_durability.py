@@ -188,8 +188,11 @@ def test_acknowledged_work_survives_sigkill_across_journal_writes_and_store_sync
         async with AsyncClient(broker.url, connect_timeout_s=30) as c:
             jobs = [asyncio.create_task(lane(c, k)) for k in range(4)]
             jobs.append(asyncio.create_task(waiter(c)))
-            while len(acked) < 8000:
+            # ... and a waiter told of a result (under load the worker lags the submits)
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(acked) < 8000 or not completed:
                 assert not any(j.done() for j in jobs), [j.exception() for j in jobs if j.done()]
+                assert asyncio.get_running_loop().time() < deadline, (len(acked), len(completed))
                 await asyncio.sleep(0.02)
             counters: dict[str, int] = (await c.stats())["counters"]
             broker.kill()  # submits are in flight: the client retries them after the restart

@@ -193,7 +193,11 @@ def _read_frames(sock: socket.socket, until: Callable[[list[Any]], bool]) -> lis
     decoder = FrameDecoder(64 * 1024 * 1024)
     out: list[Any] = []
     sock.settimeout(10)
-    deadline = time.monotonic() + 20
+    # Reading megabytes of backlog through the 4 KiB window of _raw_session takes a round trip
+    # per 4 KiB: on a loaded machine (two test processes) that passed 20 s, and the test failed
+    # before it reached the updates it waits for. A larger buffer now, and a longer deadline.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    deadline = time.monotonic() + 60
     while not until(out) and time.monotonic() < deadline:
         data = sock.recv(1 << 20)
         if not data:
