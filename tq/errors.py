@@ -11,6 +11,7 @@ to the same class, so callers catch the error the broker raised, not a transport
     +-- InvalidState           (INVALID_STATE)
     +-- LeaseLost              (LEASE_LOST)
     +-- NotLeader              (NOT_LEADER)
+    |   +-- OutcomeUnknown     (OUTCOME_UNKNOWN: it stopped leading after taking the request)
     +-- Unauthenticated        (UNAUTHENTICATED)
     +-- ShuttingDown           (SHUTTING_DOWN)
     +-- WaitTimeout            (WAIT_TIMEOUT)
@@ -75,6 +76,14 @@ class NotLeader(TqError):
     def __init__(self, message: str = "", leader: str | None = None) -> None:
         super().__init__(message)
         self.leader = leader
+
+
+class OutcomeUnknown(NotLeader):
+    """The node stopped leading after it took the request: a later leader may still apply it.
+    Clients send again only what is safe to repeat (a submit, by its id); a cancel sent again
+    after it took effect answered INVALID_STATE, which read as a failure."""
+
+    code = "OUTCOME_UNKNOWN"
 
 
 class Unauthenticated(TqError):

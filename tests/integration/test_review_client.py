@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from tq import AsyncClient, Client
-from tq.errors import BadRequest, BrokerUnavailable, TqError
+from tq.errors import BadRequest, BrokerUnavailable, OutcomeUnknown, TqError
 from tq.protocol.codec import decode_request, encode
 from tq.protocol.framing import FrameDecoder
-from tq.protocol.messages import CancelTask, Hello, SubmitTask, Welcome
+from tq.protocol.messages import CancelTask, Hello, Nack, SubmitTask, Welcome
 
 from tests.conftest import BrokerProcess, WorkerProcess
 
@@ -46,8 +46,9 @@ class MuteBroker:
     """Answers hello (``welcome``) or nothing at all (``welcome=False``), and records every
     request it is sent."""
 
-    def __init__(self, welcome: bool = True) -> None:
+    def __init__(self, welcome: bool = True, nack_code: str | None = None) -> None:
         self.welcome = welcome
+        self.nack_code = nack_code  # every other request gets a NACK with this code
         self.requests: list[object] = []
         self.writers: list[asyncio.StreamWriter] = []
         self.handlers: list[asyncio.Task[object] | None] = []
@@ -66,11 +67,15 @@ class MuteBroker:
                 self.requests.append(msg)
                 if self.welcome and isinstance(msg, Hello):
                     writer.write(encode(Welcome(msg.rid, msg.version)))
+                elif self.nack_code is not None:
+                    writer.write(encode(Nack(msg.rid, self.nack_code, "leadership lost")))
 
 
 @contextlib.asynccontextmanager
-async def mute_broker(welcome: bool = True) -> AsyncIterator[tuple[MuteBroker, str]]:
-    mute = MuteBroker(welcome)
+async def mute_broker(
+    welcome: bool = True, nack_code: str | None = None
+) -> AsyncIterator[tuple[MuteBroker, str]]:
+    mute = MuteBroker(welcome, nack_code)
     server = await asyncio.start_server(mute.serve, "127.0.0.1", 0)
     try:
         yield mute, f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
@@ -244,3 +249,20 @@ def test_a_lone_surrogate_is_a_bad_request(
     with pytest.raises(BadRequest, match="not valid text: '\\\\udcff'"):
         call(client)
     assert client.stats()["states"] is not None
+
+
+async def test_a_request_whose_outcome_is_unknown_is_sent_again_only_if_safe() -> None:
+    """A leader that stepped down after taking a request answers OUTCOME_UNKNOWN: a later leader
+    may still apply it. A cancel used to be sent again like any NOT_LEADER, and when the first
+    had taken effect the second answered INVALID_STATE, which read as a failure."""
+    async with mute_broker(nack_code=OutcomeUnknown.code) as (mute, url):
+        c = AsyncClient(url, timeout_s=2.0, connect_timeout_s=1.0)
+        try:
+            with pytest.raises(OutcomeUnknown):
+                await c.cancel("t1")
+            assert sum(isinstance(m, CancelTask) for m in mute.requests) == 1
+            with pytest.raises(TimeoutError):  # a submit, by its id, is sent again meanwhile
+                await asyncio.wait_for(c.submit("echo", 1, task_id="t2"), 1.0)
+            assert sum(isinstance(m, SubmitTask) for m in mute.requests) >= 2
+        finally:
+            await c.close()

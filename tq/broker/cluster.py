@@ -67,7 +67,7 @@ from pysyncobj.transport import TCPTransport
 from tq.broker.commands import Announce, Command, CommandBatch
 from tq.broker.state import ApplyResult
 from tq.broker.state import StateMachine as TqStateMachine
-from tq.errors import InternalError, NotLeader, TqError
+from tq.errors import InternalError, NotLeader, OutcomeUnknown, TqError
 from tq.store import Store, StoreError
 from tq.store.files import fsync_dir, write_durably
 
@@ -1571,7 +1571,10 @@ class ClusterLog:
                 else:  # applied before (a replay): the outcome of each command is unknown
                     done(InternalError("entry applied without a result; retry"))
             elif isinstance(exc, RaftNotLeader):
-                done(self.not_leader(exc.reason))
+                refusal = self.not_leader(exc.reason)
+                if exc.reason == "STEPPED_DOWN":  # taken, then leadership lost: may yet commit
+                    refusal = OutcomeUnknown(refusal.message, leader=refusal.leader)
+                done(refusal)
             else:
                 done(TqError(f"replication failed: {exc}"))
 

@@ -31,6 +31,7 @@ from tq.errors import (
     BadRequest,
     BrokerUnavailable,
     NotLeader,
+    OutcomeUnknown,
     TqError,
     Unauthenticated,
     UnsupportedVersion,
@@ -382,7 +383,9 @@ class AsyncClient:
                     raise
                 raise_for(reply)
             except NotLeader as exc:
-                if not tries.again(sent, safe=True):
+                # Plain NOT_LEADER: the request was never taken, so any may go to the leader.
+                # OUTCOME_UNKNOWN: it may yet be applied, so only one safe to repeat goes again.
+                if not tries.again(sent, safe=retry or not isinstance(exc, OutcomeUnknown)):
                     raise
                 self._follow(exc.leader)
                 if exc.leader is None:

@@ -13,6 +13,7 @@ from tq.errors import (
     BrokerUnavailable,
     FrameTooLarge,
     NotLeader,
+    OutcomeUnknown,
     TqError,
     error_from_code,
 )
@@ -199,5 +200,7 @@ def raise_for(msg: Response) -> Response:
     if isinstance(msg, Nack):
         if msg.code == NotLeader.code:
             raise NotLeader(msg.message, leader=msg.leader)
+        if msg.code == OutcomeUnknown.code:
+            raise OutcomeUnknown(msg.message, leader=msg.leader)
         raise error_from_code(msg.code, msg.message)
     return msg
