@@ -386,13 +386,12 @@ class BrokerCore:
         self._append(self.clock(), cmds, replies)
         self.log.kick()
 
-    def _append(self, now: int, cmds: list[Command], replies: list[Reply | None]) -> int:
+    def _append(self, now: int, cmds: list[Command], replies: list[Reply | None]) -> None:
         """Append a batch to the log under the next number; reads behind it wait for its answer."""
         self._appends += 1
         number = self._appends
         self._appends_open.add(number)
         self.log.append(now, cmds, self._deliverer(replies, number))
-        return number
 
     def _on_applied(self, result: ApplyResult) -> None:
         """Every applied batch passes here (on every node): serve parked claims at once."""
@@ -804,9 +803,13 @@ class BrokerCore:
         }
 
     def stats(self) -> Stats:
+        queues = self.queue_stats()
+        # Stats list a bounded number of queues (StateMachine.queue_stats): say how many more
+        # there are, here where every face (TCP, HTTP, tq top's snapshots) gets its stats.
+        left_out = self.sm.queues_left_out
         return Stats(
             states=dict(self.sm.counts),
-            queues=self.queue_stats(),
+            queues=queues,
             workers=self.sm.worker_infos(self.worker_metrics),
             version=__version__,
             node_id=self.node_id,
@@ -815,6 +818,7 @@ class BrokerCore:
             | {"wal_flushes": self.log.flushes, "wal_commits": self.log.flushed_commits}
             | (self.log.counters() if isinstance(self.log, LocalLog) else {})
             | watch_counters(self.watch)
-            | {"waits": sum(len(w) for w in self._waiters.values())},
+            | {"waits": sum(len(w) for w in self._waiters.values())}
+            | ({"queues_left_out": left_out} if left_out else {}),
             cluster=self.log.status(),
         )

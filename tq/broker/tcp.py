@@ -560,17 +560,10 @@ class Connection(asyncio.Protocol):
 
     def _on_stats(self, msg: GetStats) -> None:
         # Any node answers (a follower from its local state): `tq cluster status` needs it.
-        self._after_durable(msg.rid, lambda: self._stats(msg.rid), leader_only=False)
-
-    def _stats(self, rid: int) -> None:
-        stats = self.core.stats()
-        left_out = self.core.sm.queues_left_out
-        if left_out:
-            # Stats list a bounded number of queues (StateMachine.queue_stats): say how many
-            # more there are, where a client finds the other numbers.
-            counters = stats.counters | {"queues_left_out": left_out}
-            stats = msgspec.structs.replace(stats, counters=counters)
-        self._send(StatsReply(rid, stats))
+        rid = msg.rid
+        self._after_durable(
+            rid, lambda: self._send(StatsReply(rid, self.core.stats())), leader_only=False
+        )
 
     def _on_pause(self, msg: PauseQueue) -> None:
         if not valid_name(msg.queue):
@@ -870,11 +863,12 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def _fit(tasks: list[Task], limit: int, max_bytes: int) -> tuple[list[Task], str | None]:
-    """A dead-letter list that fits in one reply: no payloads (tasks named by id come whole),
-    and it ends once results and errors reach ``max_bytes`` (after at least one task), with the
-    last id returned as the cursor, as ``list_tasks`` pages: without payloads, the tracebacks
-    of a few hundred dead tasks (up to 64 Ki characters each from a worker) still make a reply
-    over the frame limit. A page ``limit`` filled has a cursor too."""
+    """A dead-letter list that fits in one reply: no payloads (a list by filters comes without
+    them already; tasks named by id come whole from the store), and it ends once results and
+    errors reach ``max_bytes`` (after at least one task), with the last id returned as the
+    cursor, as ``list_tasks`` pages: without payloads, the tracebacks of a few hundred dead tasks
+    (up to 64 Ki characters each from a worker) still make a reply over the frame limit. A page
+    ``limit`` filled has a cursor too."""
     out: list[Task] = []
     size = 0
     for task in tasks:

@@ -166,7 +166,7 @@ class _Resends:
     Nothing is resent across ``close()``: a request in flight when the client was closed fails
     with ``BrokerUnavailable("client closed")`` instead of connecting it again."""
 
-    def __init__(self, client: AsyncClient, retry: bool) -> None:
+    def __init__(self, client: AsyncClient) -> None:
         self.client = client
         self.closes = client._closes
         self.loop = asyncio.get_running_loop()
@@ -364,7 +364,7 @@ class AsyncClient:
         With ``retry`` the request is resent after a lost connection or a leader change: only for
         requests that are safe to repeat. ``on_abandon(conn, rid)`` runs if the caller is
         cancelled while the request is in flight (to withdraw what the broker holds for it)."""
-        tries = _Resends(self, retry)
+        tries = _Resends(self)
         loop = tries.loop
         while True:
             conn = self._conn
