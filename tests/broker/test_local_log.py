@@ -10,7 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+import tq.store.journal as journal_module
 from tq.broker.commands import (
     Cancel,
     Claim,
@@ -26,7 +28,7 @@ from tq.broker.log import INLINE_BYTES, JOURNAL_OPS, LocalLog
 from tq.broker.state import ApplyResult, StateMachine
 from tq.model import ErrorInfo, RetryPolicy
 from tq.protocol.messages import LeasedTask, LeaseRef, Outcome, TaskSpec
-from tq.store import Store, StoreError
+from tq.store import CF, Store, StoreError
 from tq.store.journal import BLOCK, Journal, JournalError
 
 from tests.broker.support import dump_store
@@ -55,8 +57,7 @@ class Node:
             str(data / "journal"),
             journal_bytes,
         )
-        self.replayed = self.log.recover()  # before the state machine reads the store
-        self.sm.recover()
+        self.replayed = self.log.recover()  # opens the state machine too
 
     def close(self) -> None:
         self.log.close()
@@ -204,25 +205,56 @@ def test_a_big_batch_is_made_durable_by_a_store_sync_and_the_journal_follows_it(
     j.close()
 
 
-def test_a_small_command_with_big_effects_also_syncs_the_store(tmp_path: Path) -> None:
-    """``WorkerLost`` is one command, but requeueing 300 leases rewrites 300 records: more than
-    JOURNAL_MAX_BYTES of effects, so its commit syncs the store instead of journalling them."""
+def test_a_few_tasks_with_big_payloads_sync_the_store_instead(tmp_path: Path) -> None:
+    """Twenty 4 KB payloads: few tasks, but a record over JOURNAL_MAX_BYTES, so the commit syncs
+    the store rather than writing the payloads twice."""
     node = Node(tmp_path)
 
     async def run() -> tuple[int, int]:
         log = node.log
         log.start(asyncio.get_running_loop())
-        await commit(log, 1, [RegisterWorker("w1"), Submit(specs(0, 300, size=400))])
-        for k in range(10):
-            await commit(log, 2 + k, [Claim("w1", ["default"], 30)])
+        await commit(log, 1, [Submit(specs(0, 3))])
         before = log.counters()["journal_store_syncs"]
-        await commit(log, 20, [WorkerLost("w1")])
+        await commit(log, 2, [Submit(specs(10, 20, size=4000))])
         return before, log.counters()["journal_store_syncs"]
 
     before, after = asyncio.run(run())
+    assert JOURNAL_OPS >= 20
     assert after == before + 1
-    assert node.sm.counts["pending"] == 300
     node.close()
+
+
+def test_a_command_with_big_effects_is_journalled_and_applied_again(tmp_path: Path) -> None:
+    """``WorkerLost`` is one small command that requeues 300 leases: the journal holds the
+    command, and a store that lost it gets the same 300 records back from applying it again."""
+    a = tmp_path / "a"
+    node = Node(a)
+    cut = tmp_path / "cut"
+
+    async def run() -> None:
+        log = node.log
+        log.start(asyncio.get_running_loop())
+        await commit(log, 1, [RegisterWorker("w1"), Submit(specs(0, 300, size=400))])
+        for k in range(10):
+            await commit(log, 2 + k, [Claim("w1", ["default"], 30)])
+        node.store.checkpoint(str(cut))
+        syncs = log.counters()["journal_store_syncs"]
+        await commit(log, 20, [WorkerLost("w1")])
+        assert log.counters()["journal_store_syncs"] == syncs  # journalled, not synced
+
+    asyncio.run(run())
+    assert node.sm.counts["pending"] == 300
+    expected = dump_store(node.store)
+    node.close()
+    b = tmp_path / "b"
+    b.mkdir()
+    shutil.copytree(cut, b / "store")
+    shutil.copy(a / "journal", b / "journal")
+    again = Node(b)
+    assert again.replayed == 1
+    assert again.sm.counts["pending"] == 300
+    assert dump_store(again.store) == expected
+    again.close()
 
 
 def test_full_journal_checkpoints_and_loses_nothing(tmp_path: Path) -> None:
@@ -424,3 +456,90 @@ def test_a_store_that_refuses_a_write_or_a_read_is_fatal_and_answered(
     assert node.fatal == [first]
     node.store._db, node.store._cfs = db, cfs
     node.close()
+
+
+async def test_a_small_commit_starts_its_write_before_the_batch_is_applied(tmp_path: Path) -> None:
+    """The disk works while the state machine does: on an idle log a small batch's write is
+    started before ``apply`` and waited for after it (at the end of the tick)."""
+    node = Node(tmp_path)
+    try:
+        log = node.log
+        log.start(asyncio.get_running_loop())
+        events: list[str] = []
+        journal, sm = log._journal, node.sm
+        real_start, real_finish, real_apply = journal.start_write, journal.finish_write, sm.apply
+
+        def start_write(data: bytes, overlap: bool = False) -> None:
+            events.append(f"start overlap={overlap}")
+            real_start(data, overlap)
+
+        def finish_write() -> None:
+            events.append("finish")
+            real_finish()
+
+        def apply(*args: Any, **kwargs: Any) -> ApplyResult:
+            events.append("apply")
+            return real_apply(*args, **kwargs)
+
+        journal.start_write = start_write  # type: ignore[method-assign]
+        journal.finish_write = finish_write  # type: ignore[method-assign]
+        sm.apply = apply  # type: ignore[method-assign]
+        result = await commit(log, 1, [Submit(specs(0, 1))])
+        assert result[0][0] == ["t000000"]
+        assert events == ["start overlap=True", "apply", "finish"]
+    finally:
+        node.close()
+
+
+def test_a_format_2_journal_of_effects_is_still_written_back(tmp_path: Path) -> None:
+    """A broker upgraded after a crash finds a journal from before format 3, whose records hold
+    each batch's effects (every put and delete): they are written back as they were."""
+    a = tmp_path / "a"
+    node = Node(a)
+    cut = tmp_path / "cut"
+    effects: list[bytes] = []
+
+    async def run() -> None:
+        log = node.log
+        log.start(asyncio.get_running_loop())
+        await commit(log, 1, [RegisterWorker("w1"), Submit(specs(0, 10))])
+        node.store.checkpoint(str(cut))
+        before = dump_store(node.store)
+        for k, cmds in enumerate(
+            [[Submit(specs(10, 5))], [Claim("w1", ["default"], 4)], [Cancel("t000009")]]
+        ):
+            await commit(log, 2 + k, cmds)
+            after = dump_store(node.store)
+            ops: list[tuple[int, bytes, bytes | None]] = []
+            for code, cf in enumerate(CF):
+                old, new = dict(before[cf.value]), dict(after[cf.value])
+                ops += [(code, key, value) for key, value in new.items() if old.get(key) != value]
+                ops += [(code, key, None) for key in old if key not in new]
+            effects.append(msgspec.msgpack.encode(ops))
+            before = after
+
+    asyncio.run(run())
+    expected = dump_store(node.store)
+    node.close()
+    b = tmp_path / "b"
+    b.mkdir()
+    shutil.copytree(cut, b / "store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(journal_module, "_VERSION", 2)
+        old = Journal(str(b / "journal"), 1024 * 1024)
+        list(old.open())
+        old.reset(2)
+        old.next_index = 2
+        for i, payload in enumerate(effects):
+            old.append(2 + i, payload)
+        old.write(old.take())
+        old.close()
+    again = Node(b)
+    assert again.replayed == 3
+    assert dump_store(again.store) == expected
+    assert again.log._journal.format == 2  # as opened; the reset after recovery wrote format 3
+    again.close()
+    reopened = Journal(str(b / "journal"), 1024 * 1024)
+    assert list(reopened.open()) == []
+    assert reopened.format == 3
+    reopened.close()

@@ -4,12 +4,15 @@ filesystem has it, and the buffered fallback)."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tq.store.aio import Aio
 from tq.store.journal import BLOCK, Journal, JournalError, JournalFull
 
 SEGMENT = 16 * BLOCK
@@ -273,3 +276,67 @@ def test_reopen_always_gives_what_was_written_since_the_last_reset(
     got = list(j2.open())
     assert got == model, (ops, direct, got)
     j2.close()
+
+
+def test_an_overlapped_write_runs_while_the_caller_works_and_reads_back_the_same(
+    tmp_path: Path,
+) -> None:
+    """``start_write(overlap=True)`` submits through Linux AIO and returns with the write in
+    flight; ``finish_write`` waits. Mixed with plain writes, every record comes back."""
+    path = tmp_path / "j"
+    j, _ = opened(path, None)
+    written: list[tuple[int, bytes]] = []
+    probe = Aio.create()
+    has_aio = probe is not None
+    if probe is not None:
+        probe.close()
+    for k in range(30):
+        index = j.next_index
+        payload = bytes([k]) * (k * 97 % 3000)
+        j.append(index, payload)
+        written.append((index, payload))
+        if k % 3:
+            j.start_write(j.take(), overlap=True)
+            if has_aio:  # submitted, not yet waited for
+                assert j._aio is not None
+                assert j._aio.busy
+            with pytest.raises(JournalError, match="already in flight"):
+                j.start_write(b"")
+            j.finish_write()
+        else:
+            j.write(j.take())
+    j.close()
+    assert opened(path, None)[1] == written
+
+
+def test_a_write_the_kernel_refuses_raises(tmp_path: Path) -> None:
+    aio = Aio.create()
+    if aio is None:
+        pytest.skip("no Linux AIO here")
+    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT, 0o600)  # read-only: EBADF
+    buf = mmap.mmap(-1, BLOCK)
+    ref = ctypes.c_char.from_buffer(buf)
+    try:
+        with pytest.raises(OSError, match="io_submit"):
+            aio.submit(fd, ctypes.addressof(ref), BLOCK, 0)
+        assert not aio.busy
+    finally:
+        del ref
+        aio.close()
+        os.close(fd)
+        buf.close()
+
+
+def test_a_journal_holding_max_records_counts_as_full(tmp_path: Path) -> None:
+    """The record bound keeps what recovery replays small, whatever the bytes."""
+    j = Journal(str(tmp_path / "j"), SEGMENT, max_records=5)
+    list(j.open())
+    write_all(j, [b"x"] * 5)
+    assert j.fits(10)
+    j.append(j.next_index, b"x")
+    assert not j.fits(10)
+    with pytest.raises(JournalFull):
+        j.write(j.take())
+    j.reset(j.next_index)  # a checkpoint
+    assert j.fits(10)
+    j.close()

@@ -292,9 +292,13 @@ class BrokerCore:
         os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
         self.store.open()
         t0 = time.monotonic()
-        # The journal first: what it writes back must be in the store the indexes are built from.
-        replayed = self.log.recover() if isinstance(self.log, LocalLog) else 0
-        self.sm.recover()
+        # A single node's log opens the state machine itself, then applies what the journal
+        # holds beyond the store; a cluster node's Raft log does that once it runs.
+        if isinstance(self.log, LocalLog):
+            replayed = self.log.recover()
+        else:
+            replayed = 0
+            self.sm.recover()
         log.info(
             "store.recovered",
             extra=kv(

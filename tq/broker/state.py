@@ -567,9 +567,8 @@ class StateMachine:
         ids_cf = CF_IDS
         pending_cf = CF_PENDING
         encode = _enc.encode
-        put, pending_h, pending_ov, pending_code = batch.writer(pending_cf)
-        _, ids_h, ids_ov, ids_code = batch.writer(ids_cf)
-        ops = batch.ops
+        put, pending_h, pending_ov = batch.writer(pending_cf)
+        _, ids_h, ids_ov = batch.writer(ids_cf)
         seq = self.next_seq
         pending = PENDING
         tids = [spec.id.encode() for spec in specs]
@@ -619,9 +618,6 @@ class StateMachine:
             )
             put(key, value, pending_h)
             put(tid, key, ids_h)
-            if ops is not None:
-                ops.append((pending_code, key, value))
-                ops.append((ids_code, tid, key))
             if mirror:
                 pending_ov[key] = value
                 ids_ov[tid] = key

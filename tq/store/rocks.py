@@ -21,9 +21,7 @@ from tq.errors import TqError
 from tq.store.keys import CF
 
 _MISSING: Any = object()
-_CODES = {cf: i for i, cf in enumerate(CF)}  # a column family's number in an effects record
-_BY_CODE = list(CF)
-_effects_enc = msgspec.msgpack.Encoder()
+_BY_CODE = list(CF)  # a column family by its number in an effects record (format-2 journals)
 _effects_dec = msgspec.msgpack.Decoder(list[tuple[int, bytes, bytes | None]])
 CF_WRITE_BUFFER_BYTES = 8 * 1024 * 1024
 DB_WRITE_BUFFER_BYTES = 48 * 1024 * 1024
@@ -52,42 +50,32 @@ class Batch:
 
     The state machine reads what it wrote earlier in the same apply (a task submitted and claimed
     in one tick), so puts and deletes are mirrored in a small overlay consulted by ``Store.get``.
-
-    With ``record`` the writes are also kept as ``(cf number, key, value or None)`` effects: the
-    single node's commit journal stores exactly those, so a replay after a power cut puts back
-    the very bytes RocksDB lost, without running the state machine.
     """
 
-    __slots__ = ("_handles", "_n", "_overlays", "_wb", "ops")
+    __slots__ = ("_handles", "_n", "_overlays", "_wb")
 
-    def __init__(self, handles: dict[CF, Any], record: bool = False) -> None:
+    def __init__(self, handles: dict[CF, Any]) -> None:
         self._wb = rocksdict.WriteBatch(raw_mode=True)
         self._handles = handles
         # One dict per column family: no (cf, key) tuple to build and hash per write.
         self._overlays: dict[CF, dict[bytes, bytes | None]] = {cf: {} for cf in handles}
         self._n = 0
-        self.ops: list[tuple[int, bytes, bytes | None]] | None = [] if record else None
 
     def put(self, cf: CF, key: bytes, value: bytes) -> None:
         self._wb.put(key, value, self._handles[cf])
         self._overlays[cf][key] = value
         self._n += 1
-        if self.ops is not None:
-            self.ops.append((_CODES[cf], key, value))
 
     def delete(self, cf: CF, key: bytes) -> None:
         self._wb.delete(key, self._handles[cf])
         self._overlays[cf][key] = None
         self._n += 1
-        if self.ops is not None:
-            self.ops.append((_CODES[cf], key, None))
 
-    def writer(self, cf: CF) -> tuple[Any, Any, dict[bytes, bytes | None], int]:
-        """For hot loops: the raw put function, the family's handle, its overlay and its effects
-        number, so a caller can do ``put(key, value, handle); overlay[key] = value`` (and, when
-        ``ops`` is a list, ``ops.append((number, key, value))``) without method calls, then
+    def writer(self, cf: CF) -> tuple[Any, Any, dict[bytes, bytes | None]]:
+        """For hot loops: the raw put function, the family's handle and its overlay, so a caller
+        can do ``put(key, value, handle); overlay[key] = value`` without method calls, then
         report how many writes it made with ``count``."""
-        return self._wb.put, self._handles[cf], self._overlays[cf], _CODES[cf]
+        return self._wb.put, self._handles[cf], self._overlays[cf]
 
     def count(self, n: int) -> None:
         self._n += n
@@ -113,8 +101,6 @@ class Store:
         self._handles: dict[CF, Any] = {}
         self._cfs: dict[CF, Any] = {}
         self._wo: Any = None
-        self.record_effects = False  # batches keep their effects (single node: the journal)
-        self._last: Batch | None = None
 
     def open(self) -> None:
         os.makedirs(self.path, exist_ok=True)
@@ -141,7 +127,7 @@ class Store:
     # --- writes ----------------------------------------------------------------------------------
 
     def batch(self) -> Batch:
-        return Batch(self._handles, self.record_effects)
+        return Batch(self._handles)
 
     def write(self, batch: Batch) -> None:
         """Apply atomically, not yet durable: the journal (or ``flush_wal``) makes it so."""
@@ -150,20 +136,11 @@ class Store:
                 self._db.write(batch._wb, self._wo)
             except Exception as exc:  # rocksdict raises plain Exception("IO error: ...")
                 raise StoreError(f"store write failed: {exc}") from exc
-        if batch.ops is not None:  # only a recording batch is asked for its effects
-            self._last = batch
-
-    def take_effects(self) -> bytes:
-        """The effects of the batch written last (``record_effects`` on), encoded for a journal."""
-        batch, self._last = self._last, None
-        if batch is None or batch.ops is None:
-            raise StoreError("no recorded batch to take effects from")
-        return _effects_enc.encode(batch.ops)
 
     def write_effects(self, payload: bytes) -> None:
-        """Write back a batch's effects (from ``take_effects``), e.g. replayed from a journal.
-        Not yet durable, like ``write``. Putting back what the store already holds is harmless:
-        every effect is a whole value or a delete."""
+        """Write back a batch's effects, ``(cf number, key, value or None)`` as a format-2
+        journal holds them (tq/broker/log.py). Not yet durable, like ``write``. Putting back what
+        the store already holds is harmless: every effect is a whole value or a delete."""
         wb = rocksdict.WriteBatch(raw_mode=True)
         handles = self._handles
         for code, key, value in _effects_dec.decode(payload):
