@@ -117,6 +117,7 @@ class Journal:
         self._pending = bytearray()  # appended, not yet taken
         self._tail = b""  # bytes of the partial block at the end of the durable records
         self._buf = mmap.mmap(-1, 1024 * 1024)  # page-aligned staging for O_DIRECT writes
+        self._buf_address = 0  # where it is, for AIO (0: not looked up yet)
         self._header_due = False  # a lazy reset's header goes out with the next write
         self._aio: Aio | None = None  # made on first use (start_write with overlap)
         self._no_aio = False  # Aio.create() found none: do not ask again
@@ -273,6 +274,7 @@ class Journal:
             if span > len(self._buf):
                 self._buf.close()
                 self._buf = mmap.mmap(-1, -(-span // (1 << 20)) * (1 << 20))
+                self._buf_address = 0
             buf = self._buf
             buf[: len(prefix)] = prefix
             buf[len(prefix) : size] = data
@@ -302,13 +304,14 @@ class Journal:
                 self._no_aio = True
                 log.info("journal.no_aio", extra={"path": self.path})
                 return False
-        # The address of the staging map, without keeping an export of it alive (which would
-        # stop the map from being replaced); the map lives until close(), which waits for the
-        # write first.
-        ref = ctypes.c_char.from_buffer(self._buf)
-        address = ctypes.addressof(ref)
-        del ref
-        self._aio.submit(self._fd, address, span, start)
+        if not self._buf_address:
+            # Looked up without keeping an export of the map alive (which would stop it from
+            # being replaced by a bigger one); the map lives until replaced or closed, and
+            # close() waits for the write first.
+            ref = ctypes.c_char.from_buffer(self._buf)
+            self._buf_address = ctypes.addressof(ref)
+            del ref
+        self._aio.submit(self._fd, self._buf_address, span, start)
         return True
 
     def finish_write(self) -> None:
