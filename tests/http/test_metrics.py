@@ -106,3 +106,15 @@ def test_queue_gauges_show_depth_by_priority_and_pause(api: Api) -> None:
     assert depth == {"high": 1, "normal": 0, "low": 2}
     assert m[("tq_queue_paused", (("queue", "q"),))] == 1
     assert m[("tq_queue_oldest_pending_age_seconds", (("queue", "q"),))] >= 0
+
+
+def test_queue_lists_and_gauges_say_how_many_queues_they_leave_out(api: Api) -> None:
+    """At most 1,000 queues are listed (and get series): the rest are counted, not hidden."""
+    specs = [{"name": "echo", "queue": f"q{i:04d}"} for i in range(1_003)]
+    api.ok("POST", "/api/v1/tasks/batch", {"tasks": specs}, status=201)
+    listed = api.ok("GET", "/api/v1/queues")
+    assert len(listed["queues"]) == 1_000
+    assert listed["left_out"] == 3
+    m = scrape(api)
+    assert m[("tq_queues_left_out", ())] == 3
+    assert len({labels for name, labels in m if name == "tq_queue_running"}) == 1_000

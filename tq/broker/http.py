@@ -813,7 +813,7 @@ class HttpServer:
             )
             for name, s in self.core.queue_stats().items()
         ]
-        return _json(QueueList(queues))
+        return _json(QueueList(queues, left_out=self.core.sm.queues_left_out))
 
     async def pause_queue(self, request: web.Request) -> web.StreamResponse:
         return await self._pause(request, True)

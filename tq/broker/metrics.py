@@ -307,8 +307,13 @@ class BrokerMetrics:
             "tq_queue_delayed", "Tasks waiting out a retry backoff", labels=["queue"]
         )
         paused = GaugeMetricFamily("tq_queue_paused", "1 if the queue is paused", labels=["queue"])
+        left_out = GaugeMetricFamily(
+            "tq_queues_left_out",
+            "Queues with tasks that the per-queue series leave out (at most 1,000 are listed)",
+        )
         now_ms = self._core.clock()
-        for queue, stats in self._core.sm.queue_stats().items():
+        sm = self._core.sm
+        for queue, stats in sm.queue_stats().items():
             for priority in Priority:
                 depth.add_metric([queue, priority.label], stats.pending.get(priority.label, 0))
             age = (now_ms - stats.oldest_pending_ms) / 1000 if stats.oldest_pending_ms else 0.0
@@ -316,7 +321,8 @@ class BrokerMetrics:
             running.add_metric([queue], stats.running)
             delayed.add_metric([queue], stats.delayed)
             paused.add_metric([queue], 1 if stats.paused else 0)
-        yield from (depth, oldest, running, delayed, paused)
+        left_out.add_metric([], sm.queues_left_out)
+        yield from (depth, oldest, running, delayed, paused, left_out)
 
     def _cluster_gauges(self) -> Iterator[Metric]:
         status = self._core.log.status()

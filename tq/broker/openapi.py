@@ -160,6 +160,8 @@ class QueueOut(msgspec.Struct):
 
 class QueueList(msgspec.Struct):
     queues: list[QueueOut]
+    # Queues not listed: at most 1,000 are (busy first, then the deepest), as in stats.
+    left_out: int = 0
 
 
 class QueuePaused(msgspec.Struct):
