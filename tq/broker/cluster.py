@@ -32,6 +32,7 @@ import _socket
 import asyncio
 import concurrent.futures
 import errno
+import glob
 import io
 import json
 import logging
@@ -47,7 +48,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import msgspec
 import pysyncobj.syncobj as _pso
@@ -704,12 +705,14 @@ class ReplicatedMachine(Protocol):
 
     def snapshot(self) -> bytes:
         """State as of ``applied_index()`` (which RaftLog guarantees is the snapshot index).
-        A machine may offer ``snapshot_begin() -> Callable[[], bytes]`` instead: capture in the
-        loop, pack in another thread (ReplicatedState does)."""
+        A machine may offer ``snapshot_begin() -> Callable[[BinaryIO], None]`` instead: capture
+        in the loop, then write the state into the snapshot file from another thread, never
+        whole in memory (ReplicatedState does)."""
         ...
 
     def restore(self, blob: bytes) -> None:
-        """Replace the state by a snapshot; ``applied_index()`` then reports its index."""
+        """Replace the state by a snapshot; ``applied_index()`` then reports its index. A machine
+        may offer ``restore_from(f: BinaryIO)`` too, which reads it from the file instead."""
         ...
 
 
@@ -1252,12 +1255,15 @@ class RaftLog:
         self._snapshot_job = job
         final = file_name[: -len(".tmp")] if file_name.endswith(".tmp") else file_name + ".tq"
 
-        def finish(pack: Callable[[], bytes]) -> None:  # snapshot thread
+        def finish(pack: Callable[[BinaryIO], None]) -> None:  # snapshot thread
             try:
-                blob = pack()
                 fd = os.open(file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # payloads
                 with os.fdopen(fd, "wb") as f:
-                    pickle.dump({"v": 1, "index": target, "raft": data, "sm": blob}, f, protocol=4)
+                    # Format 2: a small pickled header, then the machine's state streamed after
+                    # it. Format 1 pickled the state as one bytes object: the whole store in
+                    # memory at once (twice, on the node that received it).
+                    pickle.dump({"v": 2, "index": target, "raft": data}, f, protocol=4)
+                    pack(f)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(file_name, final)
@@ -1278,10 +1284,13 @@ class RaftLog:
                     raise Closed("raft log closed")
                 begin_ = getattr(self.sm, "snapshot_begin", None)
                 if begin_ is not None:
-                    pack: Callable[[], bytes] = begin_()
+                    pack: Callable[[BinaryIO], None] = begin_()
                 else:
                     blob = self.sm.snapshot()
-                    pack = lambda: blob  # noqa: E731
+
+                    def pack(f: BinaryIO) -> None:
+                        f.write(blob)
+
             except BaseException as exc:
                 log.exception("raft.snapshot_failed index=%d", target)
                 job.error = exc
@@ -1321,6 +1330,7 @@ class RaftLog:
             # traffic is: the file only ever comes from this node or from a peer authenticated
             # by the cluster secret (Fernet). Keep the Raft port private (DESIGN.md).
             d = pickle.load(f)  # noqa: S301
+            offset = f.tell()  # format 2: the machine's state follows the header
             os.fchmod(f.fileno(), 0o600)  # pysyncobj writes a received one with its umask
             os.fsync(f.fileno())  # received snapshots are written without fsync
         index = d["index"]
@@ -1333,7 +1343,16 @@ class RaftLog:
 
         def restore() -> None:
             if index > self._applied:
-                self.sm.restore(d["sm"])
+                if d.get("v", 1) == 1:
+                    self.sm.restore(d["sm"])
+                else:
+                    with open(file_name, "rb") as f:
+                        f.seek(offset)
+                        restore_from = getattr(self.sm, "restore_from", None)
+                        if restore_from is not None:
+                            restore_from(f)
+                        else:
+                            self.sm.restore(f.read())
                 self._applied = self.sm.applied_index()
                 self.snapshots_restored += 1
 
@@ -1448,14 +1467,24 @@ class ReplicatedState:
         return result
 
     def snapshot(self) -> bytes:
-        return self.snapshot_begin()()
+        buf = io.BytesIO()
+        self.snapshot_begin()(buf)
+        return buf.getvalue()
 
-    def snapshot_begin(self) -> Callable[[], bytes]:
-        """Capture the state now (loop thread): returns what packs it into the snapshot blob,
-        to run in another thread (a tar of the whole store took seconds on the loop)."""
+    def snapshot_begin(self) -> Callable[[BinaryIO], None]:
+        """Capture the state now (loop thread): returns what writes it into the snapshot file,
+        to run in another thread (a tar of the whole store took seconds on the loop). The tar
+        is streamed into the file, never held in memory: that cost as much memory as the store
+        is big, on every node at once (they compact at the same log length)."""
         # The journal is about to be compacted: what it held must be durable in the store.
         self.store.flush_wal()
-        tmp = tempfile.mkdtemp(prefix="tq-snap-")
+        # Beside the store, not in /tmp: a checkpoint is hard links only on the same filesystem
+        # (elsewhere RocksDB copies every file). One left by a node killed while packing would
+        # keep compacted-away files alive: the previous snapshot is done (pysyncobj starts one
+        # at a time), so any such directory is stale.
+        for stale in glob.glob(os.path.join(glob.escape(self.store.parent), "tq-snap-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix="tq-snap-", dir=self.store.parent)
         checkpoint = os.path.join(tmp, "store")
         try:
             self.store.checkpoint(checkpoint)  # hard links: later writes do not change it
@@ -1463,20 +1492,22 @@ class ReplicatedState:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-        def pack() -> bytes:
+        def pack(f: BinaryIO) -> None:
             try:
-                buf = io.BytesIO()
-                with tarfile.open(fileobj=buf, mode="w") as tar:
+                with tarfile.open(fileobj=f, mode="w|") as tar:
                     tar.add(checkpoint, arcname="store")
-                return buf.getvalue()
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
         return pack
 
     def restore(self, blob: bytes) -> None:
+        self.restore_from(io.BytesIO(blob))
+
+    def restore_from(self, f: BinaryIO) -> None:
+        """Replace the store by the snapshot read from ``f`` (a tar stream, read as it comes)."""
         with tempfile.TemporaryDirectory(prefix="tq-restore-", dir=self.store.parent) as tmp:
-            with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+            with tarfile.open(fileobj=f, mode="r|") as tar:
                 tar.extractall(tmp, filter="data")
             self.store.replace_with(os.path.join(tmp, "store"))
         self.sm.reset()
