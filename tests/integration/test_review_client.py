@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from tq import AsyncClient, Client
-from tq.errors import BadRequest, BrokerUnavailable, OutcomeUnknown, TqError
+from tq.errors import BadRequest, BrokerUnavailable, OutcomeUnknown, TqError, WaitTimeout
 from tq.protocol.codec import decode_request, encode
 from tq.protocol.framing import FrameDecoder
-from tq.protocol.messages import CancelTask, Hello, Nack, SubmitTask, Welcome
+from tq.protocol.messages import Ack, CancelTask, Hello, Nack, Ping, SubmitTask, Welcome
 
 from tests.conftest import BrokerProcess, WorkerProcess
 
@@ -266,3 +266,85 @@ async def test_a_request_whose_outcome_is_unknown_is_sent_again_only_if_safe() -
             assert sum(isinstance(m, SubmitTask) for m in mute.requests) >= 2
         finally:
             await c.close()
+
+
+# --- liveness probes ------------------------------------------------------------------------------
+
+
+async def test_a_hung_broker_is_given_up_after_a_liveness_probe_not_the_whole_timeout(
+    broker: BrokerProcess,
+) -> None:
+    """With requests in flight and nothing heard for ``liveness_s``, the client pings; nothing
+    after as long again, and the requests fail over as if timed out. A hung leader held every
+    request for its whole ``timeout_s`` (30 s by default, longer for a wait)."""
+    c = AsyncClient(broker.url, timeout_s=60.0, connect_timeout_s=1.0, liveness_s=0.5)
+    try:
+        tid = await c.submit("echo", 1)
+        loop = asyncio.get_running_loop()
+        with frozen(broker):
+            started = loop.time()
+            # a cancel is not resent: the probe's verdict is the answer
+            with pytest.raises(BrokerUnavailable, match="not even a liveness probe"):
+                await asyncio.wait_for(c.cancel(tid), 20.0)
+            assert loop.time() - started < 3.0
+        # connected again; the cancel reached the broker's kernel and was applied once thawed
+        assert (await c.status(tid)).state == "cancelled"
+        tid = await c.submit("echo", 2)
+        with frozen(broker):
+            started = loop.time()
+            # a wait is safe to resend: after ~1 s of silence it connects again, and the hung
+            # broker's kernel accepts that connection, but nobody says hello (1 s)
+            with pytest.raises(BrokerUnavailable):
+                await asyncio.wait_for(c.wait(tid, timeout_s=100.0), 20.0)
+            assert loop.time() - started < 6.0
+    finally:
+        await c.close()
+
+
+async def test_a_long_wait_on_a_live_broker_is_not_cut_short_by_probes(
+    broker: BrokerProcess,
+) -> None:
+    """The broker answers the probes (from its loop, at once): a wait that hears nothing else
+    for many probe periods runs to its own end."""
+    async with AsyncClient(broker.url, liveness_s=0.2) as c:
+        tid = await c.submit("echo", 1)  # no worker: it stays pending
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(WaitTimeout):
+            await c.wait(tid, timeout_s=2.0)
+        assert asyncio.get_running_loop().time() - started >= 1.9
+        assert c.connected
+
+
+async def test_a_broker_that_answers_pings_but_not_the_request_waits_out_its_timeout() -> None:
+    """Alive but slow (here: never answering the request itself) is not hung: the request
+    gets its whole ``timeout_s``, as before probes."""
+
+    class PingOnly(MuteBroker):
+        async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            decoder = FrameDecoder(1 << 24)
+            while data := await reader.read(65536):
+                for body in decoder.feed(data):
+                    msg = decode_request(body)
+                    self.requests.append(msg)
+                    if isinstance(msg, Hello):
+                        writer.write(encode(Welcome(msg.rid, msg.version)))
+                    elif isinstance(msg, Ping):
+                        writer.write(encode(Ack(msg.rid)))
+
+    mute = PingOnly()
+    server = await asyncio.start_server(mute.serve, "127.0.0.1", 0)
+    url = f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    c = AsyncClient(url, timeout_s=2.0, connect_timeout_s=1.0, liveness_s=0.2)
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(BrokerUnavailable, match=r"did not answer within 2 s"):
+            await c.cancel("t-slow")  # not safe to resend: one timeout, then the error
+        assert asyncio.get_running_loop().time() - started >= 1.9
+        assert sum(isinstance(m, Ping) for m in mute.requests) >= 3
+    finally:
+        await c.close()
+        for w in mute.writers:
+            w.close()
+        await asyncio.gather(*(t for t in mute.handlers if t is not None), return_exceptions=True)
+        server.close()
+        await server.wait_closed()

@@ -54,6 +54,7 @@ from tq.protocol.messages import (
     ListTasks,
     Nack,
     PauseQueue,
+    Ping,
     Progress,
     QueryStatus,
     ReleaseTasks,
@@ -512,6 +513,9 @@ class Connection(asyncio.Protocol):
         if not self.core.serving:
             raise self.core.refusal()
 
+    def _on_ping(self, msg: Ping) -> None:
+        self._send(Ack(msg.rid))  # from the loop itself: an answer says the loop is alive
+
     def _on_status(self, msg: QueryStatus) -> None:
         self._require_serving()
         self._after_durable(msg.rid, lambda: self._status(msg.rid, msg.task_id))
@@ -841,6 +845,7 @@ _HANDLERS: dict[type[Any], Callable[[Connection, Any], None]] = {
     Unwatch: Connection._on_unwatch,
     Progress: Connection._on_progress,
     ExportTasks: Connection._on_export,
+    Ping: Connection._on_ping,
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from tq.client.connection import Connection, raise_for
+from tq.client.connection import LIVENESS_S, Connection, raise_for
 from tq.client.values import decode_value, encode_payload
 from tq.config import (
     DEFAULT_FRAME_LIMIT,
@@ -207,9 +207,14 @@ class AsyncClient:
         client_id: str | None = None,
         hello_extra: dict[str, Any] | None = None,
         max_frame_bytes: int = DEFAULT_FRAME_LIMIT,
+        liveness_s: float = LIVENESS_S,
     ) -> None:
+        """``liveness_s``: with requests in flight and nothing heard for this long, ask the
+        broker whether it is there; nothing after as long again, and they fail over (resent
+        once, if safe to) as if their ``timeout_s`` had passed. 0 turns probing off."""
         self.addresses = parse_broker_url(broker_url_from_env(url))
         self.timeout_s = timeout_s
+        self.liveness_s = liveness_s
         self.connect_timeout_s = connect_timeout_from_env(connect_timeout_s)
         self.token = token if token is not None else auth_token_from_env()
         self.role = role
@@ -298,7 +303,9 @@ class AsyncClient:
         left = max(MIN_ATTEMPT_S, deadline - loop.time())
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: Connection(self.max_frame_bytes), host, port),
+                loop.create_connection(
+                    lambda: Connection(self.max_frame_bytes, self.liveness_s), host, port
+                ),
                 timeout=left,
             )
         except TimeoutError:
@@ -397,15 +404,16 @@ class AsyncClient:
                     raise
                 await asyncio.sleep(min(0.02 * tries.attempts, 0.2))
                 continue
-            except TimeoutError:
+            except TimeoutError as exc:
                 # No answer at all: a hung broker (a SIGSTOPped or cut-off leader, whose
                 # followers have elected another by now) or one far too slow. The connection is
                 # what is suspect, and kept, every later request would queue behind this one on
                 # it: drop it (the other requests in flight on it fail over with it, or fail if
-                # not safe to resend), and start the next connect at the next address.
-                error = BrokerUnavailable(
-                    f"the broker at {conn.address} did not answer within {wait_s:g} s"
-                )
+                # not safe to resend), and start the next connect at the next address. (A
+                # ``Silent`` connection says so sooner than ``wait_s``: nothing was heard on it,
+                # not even the answer to a liveness probe.)
+                detail = str(exc) or f"did not answer within {wait_s:g} s"
+                error = BrokerUnavailable(f"the broker at {conn.address} {detail}")
                 self._drop(conn, error)
                 if not tries.again(sent, safe=retry, timed_out=True):
                     raise error from None

@@ -20,7 +20,7 @@ from tq.errors import (
 from tq.model import MAX_PAYLOAD_BYTES
 from tq.protocol.codec import decode_response, encode
 from tq.protocol.framing import HEADER_BYTES, FrameDecoder
-from tq.protocol.messages import Nack, Response, Welcome
+from tq.protocol.messages import Nack, Ping, Response, Welcome
 
 log = logging.getLogger("tq.client")
 SWEEP_S = 0.25
@@ -29,10 +29,20 @@ SWEEP_S = 0.25
 # lets the broker start on the first requests while it builds the rest, instead of the two
 # taking turns (measured: one client, 256 single submits in flight, ~39k -> ~50k tasks/s).
 EARLY_FLUSH_BYTES = 16 * 1024
+# Requests in flight and nothing heard for this long: ask the broker whether it is there (Ping);
+# still nothing after as long again, and the connection is given up (see ``Silent``).
+LIVENESS_S = 5.0
+
+
+class Silent(TimeoutError):
+    """Requests in flight, and nothing heard from the broker, a liveness probe included, for
+    twice ``liveness_s``: a hung broker (a stopped process, a frozen VM), whose kernel still
+    takes the bytes, so nothing fails by itself. A busy broker answers the probe from its event
+    loop at once, and a long ``wait`` on a live broker is never cut short by this."""
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, max_frame_bytes: int) -> None:
+    def __init__(self, max_frame_bytes: int, liveness_s: float = LIVENESS_S) -> None:
         # Replies may exceed the frame limit requests are held to: one task's record carries
         # its payload and its result (up to 10 MiB each) besides its error.
         self._decoder = FrameDecoder(max_frame_bytes + 2 * MAX_PAYLOAD_BYTES + (1 << 20))
@@ -55,6 +65,12 @@ class Connection(asyncio.Protocol):
         # thousands of requests a second, per-request timers cost more than the request.
         self._deadlines: dict[int, float] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        # Liveness (see Silent): reads counted in data_received, compared at each sweep.
+        self.liveness_s = liveness_s  # 0: never probe
+        self._reads = 0
+        self._reads_seen = 0
+        self._silent_since = 0.0
+        self._probe: int | None = None  # rid of the Ping in flight
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -77,6 +93,7 @@ class Connection(asyncio.Protocol):
         self.closed.set()
 
     def data_received(self, data: bytes) -> None:
+        self._reads += 1
         try:
             frames = self._decoder.feed(data)
             for body in frames:
@@ -135,6 +152,8 @@ class Connection(asyncio.Protocol):
         self._deadlines[rid] = loop.time() + timeout_s
         if self._sweeper is None:
             self._sweeper = loop.call_later(SWEEP_S, self._sweep)
+            self._silent_since = loop.time()  # silence counts from now, not from the last read
+            self._reads_seen = self._reads
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._out_bytes >= EARLY_FLUSH_BYTES:
@@ -164,7 +183,33 @@ class Connection(asyncio.Protocol):
             fut = self._pending.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_exception(TimeoutError())
+        if self.liveness_s:
+            self._check_liveness(now)
         self._sweeper = loop.call_later(SWEEP_S, self._sweep) if self._deadlines else None
+
+    def _check_liveness(self, now: float) -> None:
+        if self._reads != self._reads_seen:
+            self._reads_seen = self._reads
+            self._silent_since = now
+            self._probe = None
+        silent = now - self._silent_since
+        waiting = len(self._pending) - (self._probe in self._pending)
+        if not waiting or silent < self.liveness_s:
+            return
+        if self._probe is None:
+            rid = self._probe = self.next_rid()
+            try:
+                probe = self.send(rid, Ping(rid), 2 * self.liveness_s)
+            except TqError:
+                return  # closing: connection_lost fails what is in flight
+            probe.add_done_callback(_consume)
+        elif silent >= 2 * self.liveness_s:
+            error = Silent(f"answered nothing for {silent:.1f} s, not even a liveness probe")
+            for rid in [rid for rid in self._pending if rid != self._probe]:
+                self._deadlines.pop(rid, None)
+                fut = self._pending.pop(rid)
+                if not fut.done():
+                    fut.set_exception(error)
 
     def add_stream(self, rid: int, callback: Callable[[Response | TqError], None]) -> None:
         """Route every message for ``rid`` after its first reply to ``callback``."""
@@ -193,6 +238,13 @@ class Connection(asyncio.Protocol):
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+
+def _consume(fut: asyncio.Future[Response]) -> None:
+    """A probe's answer is only ever looked at as bytes read: retrieve its outcome so that a
+    failed one is not reported as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def raise_for(msg: Response) -> Response:

@@ -190,6 +190,14 @@ class ReleaseTasks(_Msg, tag="release", frozen=True):
     leases: list[LeaseRef]
 
 
+class Ping(_Msg, tag="ping", frozen=True):
+    """Are you there? Answered with an ``Ack`` at once. A client whose requests have heard
+    nothing for a while asks, to tell a hung broker (a stopped process, whose kernel still takes
+    the bytes) from a busy one, without waiting out each request's whole timeout."""
+
+    rid: int
+
+
 class QueryStatus(_Msg, tag="status", frozen=True):
     rid: int
     task_id: str
@@ -314,6 +322,7 @@ Request = (
     | ResultBatch
     | Heartbeat
     | ReleaseTasks
+    | Ping
     | QueryStatus
     | WaitTask
     | Unwait
