@@ -39,13 +39,15 @@ LEASE_MS = 1_000
 class Node:
     """Store, state machine and log opened the way ``BrokerCore.start`` opens them."""
 
-    def __init__(self, data: Path, journal_bytes: int = 1024 * 1024) -> None:
+    def __init__(
+        self, data: Path, journal_bytes: int = 1024 * 1024, lease_ms: int = LEASE_MS
+    ) -> None:
         self.fatal: list[BaseException] = []
         self.store = Store(str(data / "store"))
         self.store.open()
         self.sm = StateMachine(
             self.store,
-            lease_ms=LEASE_MS,
+            lease_ms=lease_ms,
             heartbeat_timeout_ms=3_000,
             retry=RetryPolicy(base_s=0.5, max_s=1.0),
         )
@@ -543,3 +545,89 @@ def test_a_format_2_journal_of_effects_is_still_written_back(tmp_path: Path) -> 
     assert list(reopened.open()) == []
     assert reopened.format == 3
     reopened.close()
+
+
+def test_batches_are_applied_again_with_the_settings_they_were_first_applied_with(
+    tmp_path: Path,
+) -> None:
+    """A power cut, then a restart with another ``--lease``: the journal's claim must get the
+    deadline it first got, or the tick after it expires the lease and the worker's accepted
+    report is rejected on replay (an acknowledged result lost)."""
+    a = tmp_path / "a"
+    node = Node(a, lease_ms=30_000)
+    cut = tmp_path / "cut"
+
+    async def run() -> None:
+        log = node.log
+        log.start(asyncio.get_running_loop())
+        await commit(log, 1_000, [RegisterWorker("w1"), Submit(specs(0, 1))])
+        node.store.checkpoint(str(cut))
+        lease = leased(await commit(log, 2_000, [Claim("w1", ["default"], 1)]))[0]
+        await commit(log, 5_000, [Extend("w1", [])])  # the worker is alive (heartbeat 3 s)
+        await commit(log, 5_500, [Tick()])  # 3.5 s after the claim: inside 30 s, not 3 s
+        report = [Outcome(lease.task.id, lease.token, True, b"1")]
+        assert await commit(log, 6_000, [Report("w1", report)]) == [([lease.task.id], [])]
+
+    asyncio.run(run())
+    expected = dump_store(node.store)
+    node.close()
+    b = tmp_path / "b"
+    b.mkdir()
+    shutil.copytree(cut, b / "store")
+    shutil.copy(a / "journal", b / "journal")
+    again = Node(b, lease_ms=3_000)
+    assert again.replayed == 4
+    assert again.sm.counts["completed"] == 1
+    # the same bytes, but for the settings each start records (this one's lease is 3 s)
+    assert without_settings(dump_store(again.store)) == without_settings(expected)
+    assert again.sm.lease_ms == 3_000  # this run's own flags once the journal is applied
+    again.close()
+
+
+def test_a_batch_that_failed_to_apply_is_not_applied_at_the_next_start(tmp_path: Path) -> None:
+    """An idle broker's write starts before the apply: when the apply then fails (disk full),
+    the batch is on disk though its clients were told it failed. A VOID record after it keeps
+    the restart from applying it."""
+    node = Node(tmp_path)
+    db = node.store._db
+
+    class Refusing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(db, name)
+
+        def write(self, *args: Any) -> None:
+            raise Exception("IO error: No space left on device: While appending to file")
+
+    async def run() -> Any:
+        log = node.log
+        log.start(asyncio.get_running_loop())
+        await commit(log, 1, [Submit(specs(0, 2))])
+        node.store._db = Refusing()  # type: ignore[assignment]
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        log.append(2, [Submit(specs(2, 1)), Cancel("t000000")], fut.set_result)
+        log.kick()
+        return await fut
+
+    answer = asyncio.run(run())
+    assert isinstance(answer, StoreError)
+    assert log_inline(node) == 2  # both commits' writes were started before their apply
+    node.store._db = db
+    node.close()
+    again = Node(tmp_path)
+    assert again.sm.get_task("t000002") is None
+    assert again.sm.get_task("t000000").state == "pending"  # not cancelled
+    assert again.sm.counts["pending"] == 2
+    assert again.sm.applied_index == 3  # the failed batch and its VOID record, as empty batches
+    again.close()
+    third = Node(tmp_path)  # and nothing is left to apply again
+    assert third.replayed == 0
+    third.close()
+
+
+def log_inline(node: Node) -> int:
+    return node.log.counters()["journal_inline_writes"]
+
+
+def without_settings(dump: dict[str, list[tuple[bytes, bytes]]]) -> dict[str, Any]:
+    """The store's bytes but for the settings each start records (LocalLog's SETTINGS_KEY)."""
+    return dump | {"meta": [kv for kv in dump["meta"] if kv[0] != b"apply_settings"]}

@@ -44,8 +44,8 @@ from typing import Any
 import msgspec
 
 from tq.broker.commands import Claim, Command, CommandBatch, Extend, Release, Report, Submit
-from tq.broker.state import ApplyResult, StateMachine
-from tq.errors import NotLeader
+from tq.broker.state import ApplyResult, ApplySettings, StateMachine
+from tq.errors import NotLeader, OutcomeUnknown
 from tq.logfields import kv
 from tq.store import CF, Store
 from tq.store.journal import SEGMENT_BYTES, Journal, JournalError
@@ -61,6 +61,12 @@ JOURNAL_MAX_BYTES = 64 * 1024  # ... and so is one whose record is bigger (big p
 JOURNAL_MAX_RECORDS = 10_000
 _batch_enc = msgspec.msgpack.Encoder()
 _batch_dec = msgspec.msgpack.Decoder(CommandBatch)
+_settings_enc = msgspec.msgpack.Encoder()
+_settings_dec = msgspec.msgpack.Decoder(ApplySettings)
+SETTINGS_KEY = b"apply_settings"  # in the store's meta: see LocalLog._apply_again
+# A record saying the batch before it failed to apply (see LocalLog.append). 0xc1 is the one byte
+# msgpack never uses, so no batch record starts with it.
+VOID = b"\xc1tq-void:"
 
 
 class LocalLog:
@@ -140,12 +146,7 @@ class LocalLog:
         else:
             self._sm.recover()
             if first is not None:
-                for index, payload in itertools.chain((first,), records):
-                    if index != applied + 1:
-                        break  # reported below
-                    batch = _batch_dec.decode(payload)
-                    self._sm.apply(batch.now_ms, batch.commands, applied_index=index)
-                    applied, replayed = index, replayed + 1
+                applied, replayed = self._apply_again(applied, itertools.chain((first,), records))
         if self._journal.next_index > applied + 1:  # (never below first_index)
             raise JournalError(
                 f"the journal holds batches from {self._journal.first_index} on, but the store "
@@ -154,12 +155,62 @@ class LocalLog:
             )
         if self._journal.created and applied > 0:
             log.warning("journal.missing", extra=kv(path=self._journal.path, applied=applied))
+        # What this run's batches will be applied with, durable with the rest (see _apply_again).
+        batch = self._store.batch()
+        batch.put(CF.META, SETTINGS_KEY, _settings_enc.encode(self._sm.settings))
+        self._store.write(batch)
         self._store.flush_wal()
         self._journal.reset(applied + 1)
         self._journal.next_index = applied + 1
         self._index = self._durable = applied
         self.replayed = replayed
         return replayed
+
+    def _apply_again(self, applied: int, records: Iterable[tuple[int, bytes]]) -> tuple[int, int]:
+        """Apply the journal's batches after ``applied`` again; returns the last index reached
+        and how many batches were applied.
+
+        Under the settings they were first applied with: recorded in the store when that run
+        started (the journal holds only batches of the run since, as every start syncs the
+        store and restarts the journal), whatever this start's flags. A batch followed by a
+        ``VOID`` record naming it failed to apply the first time (its clients were told so), and
+        is skipped: its index is applied as an empty batch."""
+        raw = self._store.get(CF.META, SETTINGS_KEY)
+        own = self._sm.settings
+        if raw is not None:
+            self._sm.settings = _settings_dec.decode(raw)
+        replayed = 0
+        try:
+            held: tuple[int, bytes] | None = None  # one record of lookahead, for a VOID
+            for index, payload in records:
+                if index != applied + 1 + (held is not None):
+                    break  # reported by the caller
+                if payload.startswith(VOID):
+                    if held is not None and int.from_bytes(payload[len(VOID) :], "big") == held[0]:
+                        self._sm.apply(0, [], applied_index=held[0])
+                        held = None
+                        log.warning("journal.void_skipped", extra=kv(index=index - 1))
+                    elif held is not None:
+                        replayed += self._replay(*held)
+                        held = None
+                    self._sm.apply(0, [], applied_index=index)
+                    applied = index
+                    continue
+                if held is not None:
+                    replayed += self._replay(*held)
+                    applied = held[0]
+                held = (index, bytes(payload))
+            if held is not None:
+                replayed += self._replay(*held)
+                applied = held[0]
+        finally:
+            self._sm.settings = own
+        return applied, replayed
+
+    def _replay(self, index: int, payload: bytes) -> int:
+        batch = _batch_dec.decode(payload)
+        self._sm.apply(batch.now_ms, batch.commands, applied_index=index)
+        return 1
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -177,12 +228,17 @@ class LocalLog:
             done(self.failed)
             return
         index = self._index + 1
-        record = None
+        journal = self._journal
+        record: bytes | None = None
         if _size(cmds) <= JOURNAL_OPS:
-            record = _batch_enc.encode(CommandBatch(now_ms, cmds))
+            try:
+                record = _batch_enc.encode(CommandBatch(now_ms, cmds))
+            except Exception as exc:  # (a bug: commands are validated before they get here)
+                done(exc)
+                self._fail(exc)
+                return
             if len(record) > JOURNAL_MAX_BYTES:
                 record = None
-        journal = self._journal
         if record is None:
             # A big batch (a client's batch of submits, a worker's results): writing it twice,
             # to RocksDB and to the journal, costs more than syncing RocksDB's WAL once, which
@@ -215,12 +271,21 @@ class LocalLog:
             # memory may be ahead of the store now, so the only safe answer is the one a failed
             # flush gets. Before, the exception escaped into the event loop: this tick's
             # clients never got a reply, and the broker stayed up, stuck, saying it was ready.
-            if self._inflight:  # its write must end before the journal can be closed
+            if self._inflight:
+                # Its record is on disk (or going there) already: a restart would apply it
+                # again, though its clients hear it failed. A VOID record after it says to skip
+                # it. If that cannot be written either, the truth is that nobody knows.
                 self._inflight = False
                 try:
-                    self._journal.finish_write()
-                except BaseException:  # failing anyway: the apply's error is the one to tell
-                    log.debug("journal.write_failed_after_apply_failed", exc_info=True)
+                    journal.finish_write()
+                    journal.append(index + 1, VOID + index.to_bytes(8, "big"))
+                    journal.write(journal.take())
+                except BaseException:
+                    log.exception("journal.void_failed", extra=kv(index=index))
+                    exc = OutcomeUnknown(
+                        f"{exc}; the batch was journalled and may be applied when the broker "
+                        "restarts"
+                    )
             done(exc)
             self._fail(exc)
             return

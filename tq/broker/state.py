@@ -141,6 +141,17 @@ _worker_dec = msgspec.msgpack.Decoder(WorkerRecord)
 WORKER_PREFIX: Final = b"worker:"
 
 
+class ApplySettings(msgspec.Struct, frozen=True, array_like=True):
+    """The broker flags ``apply`` depends on (``--lease``, ``--heartbeat-timeout``,
+    ``--retry-base``/``--retry-max``). A batch applied again after a crash must get the ones it
+    was first applied with, whatever the restart's flags: a claim's lease deadline, and whether
+    the tick after it expires that lease, depend on them."""
+
+    lease_ms: int
+    heartbeat_timeout_ms: int
+    retry: RetryPolicy
+
+
 class ReadyQueue:
     """FIFO of pending sequence numbers per priority, with lazy removal for cancelled tasks."""
 
@@ -376,6 +387,16 @@ class StateMachine:
                 self.nodes[name[5:]] = value.decode()
             elif name.startswith("paused:"):
                 self.paused.add(name[7:])
+
+    @property
+    def settings(self) -> ApplySettings:
+        return ApplySettings(self.lease_ms, self.heartbeat_timeout_ms, self.retry)
+
+    @settings.setter
+    def settings(self, value: ApplySettings) -> None:
+        self.lease_ms = value.lease_ms
+        self.heartbeat_timeout_ms = value.heartbeat_timeout_ms
+        self.retry = value.retry
 
     # --- apply -----------------------------------------------------------------------------------
 
