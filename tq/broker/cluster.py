@@ -1451,6 +1451,7 @@ class ReplicatedState:
         self.sm = sm
         self.store = store
         self.on_applied = on_applied
+        self.own_settings = sm.settings  # this node's flags: stamped on what it proposes
 
     def applied_index(self) -> int:
         return self.sm.applied_index
@@ -1462,6 +1463,8 @@ class ReplicatedState:
             # A bad entry still applies (as nothing), so every node stays in step.
             log.error("cluster.bad_entry index=%d error=%s", index, exc)
             return self.sm.apply(0, [], applied_index=index)
+        # The accepting leader's settings, not this node's flags (CommandBatch says why).
+        self.sm.settings = batch.settings or self.own_settings
         result = self.sm.apply(batch.now_ms, batch.commands, applied_index=index)
         self.on_applied(result)
         return result
@@ -1591,7 +1594,9 @@ class ClusterLog:
         if not self.is_leader:
             done(self.not_leader())
             return
-        fut = self.raft.propose(_batch_enc.encode(CommandBatch(now_ms, commands)))
+        fut = self.raft.propose(
+            _batch_enc.encode(CommandBatch(now_ms, commands, self.state.own_settings))
+        )
 
         def finished(f: asyncio.Future[Committed]) -> None:
             exc = f.exception()
@@ -1652,6 +1657,7 @@ class ClusterLog:
         batch = CommandBatch(
             int(time.time() * 1000),
             [Announce(self.raft_address, self.client_address, self.node_id)],
+            self.state.own_settings,
         )
         self.raft.propose(_batch_enc.encode(batch)).add_done_callback(
             lambda f: self._announced(gen, f)

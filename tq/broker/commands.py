@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from tq.config import DEFAULT_FRAME_LIMIT
+from tq.model import RetryPolicy
 from tq.protocol.messages import LeaseRef, Outcome, TaskSpec
 
 # What one claim leases at most, in payload (and error) bytes, before it stops: a reply of eight
@@ -131,8 +132,23 @@ Command = (
 )
 
 
+class ApplySettings(msgspec.Struct, frozen=True, array_like=True):
+    """The broker flags ``apply`` depends on (``--lease``, ``--heartbeat-timeout``,
+    ``--retry-base``/``--retry-max``): a claim's lease deadline, and whether a later tick
+    expires that lease, depend on them."""
+
+    lease_ms: int
+    heartbeat_timeout_ms: int
+    retry: RetryPolicy
+
+
 class CommandBatch(msgspec.Struct, frozen=True, array_like=True):
-    """One log entry: everything one loop tick collected, stamped with the leader's clock."""
+    """One log entry: everything one loop tick collected, stamped with the clock and the
+    settings of the node that accepted it. Every replica, and every replay after a restart,
+    applies it with those, not its own flags: a follower (or a restart) with another
+    ``--lease`` would otherwise give a claim another deadline and diverge. (Entries written
+    before ``settings`` existed have none: the applying node's own are used.)"""
 
     now_ms: int
     commands: list[Command]
+    settings: ApplySettings | None = None

@@ -44,7 +44,7 @@ from typing import Any
 import msgspec
 
 from tq.broker.commands import Claim, Command, CommandBatch, Extend, Release, Report, Submit
-from tq.broker.state import ApplyResult, ApplySettings, StateMachine
+from tq.broker.state import ApplyResult, StateMachine
 from tq.errors import NotLeader, OutcomeUnknown
 from tq.logfields import kv
 from tq.store import CF, Store
@@ -61,9 +61,6 @@ JOURNAL_MAX_BYTES = 64 * 1024  # ... and so is one whose record is bigger (big p
 JOURNAL_MAX_RECORDS = 10_000
 _batch_enc = msgspec.msgpack.Encoder()
 _batch_dec = msgspec.msgpack.Decoder(CommandBatch)
-_settings_enc = msgspec.msgpack.Encoder()
-_settings_dec = msgspec.msgpack.Decoder(ApplySettings)
-SETTINGS_KEY = b"apply_settings"  # in the store's meta: see LocalLog._apply_again
 # A record saying the batch before it failed to apply (see LocalLog.append). 0xc1 is the one byte
 # msgpack never uses, so no batch record starts with it.
 VOID = b"\xc1tq-void:"
@@ -84,6 +81,7 @@ class LocalLog:
         self._on_fatal = on_fatal
         self._on_applied = on_applied
         self._journal = Journal(journal_path, journal_bytes, max_records=JOURNAL_MAX_RECORDS)
+        self._settings = sm.settings  # this run's flags, stamped on every record
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._index = 0  # the last batch applied (and appended to the journal)
@@ -155,10 +153,6 @@ class LocalLog:
             )
         if self._journal.created and applied > 0:
             log.warning("journal.missing", extra=kv(path=self._journal.path, applied=applied))
-        # What this run's batches will be applied with, durable with the rest (see _apply_again).
-        batch = self._store.batch()
-        batch.put(CF.META, SETTINGS_KEY, _settings_enc.encode(self._sm.settings))
-        self._store.write(batch)
         self._store.flush_wal()
         self._journal.reset(applied + 1)
         self._journal.next_index = applied + 1
@@ -170,15 +164,11 @@ class LocalLog:
         """Apply the journal's batches after ``applied`` again; returns the last index reached
         and how many batches were applied.
 
-        Under the settings they were first applied with: recorded in the store when that run
-        started (the journal holds only batches of the run since, as every start syncs the
-        store and restarts the journal), whatever this start's flags. A batch followed by a
+        Under the settings they were first applied with (each record carries them, as a Raft
+        entry does), whatever this start's flags. A batch followed by a
         ``VOID`` record naming it failed to apply the first time (its clients were told so), and
         is skipped: its index is applied as an empty batch."""
-        raw = self._store.get(CF.META, SETTINGS_KEY)
         own = self._sm.settings
-        if raw is not None:
-            self._sm.settings = _settings_dec.decode(raw)
         replayed = 0
         try:
             held: tuple[int, bytes] | None = None  # one record of lookahead, for a VOID
@@ -209,6 +199,7 @@ class LocalLog:
 
     def _replay(self, index: int, payload: bytes) -> int:
         batch = _batch_dec.decode(payload)
+        self._sm.settings = batch.settings or self._settings
         self._sm.apply(batch.now_ms, batch.commands, applied_index=index)
         return 1
 
@@ -232,7 +223,7 @@ class LocalLog:
         record: bytes | None = None
         if _size(cmds) <= JOURNAL_OPS:
             try:
-                record = _batch_enc.encode(CommandBatch(now_ms, cmds))
+                record = _batch_enc.encode(CommandBatch(now_ms, cmds, self._settings))
             except Exception as exc:  # (a bug: commands are validated before they get here)
                 done(exc)
                 self._fail(exc)

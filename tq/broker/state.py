@@ -29,6 +29,7 @@ import msgspec
 
 from tq.broker.commands import (
     Announce,
+    ApplySettings,
     Cancel,
     Claim,
     Command,
@@ -139,17 +140,6 @@ class WorkerRecord(msgspec.Struct, frozen=True, array_like=True):
 
 _worker_dec = msgspec.msgpack.Decoder(WorkerRecord)
 WORKER_PREFIX: Final = b"worker:"
-
-
-class ApplySettings(msgspec.Struct, frozen=True, array_like=True):
-    """The broker flags ``apply`` depends on (``--lease``, ``--heartbeat-timeout``,
-    ``--retry-base``/``--retry-max``). A batch applied again after a crash must get the ones it
-    was first applied with, whatever the restart's flags: a claim's lease deadline, and whether
-    the tick after it expires that lease, depend on them."""
-
-    lease_ms: int
-    heartbeat_timeout_ms: int
-    retry: RetryPolicy
 
 
 class ReadyQueue:
