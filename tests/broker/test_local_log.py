@@ -625,3 +625,48 @@ def test_a_batch_that_failed_to_apply_is_not_applied_at_the_next_start(tmp_path:
 
 def log_inline(node: Node) -> int:
     return node.log.counters()["journal_inline_writes"]
+
+
+def test_the_batches_before_one_that_failed_to_apply_are_answered_as_they_will_stand(
+    tmp_path: Path,
+) -> None:
+    """A submit (M) serves a parked claim, whose batch (N) is appended from M's ``on_applied``,
+    before M's callback is registered; N's apply fails. M is durable (its write started before
+    its apply) and comes back at the next start: its client must hear it succeeded, not N's
+    error. (It heard the error, then found the task after the restart.)"""
+    node = Node(tmp_path)
+    log, sm = node.log, node.sm
+    real_apply = sm.apply
+    answers: dict[str, Any] = {}
+
+    def apply(now_ms: int, commands: Any, applied_index: int | None = None) -> ApplyResult:
+        if any(isinstance(c, Claim) for c in commands):
+            raise StoreError("store write failed: IO error: No space left on device")
+        return real_apply(now_ms, commands, applied_index=applied_index)
+
+    def serve_parked_claim(result: ApplyResult) -> None:
+        if "n" not in answers:
+            answers["n"] = None
+            log.append(3, [Claim("w1", ["default"], 1)], lambda r: answers.update(n=r))
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        log.start(loop)
+        await commit(log, 1, [RegisterWorker("w1")])
+        sm.apply = apply  # type: ignore[method-assign]
+        log._on_applied = serve_parked_claim
+        done: asyncio.Future[Any] = loop.create_future()
+        log.append(2, [Submit(specs(0, 1))], done.set_result)
+        log.kick()
+        answers["m"] = await done
+
+    asyncio.run(run())
+    assert isinstance(answers["m"], ApplyResult), answers["m"]
+    assert isinstance(answers["n"], StoreError)
+    assert node.fatal
+    sm.apply = real_apply  # type: ignore[method-assign]
+    node.close()
+    again = Node(tmp_path)
+    assert again.sm.get_task("t000000") is not None  # M, as its client was told
+    assert again.sm.counts["running"] == 0  # N's claim, as its client was told
+    again.close()

@@ -91,6 +91,8 @@ class LocalLog:
         self._next_cbs: list[DurableCallback] = []
         self._start_scheduled = False
         self._inflight = False  # a write started before its batch was applied (see above)
+        self._running_future: Future[None] | None = None  # the writer thread's, while it runs
+        self._settled = -1  # batches up to this are durable though the log failed after them
         self.failed: BaseException | None = None
         self.flushes = 0
         self.flushed_commits = 0
@@ -262,23 +264,7 @@ class LocalLog:
             # memory may be ahead of the store now, so the only safe answer is the one a failed
             # flush gets. Before, the exception escaped into the event loop: this tick's
             # clients never got a reply, and the broker stayed up, stuck, saying it was ready.
-            if self._inflight:
-                # Its record is on disk (or going there) already: a restart would apply it
-                # again, though its clients hear it failed. A VOID record after it says to skip
-                # it. If that cannot be written either, the truth is that nobody knows.
-                self._inflight = False
-                try:
-                    journal.finish_write()
-                    journal.append(index + 1, VOID + index.to_bytes(8, "big"))
-                    journal.write(journal.take())
-                except BaseException:
-                    log.exception("journal.void_failed", extra=kv(index=index))
-                    exc = OutcomeUnknown(
-                        f"{exc}; the batch was journalled and may be applied when the broker "
-                        "restarts"
-                    )
-            done(exc)
-            self._fail(exc)
+            self._apply_failed(index, record is not None, exc, done)
             return
         self._index = index
         self._on_applied(result)
@@ -296,7 +282,9 @@ class LocalLog:
     def when_durable(self, cb: DurableCallback) -> None:
         """Call ``cb`` once everything applied so far is on disk (at once if it already is)."""
         if self.failed is not None:
-            cb(self.failed)
+            # What _apply_failed made durable stays good news: a batch whose on_applied appended
+            # the batch that failed registers its callback only after that failure.
+            cb(None if self._index <= self._settled else self.failed)
         elif self._index == self._durable:
             cb(None)
         elif self._index == self._running_upto:
@@ -336,7 +324,7 @@ class LocalLog:
         sync_store, self._sync_store = self._sync_store, False
         if sync_store:
             loop = self._loop
-            fut = self._executor.submit(self._sync, upto)
+            fut = self._running_future = self._executor.submit(self._sync, upto)
             fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._flush_finished, f))
             return
         if len(data) <= INLINE_BYTES and self._journal.fits(len(data)):
@@ -349,7 +337,7 @@ class LocalLog:
                 self._flush_done(None)
             return
         loop = self._loop
-        fut = self._executor.submit(self._persist, data, upto)
+        fut = self._running_future = self._executor.submit(self._persist, data, upto)
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._flush_finished, f))
 
     def _persist(self, data: bytes, upto: int) -> None:
@@ -368,8 +356,72 @@ class LocalLog:
         self._journal.reset(upto + 1, lazy=True)
         self.store_syncs += 1
 
-    def _fail(self, exc: BaseException) -> None:
-        """A write failed: everyone waiting hears it, and the broker stops (once)."""
+    def _apply_failed(
+        self,
+        index: int,
+        journalled: bool,
+        exc: BaseException,
+        done: Callable[[ApplyResult | BaseException], None],
+    ) -> None:
+        """Batch ``index`` failed to apply (the store refused a write or a read): the broker
+        stops, and what everyone hears must be what a restart will show.
+
+        The batches before it were applied: they are made durable now (the write running for
+        them waited for, the rest written, or the store synced where a big batch is among them)
+        and their clients get their answers. This batch's record may already be on disk (its
+        write starts before the apply on an idle broker), so a ``VOID`` record after it tells
+        recovery to skip it, and its clients hear it failed. If any of that cannot be written,
+        nobody can say what a restart will show: everyone waiting gets ``OUTCOME_UNKNOWN``."""
+        journal = self._journal
+        settled = False
+        try:
+            if self._inflight:
+                self._inflight = False
+                journal.finish_write()
+            running, self._running_future = self._running_future, None
+            if running is not None:
+                running.result()  # the writer thread's write or store sync (we stop anyway)
+            if self._sync_store:
+                # A big batch before this one has no record: RocksDB's WAL holds it and every
+                # other batch before this one. This one's record, if any, is not written yet
+                # (a write only starts before the apply with no big batch pending): drop it.
+                self._store.flush_wal()
+                journal.take()
+            else:
+                if journalled:
+                    journal.append(index + 1, VOID + index.to_bytes(8, "big"))
+                journal.write(journal.take())
+            settled = True
+        except BaseException:
+            log.exception("journal.settle_failed", extra=kv(index=index))
+        if settled:
+            cbs = self._running_cbs + self._next_cbs
+            self._running_cbs, self._next_cbs = [], []
+            self._running_upto = -1
+            self._durable = self._settled = self._index
+            for cb in cbs:
+                try:
+                    cb(None)
+                except Exception:
+                    log.exception("log.durable_callback_failed")
+            done(exc)
+            if self.on_delivered is not None:
+                try:
+                    self.on_delivered()
+                except Exception:
+                    log.exception("log.on_delivered_failed")
+            self._fail(exc)
+            return
+        unknown = OutcomeUnknown(
+            f"{exc}; the broker stopped and could not tell whether what it was writing is on "
+            "disk: it may be applied when the broker restarts"
+        )
+        done(unknown)
+        self._fail(exc, told=unknown)
+
+    def _fail(self, exc: BaseException, told: BaseException | None = None) -> None:
+        """A write failed: everyone waiting hears it (or ``told``), and the broker stops
+        (once)."""
         cbs, self._running_cbs = self._running_cbs + self._next_cbs, []
         self._next_cbs = []
         first = self.failed is None
@@ -377,7 +429,7 @@ class LocalLog:
             self.failed = exc
             log.critical("store.flush_failed", extra=kv(error=str(exc)))
         for cb in cbs:
-            cb(self.failed or exc)
+            cb(told or self.failed or exc)
         if first:
             self._on_fatal(exc)
 
@@ -388,6 +440,9 @@ class LocalLog:
         if exc is not None:
             self._fail(exc)
             return
+        if self.failed is not None:
+            return  # settled by _apply_failed, or failed: nobody is waiting any more
+        self._running_future = None
         cbs, self._running_cbs = self._running_cbs, []
         self.flushes += 1
         self.flushed_commits += self._running_upto - self._durable
