@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -348,3 +349,61 @@ async def test_a_broker_that_answers_pings_but_not_the_request_waits_out_its_tim
         await asyncio.gather(*(t for t in mute.handlers if t is not None), return_exceptions=True)
         server.close()
         await server.wait_closed()
+
+
+async def test_a_request_still_going_up_a_slow_link_is_not_taken_for_silence(
+    broker: BrokerProcess,
+) -> None:
+    """The ping queues behind the request's own bytes on the same stream, so the broker cannot
+    answer it before the upload ends: an 8 MB batch at 512 KB/s failed after 10 s (twice, the
+    resend starting over). An upload that moves is progress."""
+    rate = 400_000  # bytes/s, client to broker only
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, limit: int) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await r.read(16384 if limit else 65536):
+                if limit:
+                    await asyncio.sleep(len(data) / limit)
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    writers: list[asyncio.StreamWriter] = []
+    handlers: list[asyncio.Task[object] | None] = []
+
+    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())
+        port = int(broker.url.rsplit(":", 1)[1])
+        br, bw = await asyncio.open_connection("127.0.0.1", port)
+        writers.extend((cw, bw))
+        await asyncio.gather(pipe(cr, bw, rate), pipe(br, cw, 0))
+
+    # A small receive window, as a slow link has: the bytes not yet through wait in the
+    # client's own send queue (on loopback the proxy's kernel would take them all at once).
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    listener.bind(("127.0.0.1", 0))
+    proxy = await asyncio.start_server(handle, sock=listener)
+    url = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        async with AsyncClient(url, liveness_s=0.3, timeout_s=30.0) as c:
+            started = asyncio.get_running_loop().time()
+            ids = await c.submit_batch("echo", [b"x" * 4000] * 300)  # 1.2 MB: ~3 s up
+            assert len(ids) == 300
+            assert asyncio.get_running_loop().time() - started > 2.0  # it was slow
+    finally:
+        for w in writers:
+            w.close()
+        await asyncio.gather(*(t for t in handlers if t is not None), return_exceptions=True)
+        for w in writers:
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+        proxy.close()
+        await proxy.wait_closed()
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_a_liveness_that_is_not_a_positive_number_or_zero_is_refused(bad: float) -> None:
+    """-1 declared every request silent within 0.25 s; NaN never probed."""
+    with pytest.raises(BadRequest, match="liveness_s"):
+        AsyncClient("tcp://127.0.0.1:1", liveness_s=bad)

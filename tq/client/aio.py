@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -212,6 +213,8 @@ class AsyncClient:
         """``liveness_s``: with requests in flight and nothing heard for this long, ask the
         broker whether it is there; nothing after as long again, and they fail over (resent
         once, if safe to) as if their ``timeout_s`` had passed. 0 turns probing off."""
+        if not (liveness_s == 0 or 0 < liveness_s < math.inf):  # NaN fails both
+            raise BadRequest(f"liveness_s must be 0 (off) or a positive number, not {liveness_s}")
         self.addresses = parse_broker_url(broker_url_from_env(url))
         self.timeout_s = timeout_s
         self.liveness_s = liveness_s

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import logging
+import struct
+import termios
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -71,9 +74,15 @@ class Connection(asyncio.Protocol):
         self._reads_seen = 0
         self._silent_since = 0.0
         self._probe: int | None = None  # rid of the Ping in flight
+        self._written = 0  # bytes handed to the transport
+        self._acked_seen = 0
+        self._unsent_seen = 0
+        self._fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
 
     def connection_lost(self, exc: Exception | None) -> None:
         err = self.error or BrokerUnavailable(
@@ -172,7 +181,9 @@ class Connection(asyncio.Protocol):
         self._out_bytes = 0
         if self._out and self.transport is not None and not self.transport.is_closing():
             out, self._out = self._out, []
-            self.transport.write(b"".join(out))
+            data = b"".join(out)
+            self._written += len(data)
+            self.transport.write(data)
 
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -187,8 +198,30 @@ class Connection(asyncio.Protocol):
             self._check_liveness(now)
         self._sweeper = loop.call_later(SWEEP_S, self._sweep) if self._deadlines else None
 
+    def _unsent(self) -> int:
+        """Bytes of ours the broker's kernel has not acknowledged yet (transport buffer, and
+        the socket's send queue where the OS says)."""
+        assert self.transport is not None
+        unsent = self.transport.get_write_buffer_size()
+        if self._fd >= 0:
+            try:
+                # SIOCOUTQ (= TIOCOUTQ): what the kernel holds, unsent or unacknowledged
+                unsent += struct.unpack("i", fcntl.ioctl(self._fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+            except OSError:
+                self._fd = -1  # not a socket that says (another OS): the buffer only
+        return unsent
+
     def _check_liveness(self, now: float) -> None:
-        if self._reads != self._reads_seen:
+        # Silence is nothing read, and no upload moving: a request still going up a slow link
+        # is progress (the ping queues behind it on the same stream: an 8 MB batch at 512 KB/s
+        # was given up after 10 s). Bytes a hung broker's kernel takes at once (small requests,
+        # the ping itself) are not: only an upload that was queued and moved counts.
+        unsent = self._unsent() if self.transport is not None else 0
+        acked = self._written - unsent
+        uploading = unsent > 0 or self._unsent_seen > 0
+        moved = uploading and acked > self._acked_seen
+        self._acked_seen, self._unsent_seen = acked, unsent
+        if self._reads != self._reads_seen or moved:
             self._reads_seen = self._reads
             self._silent_since = now
             self._probe = None
@@ -205,11 +238,13 @@ class Connection(asyncio.Protocol):
             probe.add_done_callback(_consume)
         elif silent >= 2 * self.liveness_s:
             error = Silent(f"answered nothing for {silent:.1f} s, not even a liveness probe")
-            for rid in [rid for rid in self._pending if rid != self._probe]:
+            for rid in list(self._pending):
                 self._deadlines.pop(rid, None)
                 fut = self._pending.pop(rid)
                 if not fut.done():
                     fut.set_exception(error)
+            self._probe = None
+            self._silent_since = now
 
     def add_stream(self, rid: int, callback: Callable[[Response | TqError], None]) -> None:
         """Route every message for ``rid`` after its first reply to ``callback``."""
