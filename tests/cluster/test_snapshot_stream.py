@@ -11,7 +11,9 @@ import random
 import tracemalloc
 from pathlib import Path
 
-from tq.broker.cluster import RaftLog, ReplicatedState
+import pytest
+import tq.broker.cluster as cluster_module
+from tq.broker.cluster import RaftLog, ReplicatedState, SnapshotCorrupt
 from tq.broker.commands import Submit
 from tq.broker.state import ApplyResult, StateMachine
 from tq.model import RetryPolicy
@@ -90,6 +92,20 @@ def test_a_checkpoint_left_by_a_killed_snapshot_is_removed_by_the_next(tmp_path:
     source.store.close()
 
 
+def _write_v2(path: Path, source: ReplicatedState) -> Path:
+    """A format-2 snapshot file as RaftLog writes one: header, state, trailer."""
+    with path.open("wb") as f:
+        pickle.dump({"v": 2, "index": 8, "raft": RAFT_DATA}, f, protocol=4)
+        sealing = cluster_module._Sealing(f)
+        source.snapshot_begin()(sealing)  # type: ignore[arg-type]
+        f.write(
+            cluster_module._SNAP_TRAILER.pack(
+                cluster_module._SNAP_MAGIC, sealing.length, sealing.crc
+            )
+        )
+    return path
+
+
 def _deserialize(raft_dir: Path, state: ReplicatedState, snapshot: Path) -> object:
     raft = RaftLog("127.0.0.1:7001", [], str(raft_dir), state, password=None)
 
@@ -102,6 +118,37 @@ def _deserialize(raft_dir: Path, state: ReplicatedState, snapshot: Path) -> obje
     return out
 
 
+def test_a_snapshot_file_cut_short_is_refused_and_the_store_left_alone(tmp_path: Path) -> None:
+    """pysyncobj writes a received snapshot without fsync: after a crash it can be short. Cut
+    at a tar member boundary it read as a shorter, valid tar, and the node installed an empty
+    store without a word (or deleted its own before failing to open the new one)."""
+    source = _filled(tmp_path / "a")
+    whole = _write_v2(tmp_path / "whole.snapshot", source).read_bytes()
+    source.store.close()
+    with (tmp_path / "whole.snapshot").open("rb") as f:
+        pickle.load(f)
+        start = f.tell()  # where the tar starts
+    target = _state(tmp_path / "b")
+    target.sm.apply(1, [Submit([TaskSpec("mine", "echo", b"1")])], applied_index=1)
+    before = dump_store(target.store)
+    trailer = cluster_module._SNAP_TRAILER.size
+    for cut in (start + 512, start + 1024, len(whole) - trailer, len(whole) - 1):
+        torn = tmp_path / f"torn-{cut}.snapshot"
+        torn.write_bytes(whole[:cut])
+        raft = RaftLog("127.0.0.1:7001", [], str(tmp_path / f"raft-{cut}"), target, password=None)
+        with pytest.raises(SnapshotCorrupt):
+            raft._deserialize_in_raft_thread(str(torn))
+        assert dump_store(target.store) == before, cut
+    damaged = bytearray(whole)
+    damaged[start + 5000] ^= 0xFF
+    (tmp_path / "damaged.snapshot").write_bytes(bytes(damaged))
+    raft = RaftLog("127.0.0.1:7001", [], str(tmp_path / "raft-d"), target, password=None)
+    with pytest.raises(SnapshotCorrupt, match="CRC"):
+        raft._deserialize_in_raft_thread(str(tmp_path / "damaged.snapshot"))
+    assert dump_store(target.store) == before
+    target.store.close()
+
+
 def test_snapshot_files_of_both_formats_restore(tmp_path: Path) -> None:
     source = _filled(tmp_path / "a")
     expected = dump_store(source.store)
@@ -109,10 +156,7 @@ def test_snapshot_files_of_both_formats_restore(tmp_path: Path) -> None:
     v1 = tmp_path / "v1.snapshot"
     with v1.open("wb") as f:
         pickle.dump({"v": 1, "index": 8, "raft": RAFT_DATA, "sm": blob}, f, protocol=4)
-    v2 = tmp_path / "v2.snapshot"
-    with v2.open("wb") as f:
-        pickle.dump({"v": 2, "index": 8, "raft": RAFT_DATA}, f, protocol=4)
-        source.snapshot_begin()(f)
+    v2 = _write_v2(tmp_path / "v2.snapshot", source)
     source.store.close()
     for name, snapshot in (("v1", v1), ("v2", v2)):
         target = _state(tmp_path / name)

@@ -48,7 +48,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 import msgspec
 import pysyncobj.syncobj as _pso
@@ -720,6 +720,52 @@ class ApplyFailed(RaftError):
     code = "APPLY"
 
 
+_SNAP_MAGIC = b"tqsnap2\n"
+_SNAP_TRAILER = struct.Struct("<8sQI")  # magic, length of the state, its crc32
+
+
+class SnapshotCorrupt(RaftError):
+    code = "SNAPSHOT"
+
+
+class _Sealing:
+    """A file the machine's state is written into, counting its bytes and their CRC."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.length = 0
+        self.crc = 0
+
+    def write(self, data: bytes) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        self.length += len(data)
+        return self._f.write(data)
+
+
+def _check_sealed(f: BinaryIO, offset: int, name: str) -> None:
+    """Raise SnapshotCorrupt unless the state after ``offset`` is whole: pysyncobj writes a
+    received snapshot without fsync, so a crash can leave it cut short, and a tar cut at a
+    member boundary is a valid, shorter tar (an empty store installed without a word)."""
+    size = os.fstat(f.fileno()).st_size
+    if size - offset < _SNAP_TRAILER.size:
+        raise SnapshotCorrupt(f"{name}: snapshot cut short ({size} bytes)")
+    f.seek(size - _SNAP_TRAILER.size)
+    magic, length, crc = _SNAP_TRAILER.unpack(f.read(_SNAP_TRAILER.size))
+    if magic != _SNAP_MAGIC or offset + length + _SNAP_TRAILER.size != size:
+        raise SnapshotCorrupt(f"{name}: snapshot cut short or damaged (no valid trailer)")
+    f.seek(offset)
+    seen, left = 0, length
+    while left:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            raise SnapshotCorrupt(f"{name}: snapshot cut short")
+        seen = zlib.crc32(chunk, seen)
+        left -= len(chunk)
+    if seen != crc:
+        raise SnapshotCorrupt(f"{name}: snapshot damaged (CRC mismatch)")
+    f.seek(offset)
+
+
 class _SnapshotStarted(Exception):
     """Raised by the serializer once a snapshot is under way (see _serialize_in_raft_thread)."""
 
@@ -1259,11 +1305,15 @@ class RaftLog:
             try:
                 fd = os.open(file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # payloads
                 with os.fdopen(fd, "wb") as f:
-                    # Format 2: a small pickled header, then the machine's state streamed after
-                    # it. Format 1 pickled the state as one bytes object: the whole store in
-                    # memory at once (twice, on the node that received it).
+                    # Format 2: a small pickled header, the machine's state streamed after it,
+                    # and a trailer with the state's length and CRC (a tar cut at a member
+                    # boundary reads as a shorter, valid tar). Format 1 pickled the state as
+                    # one bytes object: the whole store in memory at once (twice, on the node
+                    # that received it).
                     pickle.dump({"v": 2, "index": target, "raft": data}, f, protocol=4)
-                    pack(f)
+                    sealing = _Sealing(f)
+                    pack(cast(BinaryIO, sealing))  # tarfile only writes to it
+                    f.write(_SNAP_TRAILER.pack(_SNAP_MAGIC, sealing.length, sealing.crc))
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(file_name, final)
@@ -1331,6 +1381,8 @@ class RaftLog:
             # by the cluster secret (Fernet). Keep the Raft port private (DESIGN.md).
             d = pickle.load(f)  # noqa: S301
             offset = f.tell()  # format 2: the machine's state follows the header
+            if d.get("v", 1) != 1:
+                _check_sealed(f, offset, file_name)  # before anything replaces the store
             os.fchmod(f.fileno(), 0o600)  # pysyncobj writes a received one with its umask
             os.fsync(f.fileno())  # received snapshots are written without fsync
         index = d["index"]
@@ -1509,6 +1561,9 @@ class ReplicatedState:
 
     def restore_from(self, f: BinaryIO) -> None:
         """Replace the store by the snapshot read from ``f`` (a tar stream, read as it comes)."""
+        # one left by a node killed while extracting (one restore runs at a time)
+        for stale in glob.glob(os.path.join(glob.escape(self.store.parent), "tq-restore-*")):
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix="tq-restore-", dir=self.store.parent) as tmp:
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 tar.extractall(tmp, filter="data")
