@@ -69,7 +69,7 @@ def test_a_new_leader_serves_only_once_an_entry_of_its_term_is_applied(tmp_path:
 
     async def go() -> None:
         roles: list[str] = []
-        sm: Any = SimpleNamespace(nodes={"127.0.0.1:7001": "tcp://127.0.0.1:7000"})
+        sm: Any = SimpleNamespace(nodes={"127.0.0.1:7001": "tcp://127.0.0.1:7000"}, settings=None)
         log = ClusterLog(
             None,  # type: ignore[arg-type]
             sm,
