@@ -407,3 +407,28 @@ def test_a_liveness_that_is_not_a_positive_number_or_zero_is_refused(bad: float)
     """-1 declared every request silent within 0.25 s; NaN never probed."""
     with pytest.raises(BadRequest, match="liveness_s"):
         AsyncClient("tcp://127.0.0.1:1", liveness_s=bad)
+
+
+async def test_requests_waiting_on_a_failed_connect_fail_with_it_not_one_timeout_apart(
+    broker: BrokerProcess,
+) -> None:
+    """Four requests in flight on a hung broker: each reconnect waited its own connect timeout
+    behind the one before (failing at 2, 12, 22 and 32 s). Those waiting while an attempt runs
+    share its verdict."""
+    c = AsyncClient(broker.url, timeout_s=60.0, connect_timeout_s=2.0, liveness_s=0.5)
+    try:
+        tids = [await c.submit("echo", i) for i in range(4)]
+        loop = asyncio.get_running_loop()
+        with frozen(broker):
+            started = loop.time()
+
+            async def timed(tid: str) -> float:
+                with pytest.raises(BrokerUnavailable):
+                    await c.status(tid)
+                return loop.time() - started
+
+            took = await asyncio.wait_for(asyncio.gather(*(timed(t) for t in tids)), 30.0)
+        # ~1 s of silence, then one connect of 2 s that all of them share
+        assert max(took) < 5.0, took
+    finally:
+        await c.close()

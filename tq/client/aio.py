@@ -226,6 +226,8 @@ class AsyncClient:
         self.max_frame_bytes = max_frame_bytes
         self._conn: Connection | None = None
         self._connecting: asyncio.Lock | None = None
+        self._connect_attempts = 0  # connects attempted so far, and how the last one ended
+        self._connect_failed: BrokerUnavailable | None = None
         self._preferred = 0
         self._closes = 0  # close() calls so far: a request in flight across one is not resent
         self.on_connect: Callable[[], Any] | None = None
@@ -257,44 +259,68 @@ class AsyncClient:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         closes = self._closes
+        attempts = self._connect_attempts
         async with self._connecting:
             conn = self._conn
             if conn is not None and conn.error is None:
                 return conn
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.connect_timeout_s
-            delay = 0.05
-            last: BaseException | None = None
-            last_at = ""
-            while True:
-                n = len(self.addresses)
-                for i in range(n):
-                    host, port = self.addresses[(self._preferred + i) % n]
-                    try:
-                        conn = await self._open(host, port, deadline)
-                    except (Unauthenticated, UnsupportedVersion, BadRequest):
-                        raise  # the broker answered: retrying will not change its mind
-                    except (TimeoutError, OSError, TqError) as exc:
-                        last, last_at = exc, f"{host}:{port}: "
-                        continue
-                    if self._closes != closes:
-                        # close() ran while this connect was under way: a connection opened
-                        # now would be nobody's to close (and outlive a sync Client's loop).
-                        conn.abort()
-                        raise BrokerUnavailable("client closed")
-                    if isinstance(conn, Connection):
-                        self._preferred = (self._preferred + i) % n
-                        self._conn = conn
-                        if self.on_connect is not None:
-                            self.on_connect()
-                        return conn
-                if loop.time() + delay > deadline:
-                    where = ", ".join(f"{h}:{p}" for h, p in self.addresses)
-                    if n == 1:
-                        last_at = ""  # said once is enough
-                    raise BrokerUnavailable(f"cannot reach a broker at {where}: {last_at}{last}")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            failed = self._connect_failed
+            if self._connect_attempts != attempts and failed is not None:
+                # An attempt that ran while this caller waited for its turn failed: its
+                # verdict is this caller's too. Each starting one of its own made the requests
+                # of a hung broker fail one connect timeout apart (10 s, 20 s, 30 s, ...).
+                raise BrokerUnavailable(str(failed))
+            try:
+                conn = await self._connect_locked(closes)
+            except BrokerUnavailable as exc:
+                self._connect_failed = exc
+                raise
+            except BaseException:  # refused (a bad token), or cancelled: not for the others
+                self._connect_failed = None
+                raise
+            else:
+                self._connect_failed = None
+            finally:
+                self._connect_attempts += 1
+            return conn
+
+    async def _connect_locked(self, closes: int) -> Connection:
+        """The body of ``connect``, under its lock: every address, with backoff, until
+        ``connect_timeout_s`` passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout_s
+        delay = 0.05
+        last: BaseException | None = None
+        last_at = ""
+        while True:
+            n = len(self.addresses)
+            for i in range(n):
+                host, port = self.addresses[(self._preferred + i) % n]
+                try:
+                    conn = await self._open(host, port, deadline)
+                except (Unauthenticated, UnsupportedVersion, BadRequest):
+                    raise  # the broker answered: retrying will not change its mind
+                except (TimeoutError, OSError, TqError) as exc:
+                    last, last_at = exc, f"{host}:{port}: "
+                    continue
+                if self._closes != closes:
+                    # close() ran while this connect was under way: a connection opened
+                    # now would be nobody's to close (and outlive a sync Client's loop).
+                    conn.abort()
+                    raise BrokerUnavailable("client closed")
+                if isinstance(conn, Connection):
+                    self._preferred = (self._preferred + i) % n
+                    self._conn = conn
+                    if self.on_connect is not None:
+                        self.on_connect()
+                    return conn
+            if loop.time() + delay > deadline:
+                where = ", ".join(f"{h}:{p}" for h, p in self.addresses)
+                if n == 1:
+                    last_at = ""  # said once is enough
+                raise BrokerUnavailable(f"cannot reach a broker at {where}: {last_at}{last}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def _open(self, host: str, port: int, deadline: float) -> Connection:
         """Open one connection and say hello, both within what is left until ``deadline`` (the
