@@ -70,6 +70,17 @@ def _ignore(_result: ApplyResult) -> None:
     pass
 
 
+def after_power_cut(tmp_path: Path, cut: Path, journal: Path | None = None) -> Path:
+    """A data dir as a power cut leaves it: RocksDB back at ``cut`` (a checkpoint taken mid-run,
+    a consistent older point), the journal as it was written (if given)."""
+    b = tmp_path / "b"
+    b.mkdir()
+    shutil.copytree(cut, b / "store")
+    if journal is not None:
+        shutil.copy(journal, b / "journal")
+    return b
+
+
 async def commit(log: LocalLog, now_ms: int, cmds: list[Command]) -> list[Any]:
     fut: asyncio.Future[ApplyResult | BaseException] = asyncio.get_running_loop().create_future()
     log.append(now_ms, cmds, fut.set_result)
@@ -157,10 +168,7 @@ def test_replay_gives_back_exactly_what_the_store_lost(tmp_path: Path) -> None:
     last = node.sm.applied_index
     node.close()
 
-    b = tmp_path / "b"
-    b.mkdir()
-    shutil.copytree(cut, b / "store")
-    shutil.copy(a / "journal", b / "journal")
+    b = after_power_cut(tmp_path, cut, a / "journal")
     again = Node(b)
     assert again.replayed == last - 4  # the copy held the first four batches
     assert again.sm.applied_index == last
@@ -248,10 +256,7 @@ def test_a_command_with_big_effects_is_journalled_and_applied_again(tmp_path: Pa
     assert node.sm.counts["pending"] == 300
     expected = dump_store(node.store)
     node.close()
-    b = tmp_path / "b"
-    b.mkdir()
-    shutil.copytree(cut, b / "store")
-    shutil.copy(a / "journal", b / "journal")
+    b = after_power_cut(tmp_path, cut, a / "journal")
     again = Node(b)
     assert again.replayed == 1
     assert again.sm.counts["pending"] == 300
@@ -523,9 +528,7 @@ def test_a_format_2_journal_of_effects_is_still_written_back(tmp_path: Path) -> 
     asyncio.run(run())
     expected = dump_store(node.store)
     node.close()
-    b = tmp_path / "b"
-    b.mkdir()
-    shutil.copytree(cut, b / "store")
+    b = after_power_cut(tmp_path, cut)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(journal_module, "_VERSION", 2)
         old = Journal(str(b / "journal"), 1024 * 1024)
@@ -571,10 +574,7 @@ def test_batches_are_applied_again_with_the_settings_they_were_first_applied_wit
     asyncio.run(run())
     expected = dump_store(node.store)
     node.close()
-    b = tmp_path / "b"
-    b.mkdir()
-    shutil.copytree(cut, b / "store")
-    shutil.copy(a / "journal", b / "journal")
+    b = after_power_cut(tmp_path, cut, a / "journal")
     again = Node(b, lease_ms=3_000)
     assert again.replayed == 4
     assert again.sm.counts["completed"] == 1

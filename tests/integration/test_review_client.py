@@ -47,9 +47,12 @@ class MuteBroker:
     """Answers hello (``welcome``) or nothing at all (``welcome=False``), and records every
     request it is sent."""
 
-    def __init__(self, welcome: bool = True, nack_code: str | None = None) -> None:
+    def __init__(
+        self, welcome: bool = True, nack_code: str | None = None, pings: bool = False
+    ) -> None:
         self.welcome = welcome
         self.nack_code = nack_code  # every other request gets a NACK with this code
+        self.pings = pings  # answer liveness probes (alive, but never answering the rest)
         self.requests: list[object] = []
         self.writers: list[asyncio.StreamWriter] = []
         self.handlers: list[asyncio.Task[object] | None] = []
@@ -68,15 +71,17 @@ class MuteBroker:
                 self.requests.append(msg)
                 if self.welcome and isinstance(msg, Hello):
                     writer.write(encode(Welcome(msg.rid, msg.version)))
+                elif self.pings and isinstance(msg, Ping):
+                    writer.write(encode(Ack(msg.rid)))
                 elif self.nack_code is not None:
                     writer.write(encode(Nack(msg.rid, self.nack_code, "leadership lost")))
 
 
 @contextlib.asynccontextmanager
 async def mute_broker(
-    welcome: bool = True, nack_code: str | None = None
+    welcome: bool = True, nack_code: str | None = None, pings: bool = False
 ) -> AsyncIterator[tuple[MuteBroker, str]]:
-    mute = MuteBroker(welcome, nack_code)
+    mute = MuteBroker(welcome, nack_code, pings)
     server = await asyncio.start_server(mute.serve, "127.0.0.1", 0)
     try:
         yield mute, f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
@@ -320,35 +325,16 @@ async def test_a_broker_that_answers_pings_but_not_the_request_waits_out_its_tim
     """Alive but slow (here: never answering the request itself) is not hung: the request
     gets its whole ``timeout_s``, as before probes."""
 
-    class PingOnly(MuteBroker):
-        async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            decoder = FrameDecoder(1 << 24)
-            while data := await reader.read(65536):
-                for body in decoder.feed(data):
-                    msg = decode_request(body)
-                    self.requests.append(msg)
-                    if isinstance(msg, Hello):
-                        writer.write(encode(Welcome(msg.rid, msg.version)))
-                    elif isinstance(msg, Ping):
-                        writer.write(encode(Ack(msg.rid)))
-
-    mute = PingOnly()
-    server = await asyncio.start_server(mute.serve, "127.0.0.1", 0)
-    url = f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    c = AsyncClient(url, timeout_s=2.0, connect_timeout_s=1.0, liveness_s=0.2)
-    try:
-        started = asyncio.get_running_loop().time()
-        with pytest.raises(BrokerUnavailable, match=r"did not answer within 2 s"):
-            await c.cancel("t-slow")  # not safe to resend: one timeout, then the error
-        assert asyncio.get_running_loop().time() - started >= 1.9
-        assert sum(isinstance(m, Ping) for m in mute.requests) >= 3
-    finally:
-        await c.close()
-        for w in mute.writers:
-            w.close()
-        await asyncio.gather(*(t for t in mute.handlers if t is not None), return_exceptions=True)
-        server.close()
-        await server.wait_closed()
+    async with mute_broker(pings=True) as (mute, url):
+        c = AsyncClient(url, timeout_s=2.0, connect_timeout_s=1.0, liveness_s=0.2)
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(BrokerUnavailable, match=r"did not answer within 2 s"):
+                await c.cancel("t-slow")  # not safe to resend: one timeout, then the error
+            assert asyncio.get_running_loop().time() - started >= 1.9
+            assert sum(isinstance(m, Ping) for m in mute.requests) >= 3
+        finally:
+            await c.close()
 
 
 async def test_a_request_still_going_up_a_slow_link_is_not_taken_for_silence(
