@@ -167,9 +167,9 @@ class LocalLog:
         and how many batches were applied.
 
         Under the settings they were first applied with (each record carries them, as a Raft
-        entry does), whatever this start's flags. A batch followed by a
-        ``VOID`` record naming it failed to apply the first time (its clients were told so), and
-        is skipped: its index is applied as an empty batch."""
+        entry does), whatever this start's flags. A batch followed by a ``VOID`` record naming
+        it failed to apply the first time (its clients were told so), and is skipped: its index
+        is applied as an empty batch, as is the ``VOID``'s own."""
         own = self._sm.settings
         replayed = 0
         try:
