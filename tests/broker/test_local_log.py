@@ -664,6 +664,10 @@ def test_the_batches_before_one_that_failed_to_apply_are_answered_as_they_will_s
     assert isinstance(answers["m"], ApplyResult), answers["m"]
     assert isinstance(answers["n"], StoreError)
     assert node.fatal
+    # reads wait on when_durable: memory may hold part of N, so none runs any more
+    later: list[Any] = []
+    log.when_durable(later.append)
+    assert isinstance(later[0], StoreError)
     sm.apply = real_apply  # type: ignore[method-assign]
     node.close()
     again = Node(tmp_path)

@@ -92,10 +92,10 @@ def test_a_checkpoint_left_by_a_killed_snapshot_is_removed_by_the_next(tmp_path:
     source.store.close()
 
 
-def _write_v2(path: Path, source: ReplicatedState) -> Path:
-    """A format-2 snapshot file as RaftLog writes one: header, state, trailer."""
+def _write_v3(path: Path, source: ReplicatedState) -> Path:
+    """A format-3 snapshot file as RaftLog writes one: header, state, trailer."""
     with path.open("wb") as f:
-        pickle.dump({"v": 2, "index": 8, "raft": RAFT_DATA}, f, protocol=4)
+        pickle.dump({"v": 3, "index": 8, "raft": RAFT_DATA}, f, protocol=4)
         sealing = cluster_module._Sealing(f)
         source.snapshot_begin()(sealing)  # type: ignore[arg-type]
         f.write(
@@ -123,7 +123,7 @@ def test_a_snapshot_file_cut_short_is_refused_and_the_store_left_alone(tmp_path:
     at a tar member boundary it read as a shorter, valid tar, and the node installed an empty
     store without a word (or deleted its own before failing to open the new one)."""
     source = _filled(tmp_path / "a")
-    whole = _write_v2(tmp_path / "whole.snapshot", source).read_bytes()
+    whole = _write_v3(tmp_path / "whole.snapshot", source).read_bytes()
     source.store.close()
     with (tmp_path / "whole.snapshot").open("rb") as f:
         pickle.load(f)
@@ -156,9 +156,13 @@ def test_snapshot_files_of_both_formats_restore(tmp_path: Path) -> None:
     v1 = tmp_path / "v1.snapshot"
     with v1.open("wb") as f:
         pickle.dump({"v": 1, "index": 8, "raft": RAFT_DATA, "sm": blob}, f, protocol=4)
-    v2 = _write_v2(tmp_path / "v2.snapshot", source)
+    v2 = tmp_path / "v2.snapshot"  # as 4ee36a5 wrote them: the tar, no trailer
+    with v2.open("wb") as f:
+        pickle.dump({"v": 2, "index": 8, "raft": RAFT_DATA}, f, protocol=4)
+        source.snapshot_begin()(f)
+    v3 = _write_v3(tmp_path / "v3.snapshot", source)
     source.store.close()
-    for name, snapshot in (("v1", v1), ("v2", v2)):
+    for name, snapshot in (("v1", v1), ("v2", v2), ("v3", v3)):
         target = _state(tmp_path / name)
         assert _deserialize(tmp_path / f"raft-{name}", target, snapshot) == RAFT_DATA
         assert dump_store(target.store) == expected, name

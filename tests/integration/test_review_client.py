@@ -20,10 +20,20 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from tq import AsyncClient, Client
+from tq.client.connection import Connection, Silent
 from tq.errors import BadRequest, BrokerUnavailable, OutcomeUnknown, TqError, WaitTimeout
 from tq.protocol.codec import decode_request, encode
 from tq.protocol.framing import FrameDecoder
-from tq.protocol.messages import Ack, CancelTask, Hello, Nack, Ping, SubmitTask, Welcome
+from tq.protocol.messages import (
+    Ack,
+    CancelTask,
+    Hello,
+    Nack,
+    Ping,
+    QueryStatus,
+    SubmitTask,
+    Welcome,
+)
 
 from tests.conftest import BrokerProcess, WorkerProcess
 
@@ -418,3 +428,77 @@ async def test_requests_waiting_on_a_failed_connect_fail_with_it_not_one_timeout
         assert max(took) < 5.0, took
     finally:
         await c.close()
+
+
+async def test_a_connect_made_after_close_is_not_failed_by_an_attempt_begun_before_it() -> None:
+    """Waiters share a failed attempt's verdict, but "client closed" belongs only to callers
+    from before the close(): one made after it connects again (the TUI relies on it)."""
+
+    async def slow_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder(1 << 24)
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                for body in decoder.feed(data):
+                    msg = decode_request(body)
+                    if isinstance(msg, Hello):
+                        await asyncio.sleep(0.3)
+                        writer.write(encode(Welcome(msg.rid, msg.version)))
+        writer.close()
+
+    server = await asyncio.start_server(slow_hello, "127.0.0.1", 0)
+    c = AsyncClient(f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}", connect_timeout_s=3)
+    try:
+        before = asyncio.ensure_future(c.connect())  # under way when close() comes
+        await asyncio.sleep(0.1)
+        await c.close()
+        after = asyncio.ensure_future(c.connect())
+        first, second = await asyncio.gather(before, after, return_exceptions=True)
+        assert isinstance(first, BrokerUnavailable)
+        assert "client closed" in str(first)
+        assert not isinstance(second, BaseException), second
+    finally:
+        await c.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_probe_acknowledged_a_round_trip_later_does_not_reset_the_silence() -> None:
+    """On a link slower than the sweep (0.25 s), the ping's own bytes are still unacknowledged
+    at the next sweep, then acknowledged by the hung broker's kernel: that counted as an upload
+    moving and reset the silence at every probe, so the broker was never given up. (In-process:
+    loopback has no round trip; the kernel's unacknowledged bytes are what was written in the
+    last 0.4 s.)"""
+    loop = asyncio.get_running_loop()
+    sent: list[tuple[float, int]] = []
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            sent.append((loop.time(), len(data)))
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return default
+
+        def is_closing(self) -> bool:
+            return False
+
+        def close(self) -> None:
+            pass
+
+        def abort(self) -> None:
+            pass
+
+    def unsent() -> int:
+        now = loop.time()
+        return sum(n for at, n in sent if now - at < 0.4)
+
+    conn = Connection(1 << 20, liveness_s=0.5)
+    conn.connection_made(Transport())  # type: ignore[arg-type]
+    conn._unsent = unsent  # type: ignore[method-assign]
+    rid = conn.next_rid()
+    reply = conn.send(rid, QueryStatus(rid, "t1"), 30.0)
+    with pytest.raises(Silent):
+        await asyncio.wait_for(reply, 5.0)
+    assert loop.time() - sent[0][0] < 2.0

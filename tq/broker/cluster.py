@@ -720,7 +720,7 @@ class ApplyFailed(RaftError):
     code = "APPLY"
 
 
-_SNAP_MAGIC = b"tqsnap2\n"
+_SNAP_MAGIC = b"tqsnap3\n"
 _SNAP_TRAILER = struct.Struct("<8sQI")  # magic, length of the state, its crc32
 
 
@@ -1305,12 +1305,12 @@ class RaftLog:
             try:
                 fd = os.open(file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # payloads
                 with os.fdopen(fd, "wb") as f:
-                    # Format 2: a small pickled header, the machine's state streamed after it,
+                    # Format 3: a small pickled header, the machine's state streamed after it,
                     # and a trailer with the state's length and CRC (a tar cut at a member
-                    # boundary reads as a shorter, valid tar). Format 1 pickled the state as
-                    # one bytes object: the whole store in memory at once (twice, on the node
-                    # that received it).
-                    pickle.dump({"v": 2, "index": target, "raft": data}, f, protocol=4)
+                    # boundary reads as a shorter, valid tar). Format 2 had no trailer; format
+                    # 1 pickled the state as one bytes object: the whole store in memory at
+                    # once (twice, on the node that received it). Both are still read.
+                    pickle.dump({"v": 3, "index": target, "raft": data}, f, protocol=4)
                     sealing = _Sealing(f)
                     pack(cast(BinaryIO, sealing))  # tarfile only writes to it
                     f.write(_SNAP_TRAILER.pack(_SNAP_MAGIC, sealing.length, sealing.crc))
@@ -1380,8 +1380,8 @@ class RaftLog:
             # traffic is: the file only ever comes from this node or from a peer authenticated
             # by the cluster secret (Fernet). Keep the Raft port private (DESIGN.md).
             d = pickle.load(f)  # noqa: S301
-            offset = f.tell()  # format 2: the machine's state follows the header
-            if d.get("v", 1) != 1:
+            offset = f.tell()  # formats 2 and 3: the machine's state follows the header
+            if d.get("v", 1) >= 3:
                 _check_sealed(f, offset, file_name)  # before anything replaces the store
             os.fchmod(f.fileno(), 0o600)  # pysyncobj writes a received one with its umask
             os.fsync(f.fileno())  # received snapshots are written without fsync

@@ -268,6 +268,12 @@ class LocalLog:
             return
         self._index = index
         self._on_applied(result)
+        if self.failed is not None and index <= self._settled:
+            # on_applied appended a batch that failed to apply, and _apply_failed made this one
+            # durable first: it stands, whatever the log does now. (Not when_durable: reads
+            # must not run on a memory that may hold part of the failed batch.)
+            done(result)
+            return
 
         def durable(exc: BaseException | None) -> None:
             done(exc if exc is not None else result)
@@ -282,9 +288,7 @@ class LocalLog:
     def when_durable(self, cb: DurableCallback) -> None:
         """Call ``cb`` once everything applied so far is on disk (at once if it already is)."""
         if self.failed is not None:
-            # What _apply_failed made durable stays good news: a batch whose on_applied appended
-            # the batch that failed registers its callback only after that failure.
-            cb(None if self._index <= self._settled else self.failed)
+            cb(self.failed)
         elif self._index == self._durable:
             cb(None)
         elif self._index == self._running_upto:

@@ -228,6 +228,7 @@ class AsyncClient:
         self._connecting: asyncio.Lock | None = None
         self._connect_attempts = 0  # connects attempted so far, and how the last one ended
         self._connect_failed: BrokerUnavailable | None = None
+        self._connect_failed_closes = 0  # close() calls made when that attempt began
         self._preferred = 0
         self._closes = 0  # close() calls so far: a request in flight across one is not resent
         self.on_connect: Callable[[], Any] | None = None
@@ -265,7 +266,11 @@ class AsyncClient:
             if conn is not None and conn.error is None:
                 return conn
             failed = self._connect_failed
-            if self._connect_attempts != attempts and failed is not None:
+            if (
+                self._connect_attempts != attempts
+                and failed is not None
+                and self._connect_failed_closes == closes
+            ):
                 # An attempt that ran while this caller waited for its turn failed: its
                 # verdict is this caller's too. Each starting one of its own made the requests
                 # of a hung broker fail one connect timeout apart (10 s, 20 s, 30 s, ...).
@@ -273,7 +278,9 @@ class AsyncClient:
             try:
                 conn = await self._connect_locked(closes)
             except BrokerUnavailable as exc:
-                self._connect_failed = exc
+                # (shared only with callers from before the same close(): one made after a
+                # close connects again, and must not hear "client closed")
+                self._connect_failed, self._connect_failed_closes = exc, closes
                 raise
             except BaseException:  # refused (a bad token), or cancelled: not for the others
                 self._connect_failed = None

@@ -35,6 +35,8 @@ EARLY_FLUSH_BYTES = 16 * 1024
 # Requests in flight and nothing heard for this long: ask the broker whether it is there (Ping);
 # still nothing after as long again, and the connection is given up (see ``Silent``).
 LIVENESS_S = 5.0
+# An upload this big still queued is one a slow link is carrying (see _check_liveness).
+UPLOAD_BYTES = 64 * 1024
 
 
 class Silent(TimeoutError):
@@ -214,11 +216,13 @@ class Connection(asyncio.Protocol):
     def _check_liveness(self, now: float) -> None:
         # Silence is nothing read, and no upload moving: a request still going up a slow link
         # is progress (the ping queues behind it on the same stream: an 8 MB batch at 512 KB/s
-        # was given up after 10 s). Bytes a hung broker's kernel takes at once (small requests,
-        # the ping itself) are not: only an upload that was queued and moved counts.
+        # was given up after 10 s). What a hung broker's kernel still takes is not: small
+        # requests, and the ping itself, which on a link slower than a sweep is acknowledged
+        # at the next one (it reset the silence at every probe, for ever). Only an upload of
+        # at least UPLOAD_BYTES still queued counts.
         unsent = self._unsent() if self.transport is not None else 0
         acked = self._written - unsent
-        uploading = unsent > 0 or self._unsent_seen > 0
+        uploading = max(unsent, self._unsent_seen) >= UPLOAD_BYTES
         moved = uploading and acked > self._acked_seen
         self._acked_seen, self._unsent_seen = acked, unsent
         if self._reads != self._reads_seen or moved:
