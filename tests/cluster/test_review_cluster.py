@@ -383,8 +383,8 @@ def test_a_snapshot_does_not_hold_the_raft_thread(tmp_path: Path) -> None:
     asyncio.run(go())
     with (tmp_path / "raft.snapshot").open("rb") as f:
         snap = pickle.load(f)
-        state = f.read()  # format 2: the machine's state follows the header, then a trailer
-    assert (snap["v"], snap["index"], state[:9]) == (2, 5, b"the state")
+        state = f.read()  # format 3: the machine's state follows the header, then a trailer
+    assert (snap["v"], snap["index"], state[:9]) == (3, 5, b"the state")
     assert len(state) == 9 + cluster_module._SNAP_TRAILER.size
     assert not tmp.exists()
     assert raft.snapshots_taken == 1
