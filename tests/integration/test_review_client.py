@@ -54,15 +54,21 @@ def frozen(broker: BrokerProcess) -> Iterator[None]:
 
 
 class MuteBroker:
-    """Answers hello (``welcome``) or nothing at all (``welcome=False``), and records every
-    request it is sent."""
+    """Answers hello (``welcome``, after ``hello_delay_s``) or nothing at all
+    (``welcome=False``), and records every request it is sent."""
 
     def __init__(
-        self, welcome: bool = True, nack_code: str | None = None, pings: bool = False
+        self,
+        welcome: bool = True,
+        nack_code: str | None = None,
+        pings: bool = False,
+        hello_delay_s: float = 0.0,
     ) -> None:
         self.welcome = welcome
         self.nack_code = nack_code  # every other request gets a NACK with this code
         self.pings = pings  # answer liveness probes (alive, but never answering the rest)
+        self.hello_delay_s = hello_delay_s
+        self.hello_seen = asyncio.Event()
         self.requests: list[object] = []
         self.writers: list[asyncio.StreamWriter] = []
         self.handlers: list[asyncio.Task[object] | None] = []
@@ -79,7 +85,11 @@ class MuteBroker:
             for body in decoder.feed(data):
                 msg = decode_request(body)
                 self.requests.append(msg)
+                if isinstance(msg, Hello):
+                    self.hello_seen.set()
                 if self.welcome and isinstance(msg, Hello):
+                    if self.hello_delay_s:
+                        await asyncio.sleep(self.hello_delay_s)  # a broker slow to answer
                     writer.write(encode(Welcome(msg.rid, msg.version)))
                 elif self.pings and isinstance(msg, Ping):
                     writer.write(encode(Ack(msg.rid)))
@@ -89,9 +99,9 @@ class MuteBroker:
 
 @contextlib.asynccontextmanager
 async def mute_broker(
-    welcome: bool = True, nack_code: str | None = None, pings: bool = False
+    welcome: bool = True, nack_code: str | None = None, pings: bool = False, **kwargs: float
 ) -> AsyncIterator[tuple[MuteBroker, str]]:
-    mute = MuteBroker(welcome, nack_code, pings)
+    mute = MuteBroker(welcome, nack_code, pings, **kwargs)
     server = await asyncio.start_server(mute.serve, "127.0.0.1", 0)
     try:
         yield mute, f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
@@ -434,32 +444,19 @@ async def test_a_connect_made_after_close_is_not_failed_by_an_attempt_begun_befo
     """Waiters share a failed attempt's verdict, but "client closed" belongs only to callers
     from before the close(): one made after it connects again (the TUI relies on it)."""
 
-    async def slow_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        decoder = FrameDecoder(1 << 24)
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                for body in decoder.feed(data):
-                    msg = decode_request(body)
-                    if isinstance(msg, Hello):
-                        await asyncio.sleep(0.3)
-                        writer.write(encode(Welcome(msg.rid, msg.version)))
-        writer.close()
-
-    server = await asyncio.start_server(slow_hello, "127.0.0.1", 0)
-    c = AsyncClient(f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}", connect_timeout_s=3)
-    try:
-        before = asyncio.ensure_future(c.connect())  # under way when close() comes
-        await asyncio.sleep(0.1)
-        await c.close()
-        after = asyncio.ensure_future(c.connect())
-        first, second = await asyncio.gather(before, after, return_exceptions=True)
-        assert isinstance(first, BrokerUnavailable)
-        assert "client closed" in str(first)
-        assert not isinstance(second, BaseException), second
-    finally:
-        await c.close()
-        server.close()
-        await server.wait_closed()
+    async with mute_broker(hello_delay_s=0.3) as (mute, url):
+        c = AsyncClient(url, connect_timeout_s=3)
+        try:
+            before = asyncio.ensure_future(c.connect())  # under way when close() comes
+            await asyncio.wait_for(mute.hello_seen.wait(), 5.0)
+            await c.close()
+            after = asyncio.ensure_future(c.connect())
+            first, second = await asyncio.gather(before, after, return_exceptions=True)
+            assert isinstance(first, BrokerUnavailable)
+            assert "client closed" in str(first)
+            assert not isinstance(second, BaseException), second
+        finally:
+            await c.close()
 
 
 async def test_a_probe_acknowledged_a_round_trip_later_does_not_reset_the_silence() -> None:

@@ -1537,8 +1537,7 @@ class ReplicatedState:
         # (elsewhere RocksDB copies every file). One left by a node killed while packing would
         # keep compacted-away files alive: the previous snapshot is done (pysyncobj starts one
         # at a time), so any such directory is stale.
-        for stale in glob.glob(os.path.join(glob.escape(self.store.parent), "tq-snap-*")):
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_stale(self.store.parent, "tq-snap-")
         tmp = tempfile.mkdtemp(prefix="tq-snap-", dir=self.store.parent)
         checkpoint = os.path.join(tmp, "store")
         try:
@@ -1561,9 +1560,7 @@ class ReplicatedState:
 
     def restore_from(self, f: BinaryIO) -> None:
         """Replace the store by the snapshot read from ``f`` (a tar stream, read as it comes)."""
-        # one left by a node killed while extracting (one restore runs at a time)
-        for stale in glob.glob(os.path.join(glob.escape(self.store.parent), "tq-restore-*")):
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_stale(self.store.parent, "tq-restore-")  # (one restore runs at a time)
         with tempfile.TemporaryDirectory(prefix="tq-restore-", dir=self.store.parent) as tmp:
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 tar.extractall(tmp, filter="data")
@@ -1571,6 +1568,13 @@ class ReplicatedState:
         self.sm.reset()
         self.sm.recover()
         log.info("cluster.snapshot_restored applied_index=%d", self.sm.applied_index)
+
+
+def _remove_stale(parent: str, prefix: str) -> None:
+    """Remove the working directories (``prefix*``) a node killed mid-snapshot left in
+    ``parent``: they hold hard links that keep compacted-away store files alive."""
+    for stale in glob.glob(os.path.join(glob.escape(parent), prefix + "*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 class ClusterLog:

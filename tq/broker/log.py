@@ -403,17 +403,7 @@ class LocalLog:
             self._running_cbs, self._next_cbs = [], []
             self._running_upto = -1
             self._durable = self._settled = self._index
-            for cb in cbs:
-                try:
-                    cb(None)
-                except Exception:
-                    log.exception("log.durable_callback_failed")
-            done(exc)
-            if self.on_delivered is not None:
-                try:
-                    self.on_delivered()
-                except Exception:
-                    log.exception("log.on_delivered_failed")
+            self._deliver(cbs, then=lambda: done(exc))
             self._fail(exc)
             return
         unknown = OutcomeUnknown(
@@ -452,18 +442,25 @@ class LocalLog:
         self.flushed_commits += self._running_upto - self._durable
         self._durable = self._running_upto
         self._running_upto = -1
+        self._deliver(cbs)
+        if self._next_cbs:
+            self._start_flush()
+
+    def _deliver(self, cbs: list[DurableCallback], then: Callable[[], None] | None = None) -> None:
+        """Tell ``cbs`` their batches are durable (then run ``then``), and hand the replies
+        they queued to the sockets now (``on_delivered``)."""
         for cb in cbs:
             try:
                 cb(None)
             except Exception:  # one bad callback must not cost the replies of the others
                 log.exception("log.durable_callback_failed")
+        if then is not None:
+            then()
         if self.on_delivered is not None:
             try:
                 self.on_delivered()
             except Exception:  # socket code must never stand between a commit and the next
                 log.exception("log.on_delivered_failed")
-        if self._next_cbs:
-            self._start_flush()
 
     def close(self) -> None:
         if self._executor is not None:

@@ -226,9 +226,9 @@ class AsyncClient:
         self.max_frame_bytes = max_frame_bytes
         self._conn: Connection | None = None
         self._connecting: asyncio.Lock | None = None
-        self._connect_attempts = 0  # connects attempted so far, and how the last one ended
-        self._connect_failed: BrokerUnavailable | None = None
-        self._connect_failed_closes = 0  # close() calls made when that attempt began
+        self._connect_attempts = 0  # connects attempted so far
+        # How the last one failed, with the close() calls made when it began (None: it did not)
+        self._connect_failed: tuple[int, BrokerUnavailable] | None = None
         self._preferred = 0
         self._closes = 0  # close() calls so far: a request in flight across one is not resent
         self.on_connect: Callable[[], Any] | None = None
@@ -266,30 +266,22 @@ class AsyncClient:
             if conn is not None and conn.error is None:
                 return conn
             failed = self._connect_failed
-            if (
-                self._connect_attempts != attempts
-                and failed is not None
-                and self._connect_failed_closes == closes
-            ):
+            if self._connect_attempts != attempts and failed is not None and failed[0] == closes:
                 # An attempt that ran while this caller waited for its turn failed: its
                 # verdict is this caller's too. Each starting one of its own made the requests
-                # of a hung broker fail one connect timeout apart (10 s, 20 s, 30 s, ...).
-                raise BrokerUnavailable(str(failed))
+                # of a hung broker fail one connect timeout apart (10 s, 20 s, 30 s, ...). (Only
+                # for callers from before the same close(): one made after it connects again,
+                # and must not hear "client closed".) A refusal (a bad token) or a cancelled
+                # attempt is not shared.
+                raise BrokerUnavailable(str(failed[1]))
+            self._connect_failed = None
             try:
-                conn = await self._connect_locked(closes)
+                return await self._connect_locked(closes)
             except BrokerUnavailable as exc:
-                # (shared only with callers from before the same close(): one made after a
-                # close connects again, and must not hear "client closed")
-                self._connect_failed, self._connect_failed_closes = exc, closes
+                self._connect_failed = (closes, exc)
                 raise
-            except BaseException:  # refused (a bad token), or cancelled: not for the others
-                self._connect_failed = None
-                raise
-            else:
-                self._connect_failed = None
             finally:
                 self._connect_attempts += 1
-            return conn
 
     async def _connect_locked(self, closes: int) -> Connection:
         """The body of ``connect``, under its lock: every address, with backoff, until

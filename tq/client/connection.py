@@ -192,10 +192,7 @@ class Connection(asyncio.Protocol):
         now = loop.time()
         expired = [rid for rid, deadline in self._deadlines.items() if deadline <= now]
         for rid in expired:
-            del self._deadlines[rid]
-            fut = self._pending.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(TimeoutError())
+            self._fail_request(rid, TimeoutError())
         if self.liveness_s:
             self._check_liveness(now)
         self._sweeper = loop.call_later(SWEEP_S, self._sweep) if self._deadlines else None
@@ -243,12 +240,15 @@ class Connection(asyncio.Protocol):
         elif silent >= 2 * self.liveness_s:
             error = Silent(f"answered nothing for {silent:.1f} s, not even a liveness probe")
             for rid in list(self._pending):
-                self._deadlines.pop(rid, None)
-                fut = self._pending.pop(rid)
-                if not fut.done():
-                    fut.set_exception(error)
+                self._fail_request(rid, error)
             self._probe = None
             self._silent_since = now
+
+    def _fail_request(self, rid: int, error: BaseException) -> None:
+        self._deadlines.pop(rid, None)
+        fut = self._pending.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(error)
 
     def add_stream(self, rid: int, callback: Callable[[Response | TqError], None]) -> None:
         """Route every message for ``rid`` after its first reply to ``callback``."""
