@@ -33,6 +33,10 @@ class BrokerConfig:
     hello_timeout_s: float = 10.0  # a connection that has not said hello by then is closed
     max_connections: int = 0  # TCP connections taken at once; 0: the descriptor limit less 256
     journal_bytes: int = 64 * 1024 * 1024  # single node: the commit journal's size (--journal-mb)
+    # Single node: poll this long (µs) for the next request and for the journal's write before
+    # sleeping (tq/spin.py): above the ~100-150 µs a sequential client takes here to answer a
+    # reply with its next request, and the write's usual time; 0 never polls.
+    spin_us: int = 250
     # cluster mode (a Raft port given): this node's id, its Raft port, the other members' Raft
     # addresses, where the Raft port really listens (default: host:raft_port) and the secret
     raft_port: int | None = None

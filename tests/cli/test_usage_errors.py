@@ -97,6 +97,13 @@ def test_a_bad_peer_is_a_usage_error(tmp_path: Path, peer: str) -> None:
     assert not (tmp_path / "d").exists()  # refused before anything was created
 
 
+@pytest.mark.parametrize("value", ["-1", "10001", "lots"])
+def test_a_bad_spin_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    result = tq("broker", "--port", "0", "--data-dir", str(tmp_path / "d"), "--spin-us", value)
+    assert "Invalid value for '--spin-us'" in one_line_error(result, code=2)
+    assert not (tmp_path / "d").exists()
+
+
 # --- tq cluster status ---------------------------------------------------------------------------
 
 

@@ -282,7 +282,8 @@ def test_an_overlapped_write_runs_while_the_caller_works_and_reads_back_the_same
     tmp_path: Path,
 ) -> None:
     """``start_write(overlap=True)`` submits through Linux AIO and returns with the write in
-    flight; ``finish_write`` waits. Mixed with plain writes, every record comes back."""
+    flight; ``finish_write`` waits, sleeping at once, or polling first (for 1 µs, which runs
+    out, or for 5 s, which the write ends). Mixed with plain writes, every record comes back."""
     path = tmp_path / "j"
     j, _ = opened(path, None)
     written: list[tuple[int, bytes]] = []
@@ -302,7 +303,8 @@ def test_an_overlapped_write_runs_while_the_caller_works_and_reads_back_the_same
                 assert j._aio.busy
             with pytest.raises(JournalError, match="already in flight"):
                 j.start_write(b"")
-            j.finish_write()
+            j.finish_write(spin_ns=(0, 1000, 5_000_000_000)[(k // 3) % 3])
+            assert j._aio is None or not j._aio.busy
         else:
             j.write(j.take())
     j.close()

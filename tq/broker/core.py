@@ -22,6 +22,7 @@ from tq._version import __version__
 from tq.broker.commands import Claim, Command, Retention, Submit, Tick
 from tq.broker.log import LocalLog
 from tq.logfields import kv
+from tq.spin import Spinner
 
 if TYPE_CHECKING:
     from tq.broker.cluster import ClusterLog
@@ -245,9 +246,14 @@ class BrokerCore:
                 self._on_applied,
                 journal_path=os.path.join(config.data_dir, JOURNAL_FILE),
                 journal_bytes=config.journal_bytes,
+                spin_us=config.spin_us,
             )
             # a commit's replies leave as soon as they are queued (see TcpServer.flush)
             self.log.on_delivered = self._replies_queued
+        # Polls the TCP connections for the next request before the loop sleeps (tq/spin.py). A
+        # single node only: a cluster node's commits come from the Raft thread, which a poll of
+        # the sockets would not see.
+        self.spinner = Spinner(0 if config.clustered else config.spin_us)
         self.started_at = time.monotonic()
         self.fatal: BaseException | None = None
         self.closing = False
@@ -344,6 +350,7 @@ class BrokerCore:
             self._unpark(parked)
             parked.reply([])
         self.log.close()
+        self.spinner.close()
         self.store.close()
 
     def _fatal(self, exc: BaseException) -> None:
@@ -821,6 +828,11 @@ class BrokerCore:
             counters=dict(self.sm.counters)
             | {"wal_flushes": self.log.flushes, "wal_commits": self.log.flushed_commits}
             | (self.log.counters() if isinstance(self.log, LocalLog) else {})
+            | (
+                {"spins": self.spinner.spins, "spin_hits": self.spinner.hits}
+                if self.spinner.enabled
+                else {}
+            )
             | watch_counters(self.watch)
             | {"waits": sum(len(w) for w in self._waiters.values())}
             | ({"queues_left_out": left_out} if left_out else {}),

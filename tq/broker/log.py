@@ -75,8 +75,10 @@ class LocalLog:
         on_applied: Callable[[ApplyResult], None],
         journal_path: str,
         journal_bytes: int = SEGMENT_BYTES,
+        spin_us: int = 0,
     ) -> None:
         self._store = store
+        self._spin_ns = spin_us * 1000  # poll this long for an overlapped write (Aio.wait)
         self._sm = sm
         self._on_fatal = on_fatal
         self._on_applied = on_applied
@@ -301,6 +303,12 @@ class LocalLog:
                 # Let the rest of this tick's writes join the same flush.
                 self._loop.call_soon(self._start_flush)
 
+    @property
+    def threads_idle(self) -> bool:
+        """No write runs in the writer thread, so nothing will come from it while the event
+        loop polls its sockets (TcpServer's spin)."""
+        return self._running_future is None
+
     def kick(self) -> None:
         """End of a tick: start the flush (or finish the one in flight) now instead of one loop
         iteration later."""
@@ -312,7 +320,7 @@ class LocalLog:
         if self._inflight:
             self._inflight = False
             try:
-                self._journal.finish_write()
+                self._journal.finish_write(self._spin_ns)
             except BaseException as exc:  # any failure to persist is fatal
                 self._flush_done(exc)
             else:

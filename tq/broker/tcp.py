@@ -23,6 +23,7 @@ import msgspec
 from tq.broker import commands as cmds
 from tq.broker.commands import Cancel, Extend, RegisterWorker, Release, Report, Submit, WorkerLost
 from tq.broker.core import BrokerCore
+from tq.broker.log import LocalLog
 from tq.errors import (
     BadRequest,
     FrameTooLarge,
@@ -221,6 +222,7 @@ class Connection(asyncio.Protocol):
         # Well above what a client that reads promptly queues in one tick (seven concurrent
         # status calls of 10 MiB tasks crossed 64 MiB), and it bounds a hostile one's memory.
         self._max_backlog = max(256 * 1024 * 1024, 8 * core.config.max_frame_bytes)
+        self._fd = -1
 
     # --- transport callbacks ---------------------------------------------------------------------
 
@@ -233,6 +235,8 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
             return
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._fd = _fileno(transport)
+        self.server.spinner.add(self._fd)
         # A peer that never says hello holds a file descriptor for nothing: 200 such sockets
         # slowed nobody, but enough of them would leave the broker unable to accept.
         self._hello_timer = asyncio.get_running_loop().call_later(
@@ -282,6 +286,7 @@ class Connection(asyncio.Protocol):
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         self.server.connections.discard(self)
+        self.server.spinner.discard(self._fd)
         self.core.drop_parked(self)
         self.core.drop_waits(self)
         self.core.watch.unsubscribe(self)
@@ -290,6 +295,7 @@ class Connection(asyncio.Protocol):
             self.core.submit(WorkerLost(self.worker_id), None)
 
     def data_received(self, data: bytes) -> None:
+        self.server.spinner.arrived()
         try:
             frames = self.decoder.feed(data)
         except FrameTooLarge as exc:
@@ -889,6 +895,11 @@ def _fit(tasks: list[Task], limit: int, max_bytes: int) -> tuple[list[Task], str
 FD_RESERVE = 256  # descriptors kept for the store (SST and WAL files), HTTP, SSH and Raft
 
 
+def _fileno(transport: asyncio.BaseTransport) -> int:
+    sock = transport.get_extra_info("socket")
+    return sock.fileno() if sock is not None else -1
+
+
 def connection_limit() -> int:
     """How many TCP connections the broker takes: its file descriptor limit, raised to the hard
     limit first (the usual soft 1,024 is a default, not a decision), less ``FD_RESERVE``."""
@@ -923,6 +934,8 @@ class TcpServer:
         self._flush_scheduled = False
         self._server: asyncio.Server | None = None
         self.port = 0
+        self.spinner = core.spinner  # polls the connections before the loop sleeps
+        self._spin_scheduled = False
 
     def admit(self, conn: Connection) -> bool:
         """Take a new connection unless ``max_connections`` are open: the descriptors left are
@@ -967,6 +980,19 @@ class TcpServer:
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn._flush()
+        if self.spinner.enabled:
+            self.spinner.waiting()
+            if not self._spin_scheduled:
+                self._spin_scheduled = True
+                asyncio.get_running_loop().call_soon(self._spin)
+
+    def _spin(self) -> None:
+        """Replies have left: poll for the next request (after the callbacks already due),
+        unless the writer thread has a write whose end a poll of the sockets would not see."""
+        self._spin_scheduled = False
+        log_ = self.core.log
+        if isinstance(log_, LocalLog) and log_.threads_idle and not self.core.closing:
+            self.spinner.spin()
 
     def close_worker(self, worker_id: str) -> None:
         """The state machine declared this worker lost: end its connections (unless it has

@@ -301,6 +301,14 @@ def broker(
         0, "--max-connections", help="TCP connections at once (0: the file limit less 256)"
     ),
     journal_mb: int | None = JournalOpt,
+    spin_us: int = typer.Option(
+        250,
+        "--spin-us",
+        min=0,
+        max=10_000,
+        help="single node: poll this long (µs) for the next request and the journal write "
+        "before sleeping; 0 never polls (docs/architecture.md, 'Polling before sleeping')",
+    ),
     node_id: str | None = typer.Option(None, "--node-id", help="cluster: this node's name"),
     raft_port: int | None = typer.Option(
         None, "--raft-port", help="cluster: Raft port (turns clustering on)"
@@ -346,6 +354,7 @@ def broker(
         max_connections=max_connections,
         compaction_min_entries=raft_compaction_entries,
         journal_mb=journal_mb,
+        spin_us=spin_us,
         **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
     )
     if raft_port is not None:
@@ -471,8 +480,10 @@ def up(
     from tq.broker.app import BrokerApp
     from tq.errors import TqError
 
+    # spin_us=0: the worker shares this event loop, and polling for the broker's sockets would
+    # hold up the worker's own replies.
     config = _broker_config(
-        host, port, data_dir, 30.0, 7 * 86400, 1.0, 10.0, 16 * 1024 * 1024, journal_mb
+        host, port, data_dir, 30.0, 7 * 86400, 1.0, 10.0, 16 * 1024 * 1024, journal_mb, spin_us=0
     )
     broker_app = BrokerApp(config, **_http_options(http_port))
     _add_ssh(broker_app, ssh_port, ssh_authorized_keys, ssh_readonly_keys)

@@ -209,15 +209,27 @@ class AsyncClient:
         hello_extra: dict[str, Any] | None = None,
         max_frame_bytes: int = DEFAULT_FRAME_LIMIT,
         liveness_s: float = LIVENESS_S,
+        spin_us: int = 0,
     ) -> None:
         """``liveness_s``: with requests in flight and nothing heard for this long, ask the
         broker whether it is there; nothing after as long again, and they fail over (resent
-        once, if safe to) as if their ``timeout_s`` had passed. 0 turns probing off."""
+        once, if safe to) as if their ``timeout_s`` had passed. 0 turns probing off.
+
+        ``spin_us``: after sending, poll for the reply this long before the event loop sleeps,
+        while replies have come within that time (tq/spin.py). On a VM whose idle CPUs halt,
+        waking for the reply costs tens of µs; polling saves them at the price of this
+        client's CPU, and holds the loop's other work up to ``spin_us``. 0 (the default) never
+        polls; ~1000 suits a producer that waits for each submit in turn."""
         if not (liveness_s == 0 or 0 < liveness_s < math.inf):  # NaN fails both
             raise BadRequest(f"liveness_s must be 0 (off) or a positive number, not {liveness_s}")
+        if type(spin_us) is not int or not 0 <= spin_us <= 100_000:
+            raise BadRequest(
+                f"spin_us must be a whole number of µs from 0 to 100000, not {spin_us!r}"
+            )
         self.addresses = parse_broker_url(broker_url_from_env(url))
         self.timeout_s = timeout_s
         self.liveness_s = liveness_s
+        self.spin_us = spin_us
         self.connect_timeout_s = connect_timeout_from_env(connect_timeout_s)
         self.token = token if token is not None else auth_token_from_env()
         self.role = role
@@ -332,7 +344,9 @@ class AsyncClient:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: Connection(self.max_frame_bytes, self.liveness_s), host, port
+                    lambda: Connection(self.max_frame_bytes, self.liveness_s, self.spin_us),
+                    host,
+                    port,
                 ),
                 timeout=left,
             )

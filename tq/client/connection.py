@@ -24,6 +24,7 @@ from tq.model import MAX_PAYLOAD_BYTES
 from tq.protocol.codec import decode_response, encode
 from tq.protocol.framing import HEADER_BYTES, FrameDecoder
 from tq.protocol.messages import Nack, Ping, Response, Welcome
+from tq.spin import Spinner
 
 log = logging.getLogger("tq.client")
 SWEEP_S = 0.25
@@ -47,7 +48,9 @@ class Silent(TimeoutError):
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, max_frame_bytes: int, liveness_s: float = LIVENESS_S) -> None:
+    def __init__(
+        self, max_frame_bytes: int, liveness_s: float = LIVENESS_S, spin_us: int = 0
+    ) -> None:
         # Replies may exceed the frame limit requests are held to: one task's record carries
         # its payload and its result (up to 10 MiB each) besides its error.
         self._decoder = FrameDecoder(max_frame_bytes + 2 * MAX_PAYLOAD_BYTES + (1 << 20))
@@ -80,17 +83,21 @@ class Connection(asyncio.Protocol):
         self._acked_seen = 0
         self._unsent_seen = 0
         self._fd = -1
+        self._spinner = Spinner(spin_us)  # see AsyncClient's spin_us
+        self._spin_scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
+        self._spinner.add(self._fd)
 
     def connection_lost(self, exc: Exception | None) -> None:
         err = self.error or BrokerUnavailable(
             f"connection to broker lost{': ' + str(exc) if exc else ''}"
         )
         self.error = err
+        self._spinner.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._deadlines.clear()
@@ -105,6 +112,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reads += 1
+        self._spinner.arrived()
         try:
             frames = self._decoder.feed(data)
             for body in frames:
@@ -178,6 +186,17 @@ class Connection(asyncio.Protocol):
         """The end of the loop iteration: write what is queued."""
         self._flush_scheduled = False
         self._write_out()
+        if self._spinner.enabled and self._pending:
+            self._spinner.waiting()
+            if not self._spin_scheduled:
+                self._spin_scheduled = True
+                asyncio.get_running_loop().call_soon(self._spin)
+
+    def _spin(self) -> None:
+        """Poll for the replies (after the callbacks already due) before the loop sleeps."""
+        self._spin_scheduled = False
+        if self._pending and self.error is None:
+            self._spinner.spin()
 
     def _write_out(self) -> None:
         self._out_bytes = 0

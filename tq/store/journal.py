@@ -314,16 +314,18 @@ class Journal:
         self._aio.submit(self._fd, self._buf_address, span, start)
         return True
 
-    def finish_write(self) -> None:
+    def finish_write(self, spin_ns: int = 0) -> None:
         """``write``'s second half: once this returns, what ``start_write`` was given is
-        durable (or this raised, and the caller must treat the journal as failed)."""
+        durable (or this raised, and the caller must treat the journal as failed).
+        ``spin_ns``: poll for an AIO write's completion that long before sleeping for it
+        (``Aio.wait``)."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             raise JournalError("no journal write in flight")
         start, size, ndata = inflight
         if self._aio is not None and self._aio.busy:
             span = -(-size // BLOCK) * BLOCK
-            written = self._aio.wait()
+            written = self._aio.wait(spin_ns)
             if written != span:
                 raise JournalError(f"journal write wrote {written} of {span} bytes")
         if not ndata:
