@@ -1,13 +1,12 @@
 """Polling before sleeping (tq/spin.py, docs/architecture.md "Polling before sleeping"): a real
 broker polls for a sequential client's next request, ``--spin-us 0`` never does, and a client
-asked to polls for its replies. What it saves is measured by ``tq bench``, not here."""
+asked to poll does so for its replies. What it saves is measured by ``tq bench``, not here."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-
 from tq import AsyncClient
 from tq.errors import BadRequest
 
