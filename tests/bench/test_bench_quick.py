@@ -32,7 +32,18 @@ SCENARIOS = {
 def test_bench_quick_writes_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tq", "bench", "--quick", "--json", str(out)],
+        # --client-spin-us: submit-latency's client polls for its replies (AsyncClient spin_us)
+        [
+            sys.executable,
+            "-m",
+            "tq",
+            "bench",
+            "--quick",
+            "--json",
+            str(out),
+            "--client-spin-us",
+            "800",
+        ],
         capture_output=True,
         text=True,
         timeout=180,
@@ -47,6 +58,8 @@ def test_bench_quick_writes_every_scenario(tmp_path: Path) -> None:
         assert figure["min"] <= figure["median"] <= figure["max"]
         assert figure["unit"] in {"tasks/s", "ms", "MB", "s"}
     assert "tq bench (quick" in proc.stdout  # the table is printed too
+    assert "client polls 800 µs" in proc.stdout
+    assert json.loads(out.read_text())["client_spin_us"] == 800
     # ... and what the machine is, since the latency figures depend on it
     machine = json.loads(out.read_text())["machine"]
     assert machine["cpus"] == os.cpu_count()

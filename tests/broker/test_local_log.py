@@ -480,9 +480,9 @@ async def test_a_small_commit_starts_its_write_before_the_batch_is_applied(tmp_p
             events.append(f"start overlap={overlap}")
             real_start(data, overlap)
 
-        def finish_write() -> None:
+        def finish_write(spin_ns: int = 0) -> None:
             events.append("finish")
-            real_finish()
+            real_finish(spin_ns)
 
         def apply(*args: Any, **kwargs: Any) -> ApplyResult:
             events.append("apply")

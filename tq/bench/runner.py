@@ -70,6 +70,7 @@ class Sizes:
     cluster_tasks: int = 50_000
     export_tasks: int = 1_000_000
     repeats: int = 3
+    client_spin_us: int = 0  # the sequential client's AsyncClient(spin_us=...)
 
 
 QUICK = Sizes(
@@ -172,7 +173,7 @@ async def submit_pipelined(url: str, sizes: Sizes) -> float:
 
 
 async def submit_latency(url: str, sizes: Sizes) -> tuple[float, float, float]:
-    async with AsyncClient(url) as client:
+    async with AsyncClient(url, spin_us=sizes.client_spin_us) as client:
         for _ in range(20):
             await client.submit("echo", PAYLOAD)
         lat: list[float] = []

@@ -887,6 +887,13 @@ def bench(
         "open-loop, end-to-end, dispatch-latency, memory, recovery, cluster, export",
     ),
     repeats: int | None = typer.Option(None, "--repeats", min=1, help="runs per scenario"),
+    client_spin_us: int = typer.Option(
+        0,
+        "--client-spin-us",
+        min=0,
+        max=100_000,
+        help="submit-latency's client polls for each reply this long (AsyncClient spin_us)",
+    ),
 ) -> None:
     """Measure throughput, latency, memory and recovery (benchmarks/README.md)."""
     import tempfile
@@ -900,6 +907,8 @@ def bench(
     sizes = QUICK if quick else Sizes()
     if repeats:
         sizes = replace(sizes, repeats=repeats)
+    if client_spin_us:
+        sizes = replace(sizes, client_spin_us=client_spin_us)
     result = run_all(
         sizes,
         broker_url=broker,
@@ -909,7 +918,9 @@ def bench(
     )
     summary = result.summary()
     emit_table(
-        f"tq bench ({'quick' if quick else 'full'}, {sizes.repeats} run(s) each)",
+        f"tq bench ({'quick' if quick else 'full'}, {sizes.repeats} run(s) each"
+        + (f", submit-latency's client polls {client_spin_us} µs" if client_spin_us else "")
+        + ")",
         ["scenario", "median", "min", "max", "unit", "target"],
         [
             [
@@ -927,7 +938,11 @@ def bench(
         say(line)
     if json_out:
         with open(json_out, "w") as fh:
-            json.dump({"scenarios": summary, "machine": machine}, fh, indent=2)
+            json.dump(
+                {"scenarios": summary, "machine": machine, "client_spin_us": sizes.client_spin_us},
+                fh,
+                indent=2,
+            )
 
 
 cluster_app = typer.Typer(help="Raft cluster: status and membership.", no_args_is_help=True)
