@@ -34,6 +34,7 @@ class Spinner:
             raise ValueError(f"spin budget must be >= 0 µs, not {budget_us}")
         self.budget_ns = budget_us * 1000
         self._epoll = select.epoll() if budget_us else None
+        self._owners: dict[int, object] = {}  # fd -> who added it (see discard)
         self._since = 0  # monotonic ns when the current wait began; 0: none is open
         # The last wait ended within the budget (at first: try). Unpolled, a wait takes longer
         # by the wake-up a poll saves, so one that ends just over the budget unpolled would
@@ -46,9 +47,11 @@ class Spinner:
     def enabled(self) -> bool:
         return self._epoll is not None
 
-    def add(self, fd: int) -> None:
+    def add(self, fd: int, owner: object) -> None:
+        """Poll ``fd`` (a socket ``owner`` reads from) too."""
         if self._epoll is None or fd < 0:
             return
+        self._owners[fd] = owner
         try:
             self._epoll.register(fd, select.EPOLLIN)
         except FileExistsError:
@@ -56,9 +59,12 @@ class Spinner:
             # registration outlived it (a dup elsewhere): point it at the new one.
             self._epoll.modify(fd, select.EPOLLIN)
 
-    def discard(self, fd: int) -> None:
-        if self._epoll is None or fd < 0:
+    def discard(self, fd: int, owner: object) -> None:
+        """Stop polling ``fd`` if ``owner`` still has it. The event loop closes a socket before
+        it reports the connection lost, so by then the number may be a new connection's."""
+        if self._epoll is None or fd < 0 or self._owners.get(fd) is not owner:
             return
+        del self._owners[fd]
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
@@ -92,6 +98,7 @@ class Spinner:
             os.sched_yield()
 
     def close(self) -> None:
+        self._owners.clear()
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None

@@ -3,6 +3,7 @@ when input is there, and gives up after its budget."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -15,7 +16,7 @@ def test_input_already_there_ends_the_spin_at_once() -> None:
     a, b = socket.socketpair()
     spinner = Spinner(1_000_000)  # a second: only input can end it quickly
     try:
-        spinner.add(a.fileno())
+        spinner.add(a.fileno(), a)
         b.send(b"x")
         t0 = time.monotonic()
         assert spinner.spin()
@@ -31,7 +32,7 @@ def test_silence_spends_the_budget_then_polling_stops_until_a_wait_ends_within_i
     a, b = socket.socketpair()
     spinner = Spinner(2000)
     try:
-        spinner.add(a.fileno())
+        spinner.add(a.fileno(), a)
         assert not spinner.spin()  # nothing came within 2 ms
         assert (spinner.spins, spinner.hits) == (1, 0)
         assert not spinner.worth
@@ -66,13 +67,13 @@ def test_a_zero_budget_never_polls() -> None:
     spinner = Spinner(0)
     try:
         assert not spinner.enabled
-        spinner.add(a.fileno())
+        spinner.add(a.fileno(), a)
         b.send(b"x")
         spinner.waiting()
         spinner.arrived()
         assert not spinner.spin()
         assert spinner.spins == 0
-        spinner.discard(a.fileno())
+        spinner.discard(a.fileno(), a)
     finally:
         a.close()
         b.close()
@@ -89,25 +90,52 @@ def test_descriptors_come_and_go_as_connections_do() -> None:
     spinner = Spinner(1000)
     a, b = socket.socketpair()
     fd = a.fileno()
-    spinner.add(fd)
-    spinner.add(fd)
+    spinner.add(fd, a)
+    spinner.add(fd, a)
     a.close()
-    spinner.discard(fd)
-    spinner.discard(fd)
+    spinner.discard(fd, a)
+    spinner.discard(fd, a)
     c, d = socket.socketpair()
     try:
-        spinner.add(c.fileno())
+        spinner.add(c.fileno(), c)
         d.send(b"x")
         assert spinner.spin()
         spinner.close()
         assert not spinner.enabled
         assert not spinner.spin()
-        spinner.add(c.fileno())  # after close: ignored
-        spinner.discard(c.fileno())
+        spinner.add(c.fileno(), c)  # after close: ignored
+        spinner.discard(c.fileno(), c)
     finally:
         b.close()
         c.close()
         d.close()
+
+
+def test_a_connection_lost_late_does_not_unregister_the_socket_that_reused_its_number() -> None:
+    """The event loop closes a socket, accepts a new one on the same number, and only then
+    reports the first connection lost: its discard must leave the new socket polled."""
+    spinner = Spinner(1_000_000)
+    old, old_peer = socket.socketpair()
+    fd = old.fileno()
+    old_owner, new_owner = object(), object()
+    spinner.add(fd, old_owner)
+    old.close()
+    new, new_peer = socket.socketpair()
+    try:
+        if new.fileno() != fd:  # make it take the number, as an accept would
+            moved = new
+            new = socket.socket(fileno=os.dup2(moved.fileno(), fd))
+            moved.close()
+        spinner.add(fd, new_owner)
+        spinner.discard(fd, old_owner)  # the late connection_lost of the old one
+        new_peer.send(b"x")
+        t0 = time.monotonic()
+        assert spinner.spin()
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        spinner.close()
+        for s_ in (old_peer, new, new_peer):
+            s_.close()
 
 
 def test_the_spin_yields_the_cpu_between_polls() -> None:
@@ -116,7 +144,7 @@ def test_the_spin_yields_the_cpu_between_polls() -> None:
     a, b = socket.socketpair()
     spinner = Spinner(2_000_000)  # two seconds
     try:
-        spinner.add(a.fileno())
+        spinner.add(a.fileno(), a)
         sender = threading.Timer(0.05, lambda: b.send(b"x"))
         sender.start()
         t0 = time.monotonic()

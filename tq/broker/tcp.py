@@ -236,7 +236,7 @@ class Connection(asyncio.Protocol):
             return
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._fd = _fileno(transport)
-        self.server.spinner.add(self._fd)
+        self.server.spinner.add(self._fd, self)
         # A peer that never says hello holds a file descriptor for nothing: 200 such sockets
         # slowed nobody, but enough of them would leave the broker unable to accept.
         self._hello_timer = asyncio.get_running_loop().call_later(
@@ -286,7 +286,7 @@ class Connection(asyncio.Protocol):
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         self.server.connections.discard(self)
-        self.server.spinner.discard(self._fd)
+        self.server.spinner.discard(self._fd, self)
         self.core.drop_parked(self)
         self.core.drop_waits(self)
         self.core.watch.unsubscribe(self)

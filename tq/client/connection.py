@@ -90,7 +90,7 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
-        self._spinner.add(self._fd)
+        self._spinner.add(self._fd, self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         err = self.error or BrokerUnavailable(
