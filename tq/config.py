@@ -14,6 +14,9 @@ N = TypeVar("N", int, float)
 DEFAULT_BROKER_URL = "tcp://127.0.0.1:7700"
 DEFAULT_PORT = 7700
 DEFAULT_FRAME_LIMIT = 16 * 1024 * 1024
+# tq broker --spin-us: above the ~100-150 µs a sequential client takes here to answer a reply
+# with its next request, and the journal write's usual time.
+SPIN_US = 250
 MAX_WAIT_S = 366 * 86400.0  # a wait longer than a year is a mistake (or inf, which has no ms)
 
 
@@ -34,9 +37,10 @@ class BrokerConfig:
     max_connections: int = 0  # TCP connections taken at once; 0: the descriptor limit less 256
     journal_bytes: int = 64 * 1024 * 1024  # single node: the commit journal's size (--journal-mb)
     # Single node: poll this long (µs) for the next request and for the journal's write before
-    # sleeping (tq/spin.py): above the ~100-150 µs a sequential client takes here to answer a
-    # reply with its next request, and the write's usual time; 0 never polls.
-    spin_us: int = 250
+    # sleeping (tq/spin.py); 0 never polls. ``tq broker`` passes SPIN_US; the default here is 0
+    # for a broker embedded beside its clients in one event loop, where a poll holds the very
+    # loop that would send the next request.
+    spin_us: int = 0
     # cluster mode (a Raft port given): this node's id, its Raft port, the other members' Raft
     # addresses, where the Raft port really listens (default: host:raft_port) and the secret
     raft_port: int | None = None

@@ -6,10 +6,13 @@ round trip when both sleep in ``epoll_wait``, ~30 µs when the receiver polls
 (benchmarks/README.md, "Why a wake-up costs so much here"). A sequential client pays that
 wake-up on every request. So, like Linux's ``SO_BUSY_POLL``, Go's spinning scheduler threads
 and glibc's adaptive mutexes, a ``Spinner`` polls for a bounded time before the event loop goes
-to sleep, and only while the input it waits for has been arriving within that time: a peer
-that pauses longer costs nothing, and a busy peer's data is already there, so the poll returns
-at once. Between polls it yields the CPU, so on two cores the kernel's own workers (the disk's
-completion, the loopback softirq) and the peer still run when they need to.
+to sleep. Only for a peer whose ``Pace`` says it answers within that time: a peer that pauses
+longer costs nothing, and a busy peer's data is already there, so the poll returns at once. A
+poll that finds nothing makes the next ones rarer (``Backoff``): a review measured a broker
+whose single pace flag saw many slow clients' combined arrivals as one fast one (~40% more CPU
+per submit, latency worse), and one sharing its loop with its client, where a poll can never
+find anything. Between polls it yields the CPU, so on two cores the kernel's own workers (the
+disk's completion, the loopback softirq) and the peer still run when they need to.
 
 Why by hand: no library does this for an asyncio loop (uvloop does not expose libuv's idle
 handles, and the loop's own epoll descriptor is private); it is one ``epoll`` of our sockets.
@@ -22,12 +25,58 @@ import select
 import time
 
 
-class Spinner:
-    """Polls the descriptors it is given, for at most ``budget_us`` per ``spin``.
+class Pace:
+    """Whether one peer answers within the budget: ``waiting`` when our reply has left,
+    ``arrived`` when its next message comes, ``missed`` when a poll for it found nothing."""
 
-    ``waiting`` marks when a wait begins (a reply has left, the next request is expected);
-    ``arrived`` marks when it ends; ``spin`` polls only if the last wait ended within the budget.
-    """
+    __slots__ = ("_budget_ns", "_since", "quick")
+
+    def __init__(self, budget_ns: int) -> None:
+        self._budget_ns = budget_ns
+        self._since = 0  # monotonic ns when the current wait began; 0: none is open
+        # At first: try. Unpolled, a wait takes longer by the wake-up a poll saves, so a peer
+        # just over the budget unpolled would never be polled for if this started False.
+        self.quick = True
+
+    def waiting(self, now_ns: int) -> None:
+        self._since = now_ns
+
+    def arrived(self, now_ns: int) -> None:
+        if self._since:
+            self.quick = now_ns - self._since <= self._budget_ns
+            self._since = 0
+
+    def missed(self) -> None:
+        self.quick = False  # until a wait ends within the budget again
+
+
+class Backoff:
+    """After a poll that found nothing, skip the next 1, then 3, 7, ... up to 63 polls; a poll
+    that finds something resets it. Bounds what polls that keep missing cost (a broker sharing
+    its loop with its client: every poll misses) to about 1/64 of them."""
+
+    __slots__ = ("_misses", "_skip")
+
+    def __init__(self) -> None:
+        self._misses = 0
+        self._skip = 0
+
+    def allow(self) -> bool:
+        if self._skip:
+            self._skip -= 1
+            return False
+        return True
+
+    def hit(self) -> None:
+        self._misses = 0
+
+    def miss(self) -> None:
+        self._misses = min(self._misses + 1, 6)
+        self._skip = (1 << self._misses) - 1
+
+
+class Spinner:
+    """Polls the descriptors it is given, for at most ``budget_us`` per ``spin``."""
 
     def __init__(self, budget_us: int) -> None:
         if budget_us < 0:
@@ -35,17 +84,17 @@ class Spinner:
         self.budget_ns = budget_us * 1000
         self._epoll = select.epoll() if budget_us else None
         self._owners: dict[int, object] = {}  # fd -> who added it (see discard)
-        self._since = 0  # monotonic ns when the current wait began; 0: none is open
-        # The last wait ended within the budget (at first: try). Unpolled, a wait takes longer
-        # by the wake-up a poll saves, so one that ends just over the budget unpolled would
-        # never be polled if this started False.
-        self.worth = True
+        self._backoff = Backoff()
         self.spins = 0  # spins that polled
         self.hits = 0  # ... and saw input before the budget ran out
 
     @property
     def enabled(self) -> bool:
         return self._epoll is not None
+
+    def pace(self) -> Pace:
+        """A new peer's pace, judged against this spinner's budget."""
+        return Pace(self.budget_ns)
 
     def add(self, fd: int, owner: object) -> None:
         """Poll ``fd`` (a socket ``owner`` reads from) too."""
@@ -55,9 +104,7 @@ class Spinner:
         try:
             self._epoll.register(fd, select.EPOLLIN)
         except FileExistsError:
-            # A closed socket leaves the set by itself, so this is a reused number whose old
-            # registration outlived it (a dup elsewhere): point it at the new one.
-            self._epoll.modify(fd, select.EPOLLIN)
+            self._epoll.modify(fd, select.EPOLLIN)  # the same socket added again
 
     def discard(self, fd: int, owner: object) -> None:
         """Stop polling ``fd`` if ``owner`` still has it. The event loop closes a socket before
@@ -70,30 +117,22 @@ class Spinner:
         except (OSError, ValueError):
             pass  # closed already, which removed it
 
-    def waiting(self) -> None:
-        if self._epoll is not None:
-            self._since = time.monotonic_ns()
-
-    def arrived(self) -> None:
-        if self._since:
-            self.worth = time.monotonic_ns() - self._since <= self.budget_ns
-            self._since = 0
-
-    def spin(self) -> bool:
+    def spin(self) -> bool | None:
         """Poll until a descriptor is readable (True) or the budget is spent (False). Returns
-        at once, False, when disabled or when the last wait outlasted the budget."""
+        None at once, without polling, when disabled or backing off after polls that missed."""
         epoll = self._epoll
-        if epoll is None or not self.worth:
-            return False
+        if epoll is None or not self._backoff.allow():
+            return None
         self.spins += 1
         poll = epoll.poll
         end = time.monotonic_ns() + self.budget_ns
         while True:
             if poll(0):
                 self.hits += 1
+                self._backoff.hit()
                 return True
             if time.monotonic_ns() >= end:
-                self.worth = False  # until a wait ends within the budget again
+                self._backoff.miss()
                 return False
             os.sched_yield()
 

@@ -40,7 +40,11 @@ class Node:
     """Store, state machine and log opened the way ``BrokerCore.start`` opens them."""
 
     def __init__(
-        self, data: Path, journal_bytes: int = 1024 * 1024, lease_ms: int = LEASE_MS
+        self,
+        data: Path,
+        journal_bytes: int = 1024 * 1024,
+        lease_ms: int = LEASE_MS,
+        spin_us: int = 0,
     ) -> None:
         self.fatal: list[BaseException] = []
         self.store = Store(str(data / "store"))
@@ -58,6 +62,7 @@ class Node:
             _ignore,
             str(data / "journal"),
             journal_bytes,
+            spin_us=spin_us,
         )
         self.replayed = self.log.recover()  # opens the state machine too
 
@@ -467,8 +472,9 @@ def test_a_store_that_refuses_a_write_or_a_read_is_fatal_and_answered(
 
 async def test_a_small_commit_starts_its_write_before_the_batch_is_applied(tmp_path: Path) -> None:
     """The disk works while the state machine does: on an idle log a small batch's write is
-    started before ``apply`` and waited for after it (at the end of the tick)."""
-    node = Node(tmp_path)
+    started before ``apply`` and waited for after it (at the end of the tick), polling for its
+    end first for the log's ``spin_us`` (tq broker --spin-us)."""
+    node = Node(tmp_path, spin_us=180)
     try:
         log = node.log
         log.start(asyncio.get_running_loop())
@@ -481,7 +487,7 @@ async def test_a_small_commit_starts_its_write_before_the_batch_is_applied(tmp_p
             real_start(data, overlap)
 
         def finish_write(spin_ns: int = 0) -> None:
-            events.append("finish")
+            events.append(f"finish spin_ns={spin_ns}")
             real_finish(spin_ns)
 
         def apply(*args: Any, **kwargs: Any) -> ApplyResult:
@@ -493,7 +499,7 @@ async def test_a_small_commit_starts_its_write_before_the_batch_is_applied(tmp_p
         sm.apply = apply  # type: ignore[method-assign]
         result = await commit(log, 1, [Submit(specs(0, 1))])
         assert result[0][0] == ["t000000"]
-        assert events == ["start overlap=True", "apply", "finish"]
+        assert events == ["start overlap=True", "apply", "finish spin_ns=180000"]
     finally:
         node.close()
 

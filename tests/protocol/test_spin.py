@@ -1,5 +1,5 @@
-"""tq/spin.py: polls only while the input it waits for comes within its budget, ends at once
-when input is there, and gives up after its budget."""
+"""tq/spin.py: a spinner polls until input is there or its budget is spent, backs off after
+polls that found nothing, and a pace says whether one peer answers within the budget."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from tq.spin import Spinner
+from tq.spin import Backoff, Pace, Spinner
 
 
 def test_input_already_there_ends_the_spin_at_once() -> None:
@@ -19,7 +19,7 @@ def test_input_already_there_ends_the_spin_at_once() -> None:
         spinner.add(a.fileno(), a)
         b.send(b"x")
         t0 = time.monotonic()
-        assert spinner.spin()
+        assert spinner.spin() is True
         assert time.monotonic() - t0 < 0.5
         assert (spinner.spins, spinner.hits) == (1, 1)
     finally:
@@ -28,38 +28,58 @@ def test_input_already_there_ends_the_spin_at_once() -> None:
         b.close()
 
 
-def test_silence_spends_the_budget_then_polling_stops_until_a_wait_ends_within_it() -> None:
+def test_silence_spends_about_the_budget_then_polls_back_off() -> None:
     a, b = socket.socketpair()
-    spinner = Spinner(2000)
+    spinner = Spinner(20_000)  # 20 ms
     try:
         spinner.add(a.fileno(), a)
-        assert not spinner.spin()  # nothing came within 2 ms
-        assert (spinner.spins, spinner.hits) == (1, 0)
-        assert not spinner.worth
-        assert not spinner.spin()  # not worth it: returns without polling
+        t0 = time.monotonic()
+        assert spinner.spin() is False
+        took = time.monotonic() - t0
+        assert 0.019 < took < 0.5, took  # the budget, not much more (a loaded CPU adds some)
+        assert spinner.spin() is None  # backing off: one poll skipped
         assert spinner.spins == 1
-        spinner.waiting()
-        spinner.arrived()  # this wait ended at once: polling is worth it again
-        assert spinner.worth
         b.send(b"x")
-        assert spinner.spin()
-        assert (spinner.spins, spinner.hits) == (2, 1)
-        spinner.waiting()
-        time.sleep(0.01)
-        spinner.arrived()  # 10 ms: longer than the budget
-        assert not spinner.worth
+        assert spinner.spin() is True  # polls again, and a hit resets the back-off
+        assert spinner.spin() is True
+        assert (spinner.spins, spinner.hits) == (3, 2)
     finally:
         spinner.close()
         a.close()
         b.close()
 
 
-def test_an_arrival_without_a_wait_changes_nothing() -> None:
-    spinner = Spinner(100)
-    spinner.worth = False
-    spinner.arrived()
-    assert not spinner.worth
-    spinner.close()
+def test_backoff_skips_twice_as_many_polls_after_each_miss_up_to_63() -> None:
+    backoff = Backoff()
+
+    def skipped_after_miss() -> int:
+        backoff.miss()
+        n = 0
+        while not backoff.allow():
+            n += 1
+        return n
+
+    assert [skipped_after_miss() for _ in range(8)] == [1, 3, 7, 15, 31, 63, 63, 63]
+    backoff.hit()
+    assert skipped_after_miss() == 1
+
+
+def test_a_pace_is_quick_while_the_peer_answers_within_the_budget() -> None:
+    pace = Pace(1_000_000)  # 1 ms
+    assert pace.quick  # at first: try
+    pace.waiting(10_000_000)
+    pace.arrived(10_500_000)
+    assert pace.quick
+    pace.waiting(20_000_000)
+    pace.arrived(25_000_000)  # 5 ms
+    assert not pace.quick
+    pace.arrived(25_000_001)  # no wait open: changes nothing
+    assert not pace.quick
+    pace.waiting(30_000_000)
+    pace.arrived(30_100_000)
+    assert pace.quick
+    pace.missed()
+    assert not pace.quick
 
 
 def test_a_zero_budget_never_polls() -> None:
@@ -69,9 +89,7 @@ def test_a_zero_budget_never_polls() -> None:
         assert not spinner.enabled
         spinner.add(a.fileno(), a)
         b.send(b"x")
-        spinner.waiting()
-        spinner.arrived()
-        assert not spinner.spin()
+        assert spinner.spin() is None
         assert spinner.spins == 0
         spinner.discard(a.fileno(), a)
     finally:
@@ -85,8 +103,8 @@ def test_a_negative_budget_is_refused() -> None:
 
 
 def test_descriptors_come_and_go_as_connections_do() -> None:
-    """A closed socket leaves the set by itself (discarding it after is harmless); adding a
-    number twice points it at the newer socket; a closed spinner polls nothing."""
+    """A closed socket leaves the set by itself (discarding it after is harmless); adding one
+    twice is harmless; a closed spinner polls nothing."""
     spinner = Spinner(1000)
     a, b = socket.socketpair()
     fd = a.fileno()
@@ -99,10 +117,10 @@ def test_descriptors_come_and_go_as_connections_do() -> None:
     try:
         spinner.add(c.fileno(), c)
         d.send(b"x")
-        assert spinner.spin()
+        assert spinner.spin() is True
         spinner.close()
         assert not spinner.enabled
-        assert not spinner.spin()
+        assert spinner.spin() is None
         spinner.add(c.fileno(), c)  # after close: ignored
         spinner.discard(c.fileno(), c)
     finally:
@@ -130,7 +148,7 @@ def test_a_connection_lost_late_does_not_unregister_the_socket_that_reused_its_n
         spinner.discard(fd, old_owner)  # the late connection_lost of the old one
         new_peer.send(b"x")
         t0 = time.monotonic()
-        assert spinner.spin()
+        assert spinner.spin() is True
         assert time.monotonic() - t0 < 0.5
     finally:
         spinner.close()
@@ -148,7 +166,7 @@ def test_the_spin_yields_the_cpu_between_polls() -> None:
         sender = threading.Timer(0.05, lambda: b.send(b"x"))
         sender.start()
         t0 = time.monotonic()
-        assert spinner.spin()  # the sender thread got to run
+        assert spinner.spin() is True  # the sender thread got to run
         assert time.monotonic() - t0 < 1.5
         sender.join()
     finally:

@@ -223,6 +223,8 @@ class Connection(asyncio.Protocol):
         # status calls of 10 MiB tasks crossed 64 MiB), and it bounds a hostile one's memory.
         self._max_backlog = max(256 * 1024 * 1024, 8 * core.config.max_frame_bytes)
         self._fd = -1
+        self.pace = server.spinner.pace()  # does this peer answer a reply quickly (tq/spin.py)
+        self.asked = False  # it sent something since its replies last left
 
     # --- transport callbacks ---------------------------------------------------------------------
 
@@ -295,7 +297,9 @@ class Connection(asyncio.Protocol):
             self.core.submit(WorkerLost(self.worker_id), None)
 
     def data_received(self, data: bytes) -> None:
-        self.server.spinner.arrived()
+        if self.server.spinner.enabled:
+            self.pace.arrived(time.monotonic_ns())
+            self.asked = True
         try:
             frames = self.decoder.feed(data)
         except FrameTooLarge as exc:
@@ -936,6 +940,7 @@ class TcpServer:
         self.port = 0
         self.spinner = core.spinner  # polls the connections before the loop sleeps
         self._spin_scheduled = False
+        self._polled_for: list[Connection] = []  # the quick peers the next poll is for
 
     def admit(self, conn: Connection) -> bool:
         """Take a new connection unless ``max_connections`` are open: the descriptors left are
@@ -981,18 +986,35 @@ class TcpServer:
         for conn in dirty:
             conn._flush()
         if self.spinner.enabled:
-            self.spinner.waiting()
-            if not self._spin_scheduled:
-                self._spin_scheduled = True
-                asyncio.get_running_loop().call_soon(self._spin)
+            self._expect(dirty)
+
+    def _expect(self, answered: list[Connection]) -> None:
+        """Replies have left: poll for the next request if a peer just answered is one that
+        answers quickly. Only peers that asked something count (a watch's updates, say, are
+        not answers), and each is judged by its own pace: many slow clients together send
+        often, but none of them answers its reply within the budget."""
+        now = time.monotonic_ns()
+        for conn in answered:
+            if conn.asked:
+                conn.asked = False
+                conn.pace.waiting(now)
+                if conn.pace.quick:
+                    self._polled_for.append(conn)
+        if self._polled_for and not self._spin_scheduled:
+            self._spin_scheduled = True
+            asyncio.get_running_loop().call_soon(self._spin)
 
     def _spin(self) -> None:
-        """Replies have left: poll for the next request (after the callbacks already due),
-        unless the writer thread has a write whose end a poll of the sockets would not see."""
+        """Poll for the next request (after the callbacks already due), unless the writer
+        thread has a write whose end a poll of the sockets would not see."""
         self._spin_scheduled = False
+        polled_for, self._polled_for = self._polled_for, []
         log_ = self.core.log
-        if isinstance(log_, LocalLog) and log_.threads_idle and not self.core.closing:
-            self.spinner.spin()
+        if not (isinstance(log_, LocalLog) and log_.threads_idle) or self.core.closing:
+            return
+        if self.spinner.spin() is False:
+            for conn in polled_for:
+                conn.pace.missed()
 
     def close_worker(self, worker_id: str) -> None:
         """The state machine declared this worker lost: end its connections (unless it has

@@ -35,6 +35,7 @@ from tq.cli.output import (
 from tq.config import (
     MAX_JOURNAL_MB,
     MAX_WAIT_S,
+    SPIN_US,
     BrokerConfig,
     auth_token_from_env,
     broker_url_from_env,
@@ -302,7 +303,7 @@ def broker(
     ),
     journal_mb: int | None = JournalOpt,
     spin_us: int = typer.Option(
-        250,
+        SPIN_US,
         "--spin-us",
         min=0,
         max=10_000,

@@ -8,6 +8,7 @@ import itertools
 import logging
 import struct
 import termios
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -84,6 +85,7 @@ class Connection(asyncio.Protocol):
         self._unsent_seen = 0
         self._fd = -1
         self._spinner = Spinner(spin_us)  # see AsyncClient's spin_us
+        self._pace = self._spinner.pace()  # do the broker's replies come within it
         self._spin_scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,7 +114,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reads += 1
-        self._spinner.arrived()
+        if self._spinner.enabled:
+            self._pace.arrived(time.monotonic_ns())
         try:
             frames = self._decoder.feed(data)
             for body in frames:
@@ -187,16 +190,16 @@ class Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._write_out()
         if self._spinner.enabled and self._pending:
-            self._spinner.waiting()
-            if not self._spin_scheduled:
+            self._pace.waiting(time.monotonic_ns())
+            if self._pace.quick and not self._spin_scheduled:
                 self._spin_scheduled = True
                 asyncio.get_running_loop().call_soon(self._spin)
 
     def _spin(self) -> None:
         """Poll for the replies (after the callbacks already due) before the loop sleeps."""
         self._spin_scheduled = False
-        if self._pending and self.error is None:
-            self._spinner.spin()
+        if self._pending and self.error is None and self._spinner.spin() is False:
+            self._pace.missed()
 
     def _write_out(self) -> None:
         self._out_bytes = 0

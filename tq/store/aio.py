@@ -23,6 +23,8 @@ import platform
 import sys
 import time
 
+from tq.spin import Backoff
+
 # (io_setup, io_destroy, io_getevents, io_submit) by architecture; others write synchronously.
 _SYSCALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
 _IOCB_CMD_PWRITE = 1
@@ -76,6 +78,8 @@ class Aio:
         self._iocbs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._iocb))
         self._event = _Event()
         self._zero = _Timespec(0, 0)
+        self._backoff = Backoff()
+        self.spins = 0  # waits that polled first
         self._busy = False
         if self._syscall(self._setup, ctypes.c_long(1), ctypes.byref(self._ctx)) < 0:
             err = ctypes.get_errno()
@@ -119,10 +123,12 @@ class Aio:
 
         With ``spin_ns``, first poll for the completion that long (yielding the CPU between
         polls) before sleeping for it: a sleeping vCPU here takes tens of µs to wake for the
-        disk's interrupt (tq/spin.py), and the write usually ends within ~150 µs."""
+        disk's interrupt (tq/spin.py), and the write usually ends within ~150 µs. Polls that
+        run out back off (``Backoff``), so a slower disk costs few of them."""
         if not self._busy:
             raise RuntimeError("no write in flight")
-        if spin_ns > 0:
+        if spin_ns > 0 and self._backoff.allow():
+            self.spins += 1
             end = time.monotonic_ns() + spin_ns
             while True:
                 n = self._getevent(self._zero)
@@ -130,7 +136,9 @@ class Aio:
                     break
                 os.sched_yield()
             if n == 1:
+                self._backoff.hit()
                 return self._done()
+            self._backoff.miss()  # a disk slower than the budget: poll less often
         while True:
             n = self._getevent(None)
             if n == 1:
