@@ -319,6 +319,7 @@ def test_a_connection_with_watches_keeps_reading_when_its_watcher_is_slow() -> N
     from types import SimpleNamespace
 
     from tq.broker.tcp import Connection
+    from tq.spin import Spinner
 
     calls: list[str] = []
     transport = SimpleNamespace(pause_reading=lambda: calls.append("pause"))
@@ -327,7 +328,7 @@ def test_a_connection_with_watches_keeps_reading_when_its_watcher_is_slow() -> N
             config=SimpleNamespace(max_frame_bytes=1 << 20),
             watch=SimpleNamespace(owned_by=lambda _conn, n=watches: n),
         )
-        conn = Connection(core, SimpleNamespace())  # type: ignore[arg-type]
+        conn = Connection(core, SimpleNamespace(spinner=Spinner(0)))  # type: ignore[arg-type]
         conn.transport = transport  # type: ignore[assignment]
         conn.pause_writing()
     assert calls == ["pause"]  # only the connection without watches
