@@ -64,3 +64,20 @@ def test_bench_quick_writes_every_scenario(tmp_path: Path) -> None:
     machine = json.loads(out.read_text())["machine"]
     assert machine["cpus"] == os.cpu_count()
     assert "machine: " in proc.stdout
+
+
+def test_a_scenarios_client_starts_with_the_harness_frozen_out_of_the_collector() -> None:
+    """A full collection of the bench process's own objects paused the open-loop client for
+    15 ms, which read as the broker's p99: each scenario's client starts after ``gc.freeze``.
+    (In a child process: freezing the test process would keep its objects for good.)"""
+    code = (
+        "import asyncio, gc\n"
+        "from tq.bench.runner import _run\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "_run(asyncio.sleep(0), fast_loop=False)\n"
+        "print(gc.get_freeze_count())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert int(out.stdout) > 1000
