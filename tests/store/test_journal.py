@@ -4,9 +4,11 @@ filesystem has it, and the buffered fallback)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,69 +314,65 @@ def test_an_overlapped_write_runs_while_the_caller_works_and_reads_back_the_same
     assert opened(path, None)[1] == written
 
 
-def test_a_wait_given_time_to_poll_polls_before_it_sleeps(tmp_path: Path) -> None:
-    """``Aio.wait(spin_ns)`` asks for the completion with a zero timeout (polling) before it
-    blocks; without ``spin_ns`` it only blocks. A poll that runs out backs off."""
+@contextlib.contextmanager
+def _aio_target(path: Path, flags: int) -> Iterator[tuple[Aio, int, int]]:
+    """An AIO context, a file opened with ``flags`` and the address of one block of memory."""
     aio = Aio.create()
     if aio is None:
         pytest.skip("no Linux AIO here")
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, flags | os.O_CREAT, 0o600)
     buf = mmap.mmap(-1, BLOCK)
     ref = ctypes.c_char.from_buffer(buf)
-    polls: list[bool] = []  # True: a zero-timeout poll, False: a blocking wait
-    real = aio._getevent
-    slow = False  # a disk slower than the poll: every zero-timeout poll finds nothing
-
-    def getevent(timeout: Any) -> int:
-        polls.append(timeout is not None)
-        return 0 if slow and timeout is not None else real(timeout)
-
-    aio._getevent = getevent  # type: ignore[method-assign]
     try:
-        aio.submit(fd, ctypes.addressof(ref), BLOCK, 0)
+        yield aio, fd, ctypes.addressof(ref)
+    finally:
+        del ref
+        aio.close()
+        os.close(fd)
+        buf.close()
+
+
+def test_a_wait_given_time_to_poll_polls_before_it_sleeps(tmp_path: Path) -> None:
+    """``Aio.wait(spin_ns)`` asks for the completion with a zero timeout (polling) before it
+    blocks; without ``spin_ns`` it only blocks. A poll that runs out backs off."""
+    with _aio_target(tmp_path / "f", os.O_RDWR) as (aio, fd, address):
+        polls: list[bool] = []  # True: a zero-timeout poll, False: a blocking wait
+        real = aio._getevent
+        slow = False  # a disk slower than the poll: every zero-timeout poll finds nothing
+
+        def getevent(timeout: Any) -> int:
+            polls.append(timeout is not None)
+            return 0 if slow and timeout is not None else real(timeout)
+
+        aio._getevent = getevent  # type: ignore[method-assign]
+        aio.submit(fd, address, BLOCK, 0)
         assert aio.wait(5_000_000_000) == BLOCK  # 5 s: the write ends first
         assert polls
         assert all(polls)
         assert aio.spins == 1
         polls.clear()
-        aio.submit(fd, ctypes.addressof(ref), BLOCK, 0)
+        aio.submit(fd, address, BLOCK, 0)
         assert aio.wait() == BLOCK
         assert polls == [False]
         polls.clear()
-        aio.submit(fd, ctypes.addressof(ref), BLOCK, 0)
+        aio.submit(fd, address, BLOCK, 0)
         slow = True
         assert aio.wait(1_000_000) == BLOCK  # the poll runs out after 1 ms, then it blocks
         slow = False
         assert polls[0]
         assert not polls[-1]
         polls.clear()
-        aio.submit(fd, ctypes.addressof(ref), BLOCK, 0)
+        aio.submit(fd, address, BLOCK, 0)
         assert aio.wait(5_000_000_000) == BLOCK  # backing off after that miss: blocks at once
         assert polls == [False]
         assert not aio.busy
-    finally:
-        del ref
-        aio.close()
-        os.close(fd)
-        buf.close()
 
 
 def test_a_write_the_kernel_refuses_raises(tmp_path: Path) -> None:
-    aio = Aio.create()
-    if aio is None:
-        pytest.skip("no Linux AIO here")
-    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT, 0o600)  # read-only: EBADF
-    buf = mmap.mmap(-1, BLOCK)
-    ref = ctypes.c_char.from_buffer(buf)
-    try:
+    with _aio_target(tmp_path / "f", os.O_RDONLY) as (aio, fd, address):  # read-only: EBADF
         with pytest.raises(OSError, match="io_submit"):
-            aio.submit(fd, ctypes.addressof(ref), BLOCK, 0)
+            aio.submit(fd, address, BLOCK, 0)
         assert not aio.busy
-    finally:
-        del ref
-        aio.close()
-        os.close(fd)
-        buf.close()
 
 
 def test_a_journal_holding_max_records_counts_as_full(tmp_path: Path) -> None:
