@@ -23,6 +23,11 @@ from __future__ import annotations
 import os
 import select
 import time
+from collections.abc import Callable
+
+# A client's spin_us (AsyncClient, tq bench --client-spin-us): a tenth of a second of polling is
+# already far past any reply worth waiting for this way.
+MAX_CLIENT_SPIN_US = 100_000
 
 
 class Pace:
@@ -75,6 +80,23 @@ class Backoff:
         self._skip = (1 << self._misses) - 1
 
 
+def poll_until(ready: Callable[[], bool], budget_ns: int, backoff: Backoff) -> bool | None:
+    """Call ``ready`` until it says yes (True) or ``budget_ns`` has passed (False), yielding the
+    CPU between calls; None at once, without calling it, while ``backoff`` says skip. The one
+    loop both polls use: the broker's for the next request, the journal's for its write."""
+    if not backoff.allow():
+        return None
+    end = time.monotonic_ns() + budget_ns
+    while True:
+        if ready():
+            backoff.hit()
+            return True
+        if time.monotonic_ns() >= end:
+            backoff.miss()
+            return False
+        os.sched_yield()
+
+
 class Spinner:
     """Polls the descriptors it is given, for at most ``budget_us`` per ``spin``."""
 
@@ -120,21 +142,14 @@ class Spinner:
     def spin(self) -> bool | None:
         """Poll until a descriptor is readable (True) or the budget is spent (False). Returns
         None at once, without polling, when disabled or backing off after polls that missed."""
-        epoll = self._epoll
-        if epoll is None or not self._backoff.allow():
+        if self._epoll is None:
             return None
-        self.spins += 1
-        poll = epoll.poll
-        end = time.monotonic_ns() + self.budget_ns
-        while True:
-            if poll(0):
-                self.hits += 1
-                self._backoff.hit()
-                return True
-            if time.monotonic_ns() >= end:
-                self._backoff.miss()
-                return False
-            os.sched_yield()
+        poll = self._epoll.poll
+        found = poll_until(lambda: bool(poll(0)), self.budget_ns, self._backoff)
+        if found is not None:
+            self.spins += 1
+            self.hits += found
+        return found
 
     def close(self) -> None:
         self._owners.clear()

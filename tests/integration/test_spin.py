@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,8 @@ def test_a_sequential_client_finds_the_broker_polling(broker: BrokerProcess) -> 
     assert client_hits == 0  # the client polls only when asked
 
 
-def test_spin_us_0_never_polls(broker_factory: object) -> None:
-    broker = broker_factory("--spin-us", "0")  # type: ignore[operator]
+def test_spin_us_0_never_polls(broker_factory: Callable[..., BrokerProcess]) -> None:
+    broker = broker_factory("--spin-us", "0")
     counters, _ = asyncio.run(_submit_in_turn(broker.url))
     assert "spins" not in counters
 

@@ -7,29 +7,37 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from tq.spin import Backoff, Pace, Spinner
 
 
-def test_input_already_there_ends_the_spin_at_once() -> None:
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """Two connected sockets: the spinner polls the first, the test writes to the second."""
     a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_input_already_there_ends_the_spin_at_once(pair: tuple[socket.socket, ...]) -> None:
+    a, b = pair
     spinner = Spinner(1_000_000)  # a second: only input can end it quickly
-    try:
-        spinner.add(a.fileno(), a)
-        b.send(b"x")
-        t0 = time.monotonic()
-        assert spinner.spin() is True
-        assert time.monotonic() - t0 < 0.5
-        assert (spinner.spins, spinner.hits) == (1, 1)
-    finally:
-        spinner.close()
-        a.close()
-        b.close()
+    spinner.add(a.fileno(), a)
+    b.send(b"x")
+    t0 = time.monotonic()
+    assert spinner.spin() is True
+    assert time.monotonic() - t0 < 0.5
+    assert (spinner.spins, spinner.hits) == (1, 1)
+    spinner.close()
 
 
-def test_silence_spends_about_the_budget_then_polls_back_off() -> None:
-    a, b = socket.socketpair()
+def test_silence_spends_about_the_budget_then_polls_back_off(
+    pair: tuple[socket.socket, ...],
+) -> None:
+    a, b = pair
     spinner = Spinner(20_000)  # 20 ms
     try:
         spinner.add(a.fileno(), a)
@@ -45,8 +53,6 @@ def test_silence_spends_about_the_budget_then_polls_back_off() -> None:
         assert (spinner.spins, spinner.hits) == (3, 2)
     finally:
         spinner.close()
-        a.close()
-        b.close()
 
 
 def test_backoff_skips_twice_as_many_polls_after_each_miss_up_to_63() -> None:
@@ -82,19 +88,15 @@ def test_a_pace_is_quick_while_the_peer_answers_within_the_budget() -> None:
     assert not pace.quick
 
 
-def test_a_zero_budget_never_polls() -> None:
-    a, b = socket.socketpair()
+def test_a_zero_budget_never_polls(pair: tuple[socket.socket, ...]) -> None:
+    a, b = pair
     spinner = Spinner(0)
-    try:
-        assert not spinner.enabled
-        spinner.add(a.fileno(), a)
-        b.send(b"x")
-        assert spinner.spin() is None
-        assert spinner.spins == 0
-        spinner.discard(a.fileno(), a)
-    finally:
-        a.close()
-        b.close()
+    assert not spinner.enabled
+    spinner.add(a.fileno(), a)
+    b.send(b"x")
+    assert spinner.spin() is None
+    assert spinner.spins == 0
+    spinner.discard(a.fileno(), a)
 
 
 def test_a_negative_budget_is_refused() -> None:
@@ -156,10 +158,10 @@ def test_a_connection_lost_late_does_not_unregister_the_socket_that_reused_its_n
             s_.close()
 
 
-def test_the_spin_yields_the_cpu_between_polls() -> None:
+def test_the_spin_yields_the_cpu_between_polls(pair: tuple[socket.socket, ...]) -> None:
     """Another thread on a busy CPU still runs while a spinner polls: ``sched_yield`` between
     polls, and the poll itself releases the GIL."""
-    a, b = socket.socketpair()
+    a, b = pair
     spinner = Spinner(2_000_000)  # two seconds
     try:
         spinner.add(a.fileno(), a)
@@ -171,5 +173,3 @@ def test_the_spin_yields_the_cpu_between_polls() -> None:
         sender.join()
     finally:
         spinner.close()
-        a.close()
-        b.close()

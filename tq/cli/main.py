@@ -42,6 +42,7 @@ from tq.config import (
     journal_mb_from_env,
     parse_broker_url,
 )
+from tq.spin import MAX_CLIENT_SPIN_US
 
 if TYPE_CHECKING:
     from tq.broker.app import BrokerApp
@@ -892,7 +893,7 @@ def bench(
         0,
         "--client-spin-us",
         min=0,
-        max=100_000,
+        max=MAX_CLIENT_SPIN_US,
         help="submit-latency's client polls for each reply this long (AsyncClient spin_us)",
     ),
 ) -> None:

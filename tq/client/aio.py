@@ -74,6 +74,7 @@ from tq.protocol.messages import (
     WatchUpdate,
     Welcome,
 )
+from tq.spin import MAX_CLIENT_SPIN_US
 
 R = TypeVar("R", bound=Response)
 CLOSE_WAIT_S = 1.0  # how long close() lets a connection finish closing before aborting it
@@ -222,9 +223,10 @@ class AsyncClient:
         polls; ~1000 suits a producer that waits for each submit in turn."""
         if not (liveness_s == 0 or 0 < liveness_s < math.inf):  # NaN fails both
             raise BadRequest(f"liveness_s must be 0 (off) or a positive number, not {liveness_s}")
-        if type(spin_us) is not int or not 0 <= spin_us <= 100_000:
+        if type(spin_us) is not int or not 0 <= spin_us <= MAX_CLIENT_SPIN_US:
             raise BadRequest(
-                f"spin_us must be a whole number of µs from 0 to 100000, not {spin_us!r}"
+                f"spin_us must be a whole number of µs from 0 to {MAX_CLIENT_SPIN_US}, "
+                f"not {spin_us!r}"
             )
         self.addresses = parse_broker_url(broker_url_from_env(url))
         self.timeout_s = timeout_s

@@ -21,9 +21,8 @@ import errno
 import os
 import platform
 import sys
-import time
 
-from tq.spin import Backoff
+from tq.spin import Backoff, poll_until
 
 # (io_setup, io_destroy, io_getevents, io_submit) by architecture; others write synchronously.
 _SYSCALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
@@ -127,18 +126,18 @@ class Aio:
         run out back off (``Backoff``), so a slower disk costs few of them."""
         if not self._busy:
             raise RuntimeError("no write in flight")
-        if spin_ns > 0 and self._backoff.allow():
-            self.spins += 1
-            end = time.monotonic_ns() + spin_ns
-            while True:
-                n = self._getevent(self._zero)
-                if n != 0 or time.monotonic_ns() >= end:
-                    break
-                os.sched_yield()
-            if n == 1:
-                self._backoff.hit()
-                return self._done()
-            self._backoff.miss()  # a disk slower than the budget: poll less often
+        if spin_ns > 0:
+            got = [0]  # what the last poll returned: 1 done, negative an error
+
+            def ended() -> bool:
+                got[0] = self._getevent(self._zero)
+                return got[0] != 0
+
+            # A disk slower than the budget makes the polls back off.
+            if poll_until(ended, spin_ns, self._backoff) is not None:
+                self.spins += 1
+                if got[0] == 1:
+                    return self._done()
         while True:
             n = self._getevent(None)
             if n == 1:
