@@ -1,7 +1,8 @@
-"""The client connection's write batching: the requests of one loop iteration leave together, and
-a large burst leaves in pieces of at least EARLY_FLUSH_BYTES as it is built (so the broker can
-start on them), in order. A recording transport stands in for the socket: this is about what
-the connection hands the transport, not about a broker."""
+"""The client connection's write batching: a request sent with nothing else in flight leaves at
+once; the requests of one loop iteration after it leave together, and a large burst leaves in
+pieces of at least EARLY_FLUSH_BYTES as it is built (so the broker can start on them), in order.
+A recording transport stands in for the socket: this is about what the connection hands the
+transport, not about a broker."""
 
 from __future__ import annotations
 
@@ -40,13 +41,25 @@ def request(rid: int) -> QueryStatus:
     return QueryStatus(rid, f"task-{rid:08d}")
 
 
-async def test_a_few_requests_of_one_iteration_leave_in_one_write() -> None:
+async def test_a_request_with_nothing_in_flight_leaves_at_once() -> None:
+    """A caller that waits for each reply in turn: its request must not wait for the end of
+    the loop iteration (a pass of the loop on every sequential submit)."""
+    conn, transport = connected()
+    conn.send(1, request(1))
+    assert transport.writes == [encode(request(1))]  # before the iteration ends
+    conn.close()
+
+
+async def test_the_requests_that_follow_in_one_iteration_leave_in_one_write() -> None:
     conn, transport = connected()
     for rid in range(1, 11):
         conn.send(rid, request(rid))
-    assert transport.writes == []  # nothing yet: the write waits for the end of the iteration
+    assert transport.writes == [encode(request(1))]  # the rest wait for the end of the iteration
     await asyncio.sleep(0)
-    assert transport.writes == [b"".join(encode(request(rid)) for rid in range(1, 11))]
+    assert transport.writes == [
+        encode(request(1)),
+        b"".join(encode(request(rid)) for rid in range(2, 11)),
+    ]
     conn.close()
 
 
@@ -55,9 +68,11 @@ async def test_a_large_burst_leaves_in_pieces_while_it_is_built() -> None:
     n = 3 * EARLY_FLUSH_BYTES // len(encode(request(1))) + 5
     for rid in range(1, n + 1):
         conn.send(rid, request(rid))
-    # Already written before the iteration ends: at least two full pieces.
-    assert len(transport.writes) >= 2
-    assert all(len(w) >= EARLY_FLUSH_BYTES for w in transport.writes)
+    # Already written before the iteration ends: the first alone, then at least two full pieces.
+    assert transport.writes[0] == encode(request(1))
+    pieces = transport.writes[1:]
+    assert len(pieces) >= 2
+    assert all(len(w) >= EARLY_FLUSH_BYTES for w in pieces)
     await asyncio.sleep(0)
     assert b"".join(transport.writes) == b"".join(encode(request(r)) for r in range(1, n + 1))
     assert len(transport.writes[-1]) < EARLY_FLUSH_BYTES  # the rest, at the end of the iteration

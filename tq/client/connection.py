@@ -145,7 +145,8 @@ class Connection(asyncio.Protocol):
 
     def send(self, rid: int, msg: Any, timeout_s: float = 30.0) -> asyncio.Future[Response]:
         """Queue ``msg``; the sends of one loop tick leave in one write (or several, each of
-        at least ``EARLY_FLUSH_BYTES``). The future fails with
+        at least ``EARLY_FLUSH_BYTES``), except that one sent with nothing else in flight
+        leaves at once. The future fails with
         ``TimeoutError`` if no reply comes within ``timeout_s`` (checked about every 0.25 s)."""
         if self.error is not None or self.transport is None or self.transport.is_closing():
             raise self.error or BrokerUnavailable("not connected to the broker")
@@ -178,7 +179,14 @@ class Connection(asyncio.Protocol):
             self._reads_seen = self._reads
         self._out.append(frame)
         self._out_bytes += len(frame)
-        if self._out_bytes >= EARLY_FLUSH_BYTES:
+        if len(self._pending) == 1 and not self._flush_scheduled:
+            # Nothing else in flight or queued: a caller that waits for each reply in turn.
+            # It goes now, as Nagle's rule sends when nothing is unacknowledged, instead of at
+            # the end of the iteration: that pass of the loop cost every sequential submit
+            # (alternating `tq bench` runs: p50 0.41 against 0.44 ms). Requests that follow it
+            # in the same iteration still leave together.
+            self._flush()
+        elif self._out_bytes >= EARLY_FLUSH_BYTES:
             self._write_out()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
