@@ -112,3 +112,16 @@ def test_a_connection_dropped_between_calls_is_replaced_by_the_next_call(
         after = c.submit("echo", 2)
         assert c.status(before).state == "pending"
         assert c.status(after).state == "pending"
+
+
+def test_a_request_not_safe_to_repeat_goes_on_a_new_connection_after_a_restart(
+    broker: BrokerProcess,
+) -> None:
+    """A cancel is not resent after a lost connection (it may have been applied). The broker
+    restarted between two calls, and nobody ran the loop meanwhile to see its connection close:
+    the cancel must not be sent on the dead connection (and fail), but on a new one."""
+    with Client(broker.url, timeout_s=10.0) as c:
+        tid = c.submit("echo", 1)
+        broker.kill()
+        broker.restart()
+        assert c.cancel(tid).state == "cancelled"

@@ -260,6 +260,10 @@ class AsyncClient:
     def connected(self) -> bool:
         return self._conn is not None and self._conn.error is None
 
+    def unread(self) -> bool:
+        """Whether the connection holds input nobody has read (``Connection.unread``)."""
+        return self._conn is not None and self._conn.unread()
+
     @property
     def welcome(self) -> Welcome | None:
         """What the broker of the current connection said in answer to hello."""

@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import itertools
 import logging
+import select
 import struct
 import termios
 import time
@@ -307,6 +308,17 @@ class Connection(asyncio.Protocol):
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    def unread(self) -> bool:
+        """Whether the socket holds input the event loop has not read: something the broker
+        sent, or its close, while nobody ran the loop (the blocking ``Client`` between calls)."""
+        if self._fd < 0 or self.transport is None or self.transport.is_closing():
+            return False
+        try:
+            ready, _, _ = select.select([self._fd], [], [], 0)
+        except (OSError, ValueError):  # closed meanwhile, or a number select cannot take
+            return True  # let the loop look
+        return bool(ready)
 
 
 def _consume(fut: asyncio.Future[Response]) -> None:

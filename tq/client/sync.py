@@ -8,7 +8,7 @@ import builtins
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from tq.client.aio import AsyncClient, TaskInfo
@@ -39,8 +39,9 @@ class _Driver:
     the broker closed meanwhile is found closed by the next call, which connects again, as
     after any lost connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, unread: Callable[[], bool]) -> None:
         self._loop = asyncio.new_event_loop()
+        self._unread = unread  # input came while nobody ran the loop (see _drive)
         self._cond = threading.Condition()
         self._driving = False  # a thread runs the loop now
         self._stopping = False
@@ -86,6 +87,11 @@ class _Driver:
         """Run the loop for this call (the caller is the driver; ``_driving`` is set)."""
         task: asyncio.Task[T] | None = None
         try:
+            if self._unread():
+                # The broker sent something while nobody ran the loop: its close, say. Read it
+                # first: a request on a connection already closed is lost with it, and one not
+                # safe to repeat (a cancel) would fail, where it must go on a new connection.
+                self._loop.run_until_complete(_turns(2))
             task = self._loop.create_task(coro)
             return self._loop.run_until_complete(task)
         except asyncio.CancelledError:
@@ -199,6 +205,12 @@ async def _tracked(coro: Coroutine[Any, Any, T], tasks: list[asyncio.Task[Any]])
     return await coro
 
 
+async def _turns(n: int) -> None:
+    """Let the loop go round ``n`` times: a read and what it calls next (connection_lost)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 async def _done(fut: concurrent.futures.Future[Any]) -> None:
     """Wait for ``fut`` without raising what it raised (its caller reads that). Cancelled by
     ``stop()`` (which cancels every task), it just ends: ``_drive_until`` looks again."""
@@ -222,7 +234,7 @@ class Client:
 
     def __init__(self, url: str | None = None, **kwargs: Any) -> None:
         self.aio = AsyncClient(url, **kwargs)  # first: a bad URL must not leave a thread behind
-        self._driver = _Driver()
+        self._driver = _Driver(self.aio.unread)
 
     def __enter__(self) -> Client:
         try:
