@@ -15,6 +15,8 @@ SCENARIOS = {
     "submit-pipelined",
     "submit-latency-p50",
     "submit-latency-p99",
+    "submit-latency-sync-p50",
+    "submit-latency-sync-p99",
     "open-loop-p99",
     "end-to-end",
     "dispatch-latency-p99",

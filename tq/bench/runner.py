@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from tq.bench.procs import BrokerProc, start_worker
-from tq.client import AsyncClient
+from tq.client import AsyncClient, Client
 from tq.model import ErrorInfo, new_ids
 from tq.protocol.messages import Ack, ClaimTask, Leased, Outcome, ResultBatch, TaskSpec
 
@@ -191,6 +191,24 @@ async def submit_latency(url: str, sizes: Sizes) -> tuple[float, float, float]:
             await client.submit("echo", PAYLOAD)
             lat.append((time.perf_counter() - t0) * 1000)
         return _pct(lat, 0.5), _pct(lat, 0.99), _pct(lat, 0.999)
+
+
+def _sync_sequential(url: str, sizes: Sizes) -> tuple[float, float]:
+    """The same sequential submits through the blocking ``Client`` (what a web app's request
+    handler uses), from a thread of its own with no event loop running in it."""
+    with Client(url, spin_us=sizes.client_spin_us) as client:
+        for _ in range(20):
+            client.submit("echo", PAYLOAD)
+        lat: list[float] = []
+        for _ in range(sizes.sequential):
+            t0 = time.perf_counter()
+            client.submit("echo", PAYLOAD)
+            lat.append((time.perf_counter() - t0) * 1000)
+        return _pct(lat, 0.5), _pct(lat, 0.99)
+
+
+async def submit_latency_sync(url: str, sizes: Sizes) -> tuple[float, float]:
+    return await asyncio.to_thread(_sync_sequential, url, sizes)
 
 
 async def open_loop(url: str, sizes: Sizes) -> tuple[float, float, float]:
@@ -480,6 +498,9 @@ def run_all(
             result.add("submit-latency-p50", p50)
             result.add("submit-latency-p99", p99)
             result.add("submit-latency-p99.9", p999)
+            p50, p99 = with_broker(lambda u: submit_latency_sync(u, sizes))
+            result.add("submit-latency-sync-p50", p50)  # measured, no target set
+            result.add("submit-latency-sync-p99", p99)
         if want("open-loop"):
             # the default loop: uvloop's timers have 1 ms granularity, too coarse to pace sends
             p50, p99, lag = with_broker(lambda u: open_loop(u, sizes), fast_loop=False)

@@ -894,7 +894,7 @@ def bench(
         "--client-spin-us",
         min=0,
         max=MAX_CLIENT_SPIN_US,
-        help="submit-latency's client polls for each reply this long (AsyncClient spin_us)",
+        help="submit-latency's clients poll for each reply this long (spin_us)",
     ),
 ) -> None:
     """Measure throughput, latency, memory and recovery (benchmarks/README.md)."""
