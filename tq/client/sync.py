@@ -29,8 +29,9 @@ class _Driver:
 
     Why not a thread of its own (the portal this replaced, as anyio's): handing every call to a
     loop thread and its result back cost two thread wake-ups, and where idle CPUs halt (these
-    VMs) each is tens of µs. A sequential ``submit`` took 0.64-0.80 ms through the portal and
-    0.50-0.53 ms with the caller running the loop (same broker, same hour, benchmarks/README.md).
+    VMs) each is tens of µs. A sequential ``submit`` took 0.72-0.79 ms through the portal and
+    0.43-0.47 ms with the caller running the loop (same broker, alternating runs;
+    benchmarks/README.md).
 
     Threads share the loop and its connection as leader and followers: one drives, the others'
     requests ride along on its loop; when the driver's own call ends, a follower whose call is
