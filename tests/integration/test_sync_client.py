@@ -1,18 +1,43 @@
 """The blocking ``Client`` runs its event loop in the calling threads (tq/client/sync.py,
-``_Driver``): no thread of its own, threads sharing one client all get answers at once, the loop
-passes from a thread whose call ended to one whose call is still open, a call from inside a
-running event loop still works, and a connection the broker dropped between calls is replaced by
-the next call. Against a real broker process."""
+``_Driver``): no thread of its own for calls from other threads than the main one, threads
+sharing one client all get answers at once, the loop passes from a thread whose call ended to one
+whose call is still open, the main thread and threads with a running event loop hand their calls
+to a helper (Ctrl-C there withdraws a wait, and one such call does not queue behind another),
+and a connection the broker dropped between calls is replaced by the next call. Against a real
+broker process."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from tq import Client
 
 from tests.conftest import BrokerProcess, wait_until
+
+
+class Interrupted(Exception):
+    """Raised by a signal handler, as Ctrl-C raises KeyboardInterrupt in the main thread."""
+
+
+@pytest.fixture
+def alarm() -> Iterator[Callable[[float], None]]:
+    """``alarm(s)``: in ``s`` seconds the main thread is interrupted (``Interrupted``)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _in_thread(fn: object) -> tuple[threading.Thread, list[object]]:
@@ -30,13 +55,23 @@ def _in_thread(fn: object) -> tuple[threading.Thread, list[object]]:
     return thread, out
 
 
-def test_the_client_starts_no_thread_of_its_own(broker: BrokerProcess) -> None:
-    before = {t.ident for t in threading.enumerate()}
-    with Client(broker.url) as c:
-        tid = c.submit("echo", 1)
-        assert c.status(tid).state == "pending"
-        assert {t.ident for t in threading.enumerate()} == before
-    assert {t.ident for t in threading.enumerate()} == before
+def test_a_thread_other_than_the_main_one_runs_the_loop_itself(broker: BrokerProcess) -> None:
+    """No thread of its own: calls from a thread that is not the main one (a web server's
+    request handlers) run the client's loop themselves, with no wake-up of another thread."""
+    seen: list[set[int | None]] = []
+
+    def calls() -> str:
+        before = {t.ident for t in threading.enumerate()}
+        with Client(broker.url) as c:
+            tid = c.submit("echo", 1)
+            state = c.status(tid).state
+            seen.append({t.ident for t in threading.enumerate()} - before)
+        return state
+
+    thread, out = _in_thread(calls)
+    thread.join(10)
+    assert out == ["pending"]
+    assert seen == [set()]
 
 
 def test_threads_sharing_a_client_all_get_their_answers(broker: BrokerProcess) -> None:
@@ -125,3 +160,75 @@ def test_a_request_not_safe_to_repeat_goes_on_a_new_connection_after_a_restart(
         broker.kill()
         broker.restart()
         assert c.cancel(tid).state == "cancelled"
+
+
+def test_ctrl_c_in_the_main_thread_withdraws_its_wait_whoever_runs_the_loop(
+    broker: BrokerProcess, alarm: Callable[[float], None]
+) -> None:
+    """The main thread hands its calls over. Interrupted while another thread runs the loop
+    (its own long wait), then while nobody does: either way its wait is withdrawn at the
+    broker, the other thread's stays, and the client goes on working."""
+    with Client(broker.url, timeout_s=30.0) as c, Client(broker.url) as other:
+        theirs, mine = c.submit("sleep", 100), c.submit("sleep", 100)
+        driver, result = _in_thread(lambda: c.wait(theirs, timeout_s=30))
+        wait_until(lambda: other.stats()["counters"]["waits"] == 1, what="their wait parked")
+        alarm(0.3)
+        with pytest.raises(Interrupted):
+            c.wait(mine, timeout_s=3600)
+        time.sleep(0.3)
+        assert other.stats()["counters"]["waits"] == 1  # theirs only
+        other.cancel(theirs)
+        driver.join(10)
+        assert getattr(result[0], "state", None) == "cancelled", result
+        alarm(0.3)
+        with pytest.raises(Interrupted):
+            c.wait(mine, timeout_s=3600)
+        wait_until(lambda: other.stats()["counters"]["waits"] == 0, 5, what="the wait withdrawn")
+        assert c.status(mine).state == "pending"
+
+
+def test_calls_from_threads_with_running_loops_do_not_queue_behind_each_other(
+    broker: BrokerProcess,
+) -> None:
+    """Two threads, each inside its own running event loop: a cancel from one must reach the
+    broker while the other's wait for that task is still open, and end it."""
+    out: dict[str, object] = {}
+    with Client(broker.url, timeout_s=10.0) as c:
+        tid = c.submit("sleep", 100)
+
+        async def waiter() -> None:
+            out["wait"] = c.wait(tid, timeout_s=6).state
+
+        async def canceller() -> None:
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            out["cancel"] = c.cancel(tid).state
+            out["cancel_s"] = time.monotonic() - started
+
+        threads = [
+            threading.Thread(target=lambda f=f: asyncio.run(f())) for f in (waiter, canceller)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(15)
+    assert out["wait"] == "cancelled", out
+    assert out["cancel"] == "cancelled", out
+    assert isinstance(out["cancel_s"], float), out
+    assert out["cancel_s"] < 3.0, out
+
+
+def test_ctrl_c_in_a_call_from_inside_a_running_loop_withdraws_its_wait(
+    broker: BrokerProcess, alarm: Callable[[float], None]
+) -> None:
+    with Client(broker.url, timeout_s=30.0) as c:
+        tid = c.submit("sleep", 100)
+
+        async def main() -> None:
+            alarm(0.3)
+            c.wait(tid, timeout_s=3600)
+
+        with pytest.raises(Interrupted):
+            asyncio.run(main())
+        wait_until(lambda: c.stats()["counters"]["waits"] == 0, 5, what="the wait withdrawn")
+        assert c.status(tid).state == "pending"

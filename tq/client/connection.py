@@ -312,7 +312,11 @@ class Connection(asyncio.Protocol):
     def unread(self) -> bool:
         """Whether the socket holds input the event loop has not read: something the broker
         sent, or its close, while nobody ran the loop (the blocking ``Client`` between calls)."""
-        if self._fd < 0 or self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.error is not None:
+            return False
+        if self.transport.is_closing():
+            return True  # read its end already, not yet told: let the loop get to connection_lost
+        if self._fd < 0:
             return False
         try:
             ready, _, _ = select.select([self._fd], [], [], 0)

@@ -7,7 +7,9 @@ import asyncio
 import builtins
 import concurrent.futures
 import logging
+import queue
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -38,7 +40,15 @@ class _Driver:
     still open takes over. Between calls nothing runs the loop, and nothing needs to: it has
     work only while a request is in flight (replies, deadlines, liveness probes); a connection
     the broker closed meanwhile is found closed by the next call, which connects again, as
-    after any lost connection."""
+    after any lost connection.
+
+    Two kinds of caller hand their calls to a helper thread instead, which drives for them:
+    the main thread, and a thread whose own event loop is running. Signal handlers run in the
+    main thread, so a Ctrl-C (or an exception a handler raises) would land anywhere inside the
+    loop's callbacks and inside this class's locks: a review's storm of Ctrl-Cs left the lock
+    held and the other threads blocked, and one landing in a connection's sweep stopped its
+    request timeouts for good. Waiting on a future, as the portal's callers did, is safe. A
+    thread whose loop runs cannot run a second one."""
 
     def __init__(self, unread: Callable[[], bool]) -> None:
         self._loop = asyncio.new_event_loop()
@@ -49,11 +59,16 @@ class _Driver:
         # Every caller's future not yet resolved: stop() fails those the loop will never get
         # to (a request scheduled just as the loop stopped would leave its caller blocked).
         self._futures: set[concurrent.futures.Future[Any]] = set()
-        self._helper: concurrent.futures.ThreadPoolExecutor | None = None
+        # The helper thread (see above), started at its first use: what it is to drive for.
+        self._helper: threading.Thread | None = None
+        self._helper_lock = threading.Lock()
+        self._requests: queue.SimpleQueue[
+            tuple[concurrent.futures.Future[Any], list[asyncio.Task[Any]]] | None
+        ] = queue.SimpleQueue()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        if asyncio._get_running_loop() is not None:
-            return self._from_a_loop(coro)
+        if _must_hand_over():
+            return self._handed_over(coro)
         with self._cond:
             if self._stopping:
                 coro.close()  # never to run: no "was never awaited" warning
@@ -63,20 +78,45 @@ class _Driver:
                 self._driving = True
             else:  # another thread runs the loop: this request rides along
                 tasks: list[asyncio.Task[Any]] = []
-                fut = asyncio.run_coroutine_threadsafe(_tracked(coro, tasks), self._loop)
+                fut = asyncio.run_coroutine_threadsafe(
+                    _tracked(coro, tasks, self._unread), self._loop
+                )
                 self._futures.add(fut)
         if drive:
             return self._drive(coro)
         fut.add_done_callback(self._settled)
         try:
             self._drive_until(fut)
-        except BaseException:
-            # Ctrl-C (KeyboardInterrupt) lands here, in the caller's thread, waiting or
-            # driving: the request must stop too, or a `c.wait()` interrupted in a REPL would go
-            # on waiting at the broker. Its cancellation runs now (a wait withdraws itself).
+        except (
+            BaseException
+        ):  # see _handed_over; not expected here (no signals off the main thread)
             fut.cancel()
             self._abandon(tasks)
             raise
+        return self._result(fut)
+
+    def _handed_over(self, coro: Coroutine[Any, Any, T]) -> T:
+        """A call the helper thread drives for (see the class). This thread takes no lock of
+        this class and runs no loop code: a signal's exception can only land in the wait."""
+        if self._stopping:
+            coro.close()
+            raise BrokerUnavailable("client closed")
+        tasks: list[asyncio.Task[Any]] = []
+        fut = asyncio.run_coroutine_threadsafe(_tracked(coro, tasks, self._unread), self._loop)
+        self._futures.add(fut)  # (a set's add and discard are atomic)
+        fut.add_done_callback(self._settled)
+        try:
+            self._hand_over(fut, tasks)
+            concurrent.futures.wait([fut])
+        except BaseException:
+            # Ctrl-C (KeyboardInterrupt) lands here, in the caller's thread: the request must
+            # stop too, or a `c.wait()` interrupted in a REPL would go on waiting at the broker.
+            # The helper runs its cancellation (a wait withdraws itself).
+            fut.cancel()
+            raise
+        return self._result(fut)
+
+    def _result(self, fut: concurrent.futures.Future[T]) -> T:
         try:
             return fut.result()
         except concurrent.futures.CancelledError:
@@ -88,12 +128,7 @@ class _Driver:
         """Run the loop for this call (the caller is the driver; ``_driving`` is set)."""
         task: asyncio.Task[T] | None = None
         try:
-            if self._unread():
-                # The broker sent something while nobody ran the loop: its close, say. Read it
-                # first: a request on a connection already closed is lost with it, and one not
-                # safe to repeat (a cancel) would fail, where it must go on a new connection.
-                self._loop.run_until_complete(_turns(2))
-            task = self._loop.create_task(coro)
+            task = self._loop.create_task(_tracked(coro, [], self._unread))
             return self._loop.run_until_complete(task)
         except asyncio.CancelledError:
             if self._stopping:  # cancelled by stop(), not by this caller
@@ -112,7 +147,9 @@ class _Driver:
         while True:
             with self._cond:
                 while not fut.done() and self._driving:
-                    self._cond.wait()
+                    # Timed: a future cancelled in the main thread does not notify (see
+                    # _settled), and a follower must not wait for the driver's whole call.
+                    self._cond.wait(0.05)
                 if fut.done():
                     return
                 if self._loop.is_closed():  # stopped under a follower: nothing will run it now
@@ -121,6 +158,8 @@ class _Driver:
                 self._driving = True
             try:
                 self._loop.run_until_complete(_done(fut))
+            except asyncio.CancelledError:
+                pass  # stop()'s _cancel_all cancelled _done before it ran: look again
             finally:
                 self._let_go()
 
@@ -147,78 +186,105 @@ class _Driver:
             log.debug("client.abandon_interrupted", extra={"error": repr(exc)})
 
     def _settled(self, fut: concurrent.futures.Future[Any]) -> None:
-        with self._cond:
-            self._futures.discard(fut)
-            self._cond.notify_all()  # its follower, waiting in _drive_until
+        self._futures.discard(fut)
+        if threading.current_thread() is not threading.main_thread():  # no locks there
+            with self._cond:
+                self._cond.notify_all()  # its follower, waiting in _drive_until
 
-    def _from_a_loop(self, coro: Coroutine[Any, Any, T]) -> T:
-        """A call from inside a running event loop (a coroutine using the blocking client):
-        that loop is this thread's, so ours runs in a helper thread, which calls as any
-        thread does (blocking this loop meanwhile, as a blocking call does)."""
-        return self._helper_thread().submit(self.call, coro).result()
+    def _hand_over(
+        self, fut: concurrent.futures.Future[Any], tasks: list[asyncio.Task[Any]]
+    ) -> None:
+        """Have the helper thread drive the loop until ``fut`` is done (see the class)."""
+        if self._helper is None:
+            with self._helper_lock:  # the first hand-over only
+                if self._helper is None:
+                    helper = threading.Thread(target=self._serve, name="tq-client", daemon=True)
+                    helper.start()
+                    self._helper = helper
+        self._requests.put((fut, tasks))
 
-    def _helper_thread(self) -> concurrent.futures.ThreadPoolExecutor:
-        with self._cond:
-            if self._helper is None:
-                self._helper = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="tq-client"
-                )
-            return self._helper
+    def _serve(self) -> None:
+        """The helper thread: drive (or follow) for each handed-over call in turn. A call whose
+        caller gave up (Ctrl-C) is driven until its task has ended (its wait withdrawn)."""
+        while (item := self._requests.get()) is not None:
+            fut, tasks = item
+            try:
+                self._drive_until(fut)
+                if tasks and not tasks[0].done():
+                    self._abandon(tasks)
+            except (Exception, asyncio.CancelledError):  # must not leave callers driverless
+                log.exception("client.helper_failed")
 
     def stop(self) -> None:
         """Stop the loop. Requests other threads still wait on are cancelled first (they raise
         ``BrokerUnavailable("client closed")``): stopped under them, their coroutines would
         never finish, and those threads would block forever."""
-        if asyncio._get_running_loop() is not None:  # as for a call, see _from_a_loop
-            self._helper_thread().submit(self.stop).result()
+        if self._stopping:
             return
-        with self._cond:
-            if self._stopping:
-                return
-            self._stopping = True
+        self._stopping = True  # no new call starts from here (a call checks it first)
         if self._loop.is_closed():
             return
         fut = asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop)
         try:
-            self._drive_until(fut)
+            if _must_hand_over():
+                self._hand_over(fut, [])
+                concurrent.futures.wait([fut], timeout=STOP_WAIT_S + 1)
+            else:
+                self._drive_until(fut)
         finally:
-            with self._cond:
-                # Whoever drives lets go once its cancelled call ends.
-                self._cond.wait_for(lambda: not self._driving, timeout=STOP_WAIT_S + 1)
-                if not self._driving:
-                    self._loop.close()
-                futures = list(self._futures)
-            for pending in futures:
-                pending.cancel()
             if self._helper is not None:
-                self._helper.shutdown(wait=False)
+                self._requests.put(None)
+                self._helper.join(timeout=STOP_WAIT_S + 1)
+            # Whoever drives lets go once its cancelled call ends. Polled, not waited on with
+            # the class's lock, which the main thread never takes (see _handed_over).
+            deadline = time.monotonic() + STOP_WAIT_S + 1
+            while self._driving and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if not self._driving:
+                self._loop.close()
+            for pending in list(self._futures):
+                pending.cancel()
 
     @property
     def stopped(self) -> bool:
         return self._stopping
 
 
-async def _tracked(coro: Coroutine[Any, Any, T], tasks: list[asyncio.Task[Any]]) -> T:
-    """Run ``coro``, leaving its task in ``tasks`` (for ``_Driver._abandon``)."""
+def _must_hand_over() -> bool:
+    """The main thread (signals) and a thread whose event loop runs let the helper drive."""
+    return (
+        threading.current_thread() is threading.main_thread()
+        or asyncio._get_running_loop() is not None
+    )
+
+
+async def _tracked(
+    coro: Coroutine[Any, Any, T], tasks: list[asyncio.Task[Any]], unread: Callable[[], bool]
+) -> T:
+    """Run ``coro``, leaving its task in ``tasks`` (for ``_Driver._abandon``). If the broker sent
+    something while nobody ran the loop (its close, say), the loop reads it first: a request on
+    a connection already closed is lost with it, and one not safe to repeat (a cancel) would
+    fail, where it must go on a new connection. Two turns: the read, then what it calls next
+    (connection_lost)."""
     task = asyncio.current_task()
     if task is not None:
         tasks.append(task)
+    if unread():
+        for _ in range(2):
+            await asyncio.sleep(0)
     return await coro
-
-
-async def _turns(n: int) -> None:
-    """Let the loop go round ``n`` times: a read and what it calls next (connection_lost)."""
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 async def _done(fut: concurrent.futures.Future[Any]) -> None:
     """Wait for ``fut`` without raising what it raised (its caller reads that). Cancelled by
     ``stop()`` (which cancels every task), it just ends: ``_drive_until`` looks again."""
+    wrapped = asyncio.wrap_future(fut)
     try:
-        await asyncio.wait([asyncio.wrap_future(fut)])
+        await asyncio.wait([wrapped])
     except asyncio.CancelledError:
-        pass
+        return
+    if not wrapped.cancelled():
+        wrapped.exception()  # read here too: else asyncio logs it as never retrieved
 
 
 async def _cancel_all() -> None:
