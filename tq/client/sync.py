@@ -31,8 +31,8 @@ class _Driver:
 
     Why not a thread of its own (the portal this replaced, as anyio's): handing every call to a
     loop thread and its result back cost two thread wake-ups, and where idle CPUs halt (these
-    VMs) each is tens of µs. A sequential ``submit`` took 0.72-0.79 ms through the portal and
-    0.43-0.47 ms with the caller running the loop (same broker, alternating runs;
+    VMs) each is tens of µs. A sequential ``submit`` from a thread took 0.70-0.72 ms through the
+    portal and 0.42-0.55 ms with the thread running the loop (same broker, alternating runs;
     benchmarks/README.md).
 
     Threads share the loop and its connection as leader and followers: one drives, the others'
