@@ -26,7 +26,7 @@ class Interrupted(Exception):
 
 
 @pytest.fixture
-def alarm() -> Iterator[Callable[[float], None]]:
+def alarm() -> Iterator[Callable[[float], object]]:
     """``alarm(s)``: in ``s`` seconds the main thread is interrupted (``Interrupted``)."""
 
     def interrupt(signum: int, frame: object) -> None:
@@ -40,13 +40,13 @@ def alarm() -> Iterator[Callable[[float], None]]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _in_thread(fn: object) -> tuple[threading.Thread, list[object]]:
+def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
     """Run ``fn`` in a thread; what it returned or raised ends up in the list."""
     out: list[object] = []
 
     def run() -> None:
         try:
-            out.append(fn())  # type: ignore[operator]
+            out.append(fn())
         except BaseException as exc:
             out.append(exc)
 
@@ -163,7 +163,7 @@ def test_a_request_not_safe_to_repeat_goes_on_a_new_connection_after_a_restart(
 
 
 def test_ctrl_c_in_the_main_thread_withdraws_its_wait_whoever_runs_the_loop(
-    broker: BrokerProcess, alarm: Callable[[float], None]
+    broker: BrokerProcess, alarm: Callable[[float], object]
 ) -> None:
     """The main thread hands its calls over. Interrupted while another thread runs the loop
     (its own long wait), then while nobody does: either way its wait is withdrawn at the
@@ -219,7 +219,7 @@ def test_calls_from_threads_with_running_loops_do_not_queue_behind_each_other(
 
 
 def test_ctrl_c_in_a_call_from_inside_a_running_loop_withdraws_its_wait(
-    broker: BrokerProcess, alarm: Callable[[float], None]
+    broker: BrokerProcess, alarm: Callable[[float], object]
 ) -> None:
     with Client(broker.url, timeout_s=30.0) as c:
         tid = c.submit("sleep", 100)

@@ -52,7 +52,7 @@ class _Driver:
 
     def __init__(self, unread: Callable[[], bool]) -> None:
         self._loop = asyncio.new_event_loop()
-        self._unread = unread  # input came while nobody ran the loop (see _drive)
+        self._unread = unread  # input came while nobody ran the loop (see _tracked)
         self._cond = threading.Condition()
         self._driving = False  # a thread runs the loop now
         self._stopping = False
@@ -87,9 +87,7 @@ class _Driver:
         fut.add_done_callback(self._settled)
         try:
             self._drive_until(fut)
-        except (
-            BaseException
-        ):  # see _handed_over; not expected here (no signals off the main thread)
+        except BaseException:  # rare off the main thread (no signals): as in _handed_over
             fut.cancel()
             self._abandon(tasks)
             raise
@@ -120,9 +118,13 @@ class _Driver:
         try:
             return fut.result()
         except concurrent.futures.CancelledError:
-            if self._stopping:  # cancelled by stop(), not by this caller
-                raise BrokerUnavailable("client closed") from None
+            self._raise_if_stopped()
             raise
+
+    def _raise_if_stopped(self) -> None:
+        """A call cancelled by stop(), not by its caller, fails as the client's close."""
+        if self._stopping:
+            raise BrokerUnavailable("client closed") from None
 
     def _drive(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run the loop for this call (the caller is the driver; ``_driving`` is set)."""
@@ -131,11 +133,10 @@ class _Driver:
             task = self._loop.create_task(_tracked(coro, [], self._unread))
             return self._loop.run_until_complete(task)
         except asyncio.CancelledError:
-            if self._stopping:  # cancelled by stop(), not by this caller
-                raise BrokerUnavailable("client closed") from None
+            self._raise_if_stopped()
             raise
         except BaseException:
-            if task is not None and not task.done():  # interrupted (Ctrl-C): see call()
+            if task is not None and not task.done():  # interrupted mid-call: end its request
                 task.cancel()
                 self._run_briefly([task])
             raise
