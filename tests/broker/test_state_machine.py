@@ -918,6 +918,49 @@ def test_recover_after_reopen_keeps_pending_failed_and_running_tasks() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _ready_lines(sm: StateMachine) -> dict[tuple[str, int], list[int]]:
+    """Every queue's ready line per priority, as claims would take it."""
+    return {
+        (queue, p): [seq for seq in rq.arrays[p][rq.heads[p] :] if seq not in rq.dead]
+        for queue, rq in sm.ready.items()
+        for p in Priority
+        if rq.count(p)
+    }
+
+
+def test_recovery_rebuilds_ready_lines_read_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery reads the pending keys in slices and whole runs (``pending_runs``): lines cut
+    across slices, several queues and priorities, running tasks (still in ``pending``) left out,
+    come back exactly as the live machine holds them."""
+    import tq.store.keys
+
+    monkeypatch.setattr(tq.store.keys, "RUN_SLICE", 3)
+    root = tempfile.mkdtemp(prefix="tq-recover-slices-")
+    path = f"{root}/store"
+    store, sm = _open(path)
+    try:
+        specs = [
+            TaskSpec(id=f"t{i:02}", name="job", payload=b"", queue=q, priority=p)
+            for i, (q, p) in enumerate(itertools.product(["a", "bb", "c"] * 3, Priority))
+        ]
+        sm.apply(START_MS, [Submit(specs)])
+        (leased,) = sm.apply(START_MS, [Claim("w1", ["a", "bb"], 4)]).results
+        ref = LeaseRef(leased[1].task.id, leased[1].token)
+        sm.apply(START_MS, [Release("w1", [ref])])  # back in line, at its end
+        live, counts = _ready_lines(sm), dict(sm.counts)
+        assert sum(map(len, live.values())) == len(specs) - 3
+        store.close()
+
+        store, sm = _open(path)
+        sm.recover()
+        assert _ready_lines(sm) == live
+        assert sm.counts == counts
+        assert sm.next_seq == len(specs) + 2  # numbers from 1; the release took one more
+    finally:
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.parametrize("how", ["release", "worker_lost", "lease_expired"])
 def test_recovered_machine_claims_like_the_live_one(how: str) -> None:
     """Two brokers, same history; one restarts when no lease is outstanding. Their stores are

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 from tq.model import valid_name
-from tq.store.keys import pending_key, pending_prefix, split_pending_key
+from tq.store import keys as keys_module
+from tq.store.keys import pending_key, pending_prefix, pending_runs, split_pending_key
 
 QUEUE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-"
 
@@ -67,3 +69,40 @@ def test_prefix_bounds_the_queue(
     other_key = pending_key(*other)
     if other[0] != queue and other_key >= prefix:
         assert other_key > key
+
+
+def _flatten(keys: list[bytes]) -> list[tuple[str, int, int]]:
+    return [(q, p, seq) for q, p, seqs in pending_runs(keys) for seq in seqs]
+
+
+@given(items=st.lists(entries, max_size=60, unique=True))
+@example(items=[("a", 0, 1), ("a", 0, 2**64 - 1), ("ab", 0, 0), ("a", 1, 0), ("b", 2, 255)])
+def test_pending_runs_splits_like_split_pending_key(items: list[tuple[str, int, int]]) -> None:
+    """Recovery's bulk reading of the pending keys (``pending_runs``) gives every key's queue,
+    priority and sequence number, in key order, exactly as splitting them one by one."""
+    keys = sorted(pending_key(*e) for e in items)
+    assert _flatten(keys) == [split_pending_key(k) for k in keys]
+
+
+def test_pending_runs_group_one_queue_and_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run never mixes queues or priorities, and a run cut by the end of a slice of the scan
+    goes on in the next run, in order."""
+    monkeypatch.setattr(keys_module, "RUN_SLICE", 4)
+    items = [("q", 0, s) for s in range(10)] + [("q", 1, 7), ("q2", 0, 3), ("r", 2, 2**63 + 5)]
+    keys = sorted(pending_key(*e) for e in items)
+    runs = [(q, p, list(seqs)) for q, p, seqs in pending_runs(keys)]
+    assert runs == [
+        ("q", 0, [0, 1, 2, 3]),
+        ("q", 0, [4, 5, 6, 7]),
+        ("q", 0, [8, 9]),
+        ("q", 1, [7]),
+        ("q2", 0, [3]),
+        ("r", 2, [2**63 + 5]),
+    ]
+
+
+def test_pending_runs_take_keys_of_another_shape_one_at_a_time() -> None:
+    """Keys tq would not write (a NUL inside a queue name) break the one-length rule of a run:
+    they are split one by one rather than misread."""
+    keys = sorted([pending_key("a", 0, 5), pending_key("a\x00\x00x", 0, 6), pending_key("a", 0, 7)])
+    assert _flatten(keys) == [split_pending_key(k) for k in keys]

@@ -58,7 +58,7 @@ from tq.protocol.messages import (
     WorkerInfo,
 )
 from tq.store import CF, Batch, Store, StoreError, pending_key, split_pending_key
-from tq.store.keys import pending_prefix
+from tq.store.keys import pending_prefix, pending_runs
 
 log = logging.getLogger("tq.broker.state")
 
@@ -320,13 +320,21 @@ class StateMachine:
             running_keys.add(mark.key)
         max_seq = 0
         pending = 0
-        for key in store.keys(CF.PENDING):
+        for queue, priority, seqs in pending_runs(store.keys(CF.PENDING)):
+            max_seq = max(max_seq, max(seqs))
+            self._ready(queue).arrays[priority].extend(seqs)
+            pending += len(seqs)
+        # A running task's record stays in pending beside its lease mark: not in a ready line.
+        running: dict[tuple[str, int], set[int]] = {}
+        for key in running_keys:
             queue, priority, seq = split_pending_key(key)
-            max_seq = max(max_seq, seq)
-            if running_keys and key in running_keys:
-                continue
-            self._ready(queue).push(priority, seq)
-            pending += 1
+            running.setdefault((queue, priority), set()).add(seq)
+        for (queue, priority), skip in running.items():
+            rq = self._ready(queue)
+            arr = rq.arrays[priority]
+            kept = array("Q", [seq for seq in arr if seq not in skip])
+            pending -= len(arr) - len(kept)
+            rq.arrays[priority] = kept
         self.counts[TaskState.PENDING] = pending
         self.counts[TaskState.RUNNING] = len(self.leases)
         for _key, value in store.items(CF.FAILED):

@@ -183,7 +183,9 @@ class Store:
 
     def keys(self, cf: CF, start: bytes | None = None, backwards: bool = False) -> Iterator[bytes]:
         # Seek + our own stop condition: rocksdict's lower-bound option is broken (FACTS.md).
-        yield from self._cfs[cf].keys(backwards=backwards, from_key=start)
+        # rocksdict's own iterator, not a generator around it: recovery reads millions of keys.
+        keys: Iterator[bytes] = self._cfs[cf].keys(backwards=backwards, from_key=start)
+        return keys
 
     def items(
         self, cf: CF, start: bytes | None = None, backwards: bool = False
