@@ -1,15 +1,17 @@
 """The blocking ``Client`` runs its event loop in the calling threads (tq/client/sync.py,
 ``_Driver``): no thread of its own for calls from other threads than the main one, threads
 sharing one client all get answers at once, the loop passes from a thread whose call ended to one
-whose call is still open, the main thread and threads with a running event loop hand their calls
-to a helper (Ctrl-C there withdraws a wait, and one such call does not queue behind another),
-and a connection the broker dropped between calls is replaced by the next call. Against a real
-broker process."""
+whose call is still open, the main thread runs the loop too with Ctrl-C deferred (a Ctrl-C, or a
+storm of them, cancels the call from inside the loop), the main thread under a Ctrl-C handler of
+its own and threads with a running event loop hand their calls to a helper (Ctrl-C there
+withdraws a wait, and one such call does not queue behind another), and a connection the broker
+dropped between calls is replaced by the next call. Against a real broker process."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +40,39 @@ def alarm() -> Iterator[Callable[[float], object]]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def ctrl_c() -> Iterator[Callable[[float, int], object]]:
+    """``ctrl_c(after_s, times)``: from ``after_s`` on, a thread sends the main thread a real
+    SIGINT ``times`` times, 2 ms apart, each only while a handler other than Python's own is in
+    place (the one a client call swaps in, or a test's): one landing outside a call would be a
+    real KeyboardInterrupt in the test run. A long GIL switch interval keeps the check and the
+    send together: the main thread cannot restore the handler in between."""
+    senders: list[threading.Thread] = []
+
+    def send(after_s: float, times: int) -> None:
+        time.sleep(after_s)
+        for _ in range(times):
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                return
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            time.sleep(0.002)
+
+    def start(after_s: float, times: int) -> threading.Thread:
+        sender = threading.Thread(target=send, args=(after_s, times), daemon=True)
+        sender.start()
+        senders.append(sender)
+        return sender
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        yield start
+    finally:
+        for sender in senders:
+            sender.join(5)
+        sys.setswitchinterval(switch)
 
 
 def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
@@ -165,9 +200,12 @@ def test_a_request_not_safe_to_repeat_goes_on_a_new_connection_after_a_restart(
 def test_ctrl_c_in_the_main_thread_withdraws_its_wait_whoever_runs_the_loop(
     broker: BrokerProcess, alarm: Callable[[float], object]
 ) -> None:
-    """The main thread hands its calls over. Interrupted while another thread runs the loop
-    (its own long wait), then while nobody does: either way its wait is withdrawn at the
-    broker, the other thread's stays, and the client goes on working."""
+    """With a handler of the program's own on a signal (SIGALRM here, raising as Ctrl-C does),
+    the main thread hands its calls over: what the handler raises lands in its wait, never in
+    the loop's code (it stopped a connection's request timeouts for good once). Interrupted
+    while another thread runs the loop (its own long wait), then while nobody does: either way
+    its wait is withdrawn at the broker, the other thread's stays, and the client goes on
+    working."""
     with Client(broker.url, timeout_s=30.0) as c, Client(broker.url) as other:
         theirs, mine = c.submit("sleep", 100), c.submit("sleep", 100)
         driver, result = _in_thread(lambda: c.wait(theirs, timeout_s=30))
@@ -185,6 +223,7 @@ def test_ctrl_c_in_the_main_thread_withdraws_its_wait_whoever_runs_the_loop(
             c.wait(mine, timeout_s=3600)
         wait_until(lambda: other.stats()["counters"]["waits"] == 0, 5, what="the wait withdrawn")
         assert c.status(mine).state == "pending"
+        assert c._driver._helper is not None  # handed over
 
 
 def test_calls_from_threads_with_running_loops_do_not_queue_behind_each_other(
@@ -232,3 +271,78 @@ def test_ctrl_c_in_a_call_from_inside_a_running_loop_withdraws_its_wait(
             asyncio.run(main())
         wait_until(lambda: c.stats()["counters"]["waits"] == 0, 5, what="the wait withdrawn")
         assert c.status(tid).state == "pending"
+
+
+# pytest-timeout's default method sets a SIGALRM handler, which makes the main thread hand its
+# calls over (as any handler of a program's own does): these tests time out by a thread instead.
+@pytest.mark.timeout(120, method="thread")
+def test_ctrl_c_in_the_main_thread_cancels_its_call_from_inside_the_loop(
+    broker: BrokerProcess, ctrl_c: Callable[[float, int], object]
+) -> None:
+    """The main thread runs the loop itself (no helper thread), with Python's Ctrl-C handler
+    swapped for one that raises nothing. A real Ctrl-C, then a storm of them, cancels the call
+    from inside the loop and raises KeyboardInterrupt once it has ended: the wait is withdrawn,
+    Python's handler is back, and a thread sharing the client is not held up (a Ctrl-C landing
+    inside the driver's lock left it held, before). Then the same while another thread runs
+    the loop: only the main thread's wait goes."""
+    with Client(broker.url, timeout_s=30.0) as c, Client(broker.url) as other:
+        theirs, mine = c.submit("sleep", 100), c.submit("sleep", 100)
+        for times in (1, 25):
+            ctrl_c(0.3, times)
+            with pytest.raises(KeyboardInterrupt):
+                c.wait(mine, timeout_s=3600)
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            wait_until(lambda: other.stats()["counters"]["waits"] == 0, 5, what="wait withdrawn")
+            thread, result = _in_thread(lambda: c.submit("echo", 1))
+            thread.join(10)
+            assert len(result) == 1
+            assert isinstance(result[0], str), result
+        assert c._driver._helper is None  # the main thread drove every call itself
+
+        driver, result = _in_thread(lambda: c.wait(theirs, timeout_s=30))
+        wait_until(lambda: other.stats()["counters"]["waits"] == 1, what="their wait parked")
+        ctrl_c(0.3, 1)
+        with pytest.raises(KeyboardInterrupt):
+            c.wait(mine, timeout_s=3600)
+        time.sleep(0.3)
+        assert other.stats()["counters"]["waits"] == 1  # theirs only
+        other.cancel(theirs)
+        driver.join(10)
+        assert getattr(result[0], "state", None) == "cancelled", result
+        assert c.status(mine).state == "pending"
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_under_a_ctrl_c_handler_of_its_own_the_main_thread_hands_its_calls_over(
+    broker: BrokerProcess, ctrl_c: Callable[[float, int], object]
+) -> None:
+    """A program with its own SIGINT handler (a server's) keeps it: the main thread's calls go
+    to the helper thread, and what the handler raises ends the call, its wait withdrawn. A
+    handler on another signal a program may catch (SIGTERM) sends them there too."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        with Client(broker.url) as c:
+            tid = c.submit("sleep", 100)
+            ctrl_c(0.3, 1)
+            with pytest.raises(Interrupted):
+                c.wait(tid, timeout_s=3600)
+            assert signal.getsignal(signal.SIGINT) is interrupt
+            assert c._driver._helper is not None
+            wait_until(lambda: c.stats()["counters"]["waits"] == 0, 5, what="the wait withdrawn")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a server's, say
+    try:
+        with Client(broker.url) as c:
+            c.submit("echo", 1)
+            assert c._driver._helper is not None
+        signal.signal(signal.SIGTERM, previous)
+        with Client(broker.url) as c:
+            c.submit("echo", 1)
+            assert c._driver._helper is None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

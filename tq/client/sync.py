@@ -8,6 +8,7 @@ import builtins
 import concurrent.futures
 import logging
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -42,13 +43,18 @@ class _Driver:
     the broker closed meanwhile is found closed by the next call, which connects again, as
     after any lost connection.
 
-    Two kinds of caller hand their calls to a helper thread instead, which drives for them:
-    the main thread, and a thread whose own event loop is running. Signal handlers run in the
-    main thread, so a Ctrl-C (or an exception a handler raises) would land anywhere inside the
-    loop's callbacks and inside this class's locks: a review's storm of Ctrl-Cs left the lock
-    held and the other threads blocked, and one landing in a connection's sweep stopped its
-    request timeouts for good. Waiting on a future, as the portal's callers did, is safe. A
-    thread whose loop runs cannot run a second one."""
+    Signal handlers run in the main thread, so a Ctrl-C (or an exception a handler raises)
+    would land anywhere inside the loop's callbacks and inside this class's locks: a review's
+    storm of Ctrl-Cs left the lock held and the other threads blocked, and one landing in a
+    connection's sweep stopped its request timeouts for good. So the main thread runs the loop
+    only while Python's own Ctrl-C handler is in place and the program has set no handler on
+    the other signals programs commonly catch (``_main_thread_may_drive``), and for the call's
+    length swaps the Ctrl-C handler for one that raises nothing (``_Interrupts``, as
+    ``asyncio.run`` does): a Ctrl-C cancels the call, and ``KeyboardInterrupt`` is raised once
+    the call has ended. Under handlers of the program's own (a server's, pytest-timeout's
+    SIGALRM), and in a thread whose own event loop is running (it cannot run a second one),
+    calls are handed to a helper thread, which drives for them: waiting on a future, as the
+    portal's callers did, is safe. That costs the two wake-ups again."""
 
     def __init__(self, unread: Callable[[], bool]) -> None:
         self._loop = asyncio.new_event_loop()
@@ -67,8 +73,31 @@ class _Driver:
         ] = queue.SimpleQueue()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        if _must_hand_over():
+        if threading.current_thread() is threading.main_thread():
+            if asyncio._get_running_loop() is None and _main_thread_may_drive():
+                return self._call_deferring_sigint(coro)
             return self._handed_over(coro)
+        if asyncio._get_running_loop() is not None:
+            return self._handed_over(coro)
+        return self._call(coro)
+
+    def _call_deferring_sigint(self, coro: Coroutine[Any, Any, T]) -> T:
+        """The main thread drives or follows, a Ctrl-C meanwhile deferred (see the class)."""
+        interrupts = _Interrupts(self._loop)
+        previous = signal.signal(signal.SIGINT, interrupts.handle)
+        try:
+            result = self._call(coro, interrupts)
+        except BaseException:
+            if interrupts.count:
+                raise KeyboardInterrupt from None  # (the call's CancelledError, or its error)
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if interrupts.count:  # came as the call ended: the caller hears it all the same
+            raise KeyboardInterrupt
+        return result
+
+    def _call(self, coro: Coroutine[Any, Any, T], interrupts: _Interrupts | None = None) -> T:
         with self._cond:
             if self._stopping:
                 coro.close()  # never to run: no "was never awaited" warning
@@ -83,14 +112,18 @@ class _Driver:
                 )
                 self._futures.add(fut)
         if drive:
-            return self._drive(coro)
+            return self._drive(coro, interrupts)
+        if interrupts is not None:
+            interrupts.arm(fut.cancel)
         fut.add_done_callback(self._settled)
         try:
             self._drive_until(fut)
-        except BaseException:  # rare off the main thread (no signals): as in _handed_over
+        except BaseException:  # rare without signals (see the class): as in _handed_over
             fut.cancel()
             self._abandon(tasks)
             raise
+        if interrupts is not None and interrupts.count:
+            self._abandon(tasks)  # let its cancellation end (a wait withdrawn) if nobody drives
         return self._result(fut)
 
     def _handed_over(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -126,11 +159,13 @@ class _Driver:
         if self._stopping:
             raise BrokerUnavailable("client closed") from None
 
-    def _drive(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _drive(self, coro: Coroutine[Any, Any, T], interrupts: _Interrupts | None = None) -> T:
         """Run the loop for this call (the caller is the driver; ``_driving`` is set)."""
         task: asyncio.Task[T] | None = None
         try:
             task = self._loop.create_task(_tracked(coro, [], self._unread))
+            if interrupts is not None:
+                interrupts.arm(task.cancel)
             return self._loop.run_until_complete(task)
         except asyncio.CancelledError:
             self._raise_if_stopped()
@@ -188,8 +223,8 @@ class _Driver:
 
     def _settled(self, fut: concurrent.futures.Future[Any]) -> None:
         self._futures.discard(fut)
-        if threading.current_thread() is not threading.main_thread():  # no locks there
-            with self._cond:
+        if threading.current_thread() is not threading.main_thread() or _deferring():
+            with self._cond:  # (not under a handler that may raise in the main thread)
                 self._cond.notify_all()  # its follower, waiting in _drive_until
 
     def _hand_over(
@@ -227,7 +262,10 @@ class _Driver:
             return
         fut = asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop)
         try:
-            if _must_hand_over():
+            # The main thread included, whatever its Ctrl-C handler: closing is rare, and
+            # the helper needs no handler swapped.
+            main = threading.current_thread() is threading.main_thread()
+            if main or asyncio._get_running_loop() is not None:
                 self._hand_over(fut, [])
                 concurrent.futures.wait([fut], timeout=STOP_WAIT_S + 1)
             else:
@@ -237,7 +275,7 @@ class _Driver:
                 self._requests.put(None)
                 self._helper.join(timeout=STOP_WAIT_S + 1)
             # Whoever drives lets go once its cancelled call ends. Polled, not waited on with
-            # the class's lock, which the main thread never takes (see _handed_over).
+            # the class's lock, which the main thread takes only with Ctrl-C deferred.
             deadline = time.monotonic() + STOP_WAIT_S + 1
             while self._driving and time.monotonic() < deadline:
                 time.sleep(0.005)
@@ -251,12 +289,59 @@ class _Driver:
         return self._stopping
 
 
-def _must_hand_over() -> bool:
-    """The main thread (signals) and a thread whose event loop runs let the helper drive."""
-    return (
-        threading.current_thread() is threading.main_thread()
-        or asyncio._get_running_loop() is not None
-    )
+# Signals whose Python handlers may raise in the main thread too (timers, a server's TERM, HUP,
+# USR1...): while one has a handler, the main thread hands its calls over (see _Driver).
+_WATCHED_NAMES = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGALRM", "SIGVTALRM", "SIGPROF")
+_WATCHED_SIGNALS: tuple[int, ...] = tuple(
+    getattr(signal, name)
+    for name in (*_WATCHED_NAMES, "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+)
+_NO_HANDLER = (signal.SIG_DFL, signal.SIG_IGN, None)
+
+
+def _main_thread_may_drive() -> bool:
+    """Python's own Ctrl-C handler, which a call may swap for its own, and no handler of the
+    program's on the other signals it might catch. (~8 µs of ``getsignal`` calls here.)"""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return False
+    return all(signal.getsignal(signum) in _NO_HANDLER for signum in _WATCHED_SIGNALS)
+
+
+def _deferring() -> bool:
+    """The main thread is inside a call with Ctrl-C deferred (the only way it drives)."""
+    return isinstance(getattr(signal.getsignal(signal.SIGINT), "__self__", None), _Interrupts)
+
+
+class _Interrupts:
+    """Ctrl-C while the main thread drives or follows: counted, and the call cancelled from
+    inside the loop, never an exception raised wherever the thread happens to be (as
+    ``asyncio.Runner`` handles it). The handler does no more than a counter and a thread-safe
+    call: it may run inside any lock this thread holds."""
+
+    __slots__ = ("_cancel", "_loop", "count")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._cancel: Callable[[], Any] | None = None
+        self.count = 0
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        if self.count == 1 and self._cancel is not None:
+            self._schedule(self._cancel)
+
+    def arm(self, cancel: Callable[[], Any]) -> None:
+        """What a Ctrl-C cancels: the call's task or future, once it exists."""
+        self._cancel = cancel
+        if self.count:  # came before it existed
+            self._schedule(cancel)
+
+    def _schedule(self, cancel: Callable[[], Any]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(cancel)
+        except RuntimeError:  # the loop closed (the client stopped): the call ends anyway
+            pass
 
 
 async def _tracked(
