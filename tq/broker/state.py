@@ -320,7 +320,7 @@ class StateMachine:
             running_keys.add(mark.key)
         max_seq = 0
         pending = 0
-        for queue, priority, seqs in pending_runs(store.keys(CF.PENDING)):
+        for queue, priority, seqs in pending_runs(store.scan_keys(CF.PENDING)):
             max_seq = max(max_seq, max(seqs))
             self._ready(queue).arrays[priority].extend(seqs)
             pending += len(seqs)

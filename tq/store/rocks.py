@@ -26,6 +26,7 @@ _effects_dec = msgspec.msgpack.Decoder(list[tuple[int, bytes, bytes | None]])
 CF_WRITE_BUFFER_BYTES = 8 * 1024 * 1024
 DB_WRITE_BUFFER_BYTES = 48 * 1024 * 1024
 MAX_WAL_BYTES = 64 * 1024 * 1024
+SCAN_READAHEAD_BYTES = 2 * 1024 * 1024
 
 
 def _cf_options() -> Any:
@@ -185,6 +186,16 @@ class Store:
         # Seek + our own stop condition: rocksdict's lower-bound option is broken (FACTS.md).
         # rocksdict's own iterator, not a generator around it: recovery reads millions of keys.
         keys: Iterator[bytes] = self._cfs[cf].keys(backwards=backwards, from_key=start)
+        return keys
+
+    def scan_keys(self, cf: CF) -> Iterator[bytes]:
+        """Every key of ``cf``, for a one-off read of the whole family (recovery): read ahead in
+        2 MiB reads, and not kept in the block cache, which holds what claims read next. A
+        million pending keys took 0.37-0.40 s so against 0.53-0.65 s with ``keys`` here."""
+        opts = rocksdict.ReadOptions()
+        opts.set_readahead_size(SCAN_READAHEAD_BYTES)
+        opts.fill_cache(False)  # type: ignore[call-arg]  # (rocksdict's stub drops the argument)
+        keys: Iterator[bytes] = self._cfs[cf].keys(read_opt=opts)
         return keys
 
     def items(
