@@ -10,6 +10,7 @@ dropped between calls is replaced by the next call. Against a real broker proces
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import threading
@@ -273,9 +274,6 @@ def test_ctrl_c_in_a_call_from_inside_a_running_loop_withdraws_its_wait(
         assert c.status(tid).state == "pending"
 
 
-# pytest-timeout's default method sets a SIGALRM handler, which makes the main thread hand its
-# calls over (as any handler of a program's own does): these tests time out by a thread instead.
-@pytest.mark.timeout(120, method="thread")
 def test_ctrl_c_in_the_main_thread_cancels_its_call_from_inside_the_loop(
     broker: BrokerProcess, ctrl_c: Callable[[float, int], object]
 ) -> None:
@@ -312,7 +310,6 @@ def test_ctrl_c_in_the_main_thread_cancels_its_call_from_inside_the_loop(
         assert c.status(mine).state == "pending"
 
 
-@pytest.mark.timeout(120, method="thread")
 def test_under_a_ctrl_c_handler_of_its_own_the_main_thread_hands_its_calls_over(
     broker: BrokerProcess, ctrl_c: Callable[[float, int], object]
 ) -> None:
@@ -335,14 +332,77 @@ def test_under_a_ctrl_c_handler_of_its_own_the_main_thread_hands_its_calls_over(
             wait_until(lambda: c.stats()["counters"]["waits"] == 0, 5, what="the wait withdrawn")
     finally:
         signal.signal(signal.SIGINT, previous)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a server's, say
+    # Any signal: a handler may raise, or call a client, which would wait for the loop the main
+    # thread is inside (a SIGWINCH handler calling stats() hung a process for good, in review).
+    previous = signal.signal(signal.SIGWINCH, lambda signum, frame: None)
     try:
         with Client(broker.url) as c:
             c.submit("echo", 1)
             assert c._driver._helper is not None
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGWINCH, previous)
         with Client(broker.url) as c:
             c.submit("echo", 1)
             assert c._driver._helper is None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGWINCH, previous)
+
+
+class _CountingCondition(threading.Condition):
+    """Counts the waits that ended by timing out rather than by a notify."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woken = super().wait(timeout)
+        if not woken:
+            self.timeouts += 1
+        return woken
+
+
+def test_a_follower_of_the_main_thread_is_woken_when_its_answer_comes(
+    broker: BrokerProcess,
+) -> None:
+    """While the main thread runs the loop (its own long wait), another thread's calls ride
+    along and it is woken as each answer comes: not left to its 50 ms poll."""
+    with Client(broker.url) as c, Client(broker.url) as other:
+        cond = c._driver._cond = _CountingCondition()
+        tid = c.submit("sleep", 100)
+
+        def follow() -> int:
+            wait_until(lambda: other.stats()["counters"]["waits"] == 1, what="the wait parked")
+            for i in range(20):
+                c.submit("echo", i)
+            other.cancel(tid)
+            return cond.timeouts
+
+        thread, result = _in_thread(follow)
+        assert c.wait(tid, timeout_s=30).state == "cancelled"
+        thread.join(10)
+        assert c._driver._helper is None  # the main thread drove
+        assert len(result) == 1
+        assert isinstance(result[0], int), result
+        assert result[0] <= 5, f"{result[0]} of 20 calls were found done by polling"
+
+
+def test_a_child_forked_during_a_main_thread_call_gets_pythons_ctrl_c_handler(
+    broker: BrokerProcess,
+) -> None:
+    """The handler a call swaps in is the call's: a child another thread forks meanwhile (as
+    multiprocessing does) gets Python's own back, so Ctrl-C stops it."""
+    with Client(broker.url) as c, Client(broker.url) as other:
+        tid = c.submit("sleep", 100)
+
+        def fork_child() -> int:
+            wait_until(lambda: other.stats()["counters"]["waits"] == 1, what="the wait parked")
+            pid = os.fork()
+            if pid == 0:  # the child: report, never return into the test run
+                os._exit(0 if signal.getsignal(signal.SIGINT) is signal.default_int_handler else 3)
+            other.cancel(tid)
+            return os.waitpid(pid, 0)[1]
+
+        thread, result = _in_thread(fork_child)
+        assert c.wait(tid, timeout_s=30).state == "cancelled"
+        thread.join(10)
+        assert result == [0], "the child kept the call's Ctrl-C handler"
