@@ -41,6 +41,10 @@ class BrokerConfig:
     # for a broker embedded beside its clients in one event loop, where a poll holds the very
     # loop that would send the next request.
     spin_us: int = 0
+    # Single node: keep the event loop's thread off the CPUs that take the data disk's
+    # interrupts (tq/broker/placement.py). ``tq broker`` turns it on; off here, for the same
+    # reason as spin_us, and so that tests embedding brokers do not pin their own thread.
+    avoid_irq_cpus: bool = False
     # cluster mode (a Raft port given): this node's id, its Raft port, the other members' Raft
     # addresses, where the Raft port really listens (default: host:raft_port) and the secret
     raft_port: int | None = None

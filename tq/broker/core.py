@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tq._version import __version__
 from tq.broker.commands import Claim, Command, Retention, Submit, Tick
 from tq.broker.log import LocalLog
+from tq.broker.placement import place_loop_thread
 from tq.logfields import kv
 from tq.spin import Spinner
 
@@ -297,6 +298,10 @@ class BrokerCore:
         # (A data dir that already exists keeps the mode its owner gave it.)
         os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
         self.store.open()
+        if self.config.avoid_irq_cpus and not self.config.clustered:
+            # After the store opened: RocksDB's own threads keep every CPU (see placement).
+            cpus = place_loop_thread(self.config.data_dir)
+            log.info("broker.placement", extra=kv(loop_cpus=sorted(cpus) if cpus else "any"))
         t0 = time.monotonic()
         # A single node's log opens the state machine itself, then applies what the journal
         # holds beyond the store; a cluster node's Raft log does that once it runs.

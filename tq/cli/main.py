@@ -311,6 +311,12 @@ def broker(
         help="single node: poll this long (µs) for the next request and the journal write "
         "before sleeping; 0 never polls (docs/architecture.md, 'Polling before sleeping')",
     ),
+    avoid_irq_cpus: bool = typer.Option(
+        True,
+        "--avoid-irq-cpus/--any-cpu",
+        help="single node: keep the event loop off the CPUs that take the data disk's "
+        "interrupts (docs/architecture.md, 'Where the loop runs')",
+    ),
     node_id: str | None = typer.Option(None, "--node-id", help="cluster: this node's name"),
     raft_port: int | None = typer.Option(
         None, "--raft-port", help="cluster: Raft port (turns clustering on)"
@@ -357,6 +363,7 @@ def broker(
         compaction_min_entries=raft_compaction_entries,
         journal_mb=journal_mb,
         spin_us=spin_us,
+        avoid_irq_cpus=avoid_irq_cpus,
         **_cluster_options(node_id, raft_port, peers, raft_bind, raft_secret_file),
     )
     if raft_port is not None:
