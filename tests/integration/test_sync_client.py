@@ -76,6 +76,28 @@ def ctrl_c() -> Iterator[Callable[[float, int], object]]:
         sys.setswitchinterval(switch)
 
 
+def _interrupted_beside_a_driver(
+    c: Client,
+    other: Client,
+    theirs: str,
+    mine: str,
+    interrupt: Callable[[], object],
+    raised: type[BaseException],
+) -> None:
+    """Another thread runs ``c``'s loop in its wait for ``theirs`` while the main thread, in
+    its wait for ``mine``, is interrupted: only the main thread's wait is withdrawn."""
+    driver, result = _in_thread(lambda: c.wait(theirs, timeout_s=30))
+    wait_until(lambda: other.stats()["counters"]["waits"] == 1, what="their wait parked")
+    interrupt()
+    with pytest.raises(raised):
+        c.wait(mine, timeout_s=3600)
+    time.sleep(0.3)
+    assert other.stats()["counters"]["waits"] == 1  # theirs only
+    other.cancel(theirs)
+    driver.join(10)
+    assert getattr(result[0], "state", None) == "cancelled", result
+
+
 def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
     """Run ``fn`` in a thread; what it returned or raised ends up in the list."""
     out: list[object] = []
@@ -209,16 +231,7 @@ def test_ctrl_c_in_the_main_thread_withdraws_its_wait_whoever_runs_the_loop(
     working."""
     with Client(broker.url, timeout_s=30.0) as c, Client(broker.url) as other:
         theirs, mine = c.submit("sleep", 100), c.submit("sleep", 100)
-        driver, result = _in_thread(lambda: c.wait(theirs, timeout_s=30))
-        wait_until(lambda: other.stats()["counters"]["waits"] == 1, what="their wait parked")
-        alarm(0.3)
-        with pytest.raises(Interrupted):
-            c.wait(mine, timeout_s=3600)
-        time.sleep(0.3)
-        assert other.stats()["counters"]["waits"] == 1  # theirs only
-        other.cancel(theirs)
-        driver.join(10)
-        assert getattr(result[0], "state", None) == "cancelled", result
+        _interrupted_beside_a_driver(c, other, theirs, mine, lambda: alarm(0.3), Interrupted)
         alarm(0.3)
         with pytest.raises(Interrupted):
             c.wait(mine, timeout_s=3600)
@@ -297,16 +310,9 @@ def test_ctrl_c_in_the_main_thread_cancels_its_call_from_inside_the_loop(
             assert isinstance(result[0], str), result
         assert c._driver._helper is None  # the main thread drove every call itself
 
-        driver, result = _in_thread(lambda: c.wait(theirs, timeout_s=30))
-        wait_until(lambda: other.stats()["counters"]["waits"] == 1, what="their wait parked")
-        ctrl_c(0.3, 1)
-        with pytest.raises(KeyboardInterrupt):
-            c.wait(mine, timeout_s=3600)
-        time.sleep(0.3)
-        assert other.stats()["counters"]["waits"] == 1  # theirs only
-        other.cancel(theirs)
-        driver.join(10)
-        assert getattr(result[0], "state", None) == "cancelled", result
+        _interrupted_beside_a_driver(
+            c, other, theirs, mine, lambda: ctrl_c(0.3, 1), KeyboardInterrupt
+        )
         assert c.status(mine).state == "pending"
 
 
