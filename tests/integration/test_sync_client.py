@@ -44,12 +44,15 @@ def alarm() -> Iterator[Callable[[float], object]]:
 
 
 @pytest.fixture
-def ctrl_c() -> Iterator[Callable[[float, int], object]]:
+def ctrl_c() -> Iterator[Callable[[float, int], threading.Thread]]:
     """``ctrl_c(after_s, times)``: from ``after_s`` on, a thread sends the main thread a real
     SIGINT ``times`` times, 2 ms apart, each only while a handler other than Python's own is in
     place (the one a client call swaps in, or a test's): one landing outside a call would be a
     real KeyboardInterrupt in the test run. A long GIL switch interval keeps the check and the
-    send together: the main thread cannot restore the handler in between."""
+    send together: the main thread cannot restore the handler in between. Join the returned
+    thread once the interrupted call has returned, before any other call: a storm going on
+    into the next call swaps in a handler again, and that call raises KeyboardInterrupt outside
+    ``pytest.raises`` (an xdist worker went down so)."""
     senders: list[threading.Thread] = []
 
     def send(after_s: float, times: int) -> None:
@@ -88,9 +91,11 @@ def _interrupted_beside_a_driver(
     its wait for ``mine``, is interrupted: only the main thread's wait is withdrawn."""
     driver, result = _in_thread(lambda: c.wait(theirs, timeout_s=30))
     wait_until(lambda: other.stats()["counters"]["waits"] == 1, what="their wait parked")
-    interrupt()
+    sender = interrupt()
     with pytest.raises(raised):
         c.wait(mine, timeout_s=3600)
+    if isinstance(sender, threading.Thread):
+        sender.join(5)
     time.sleep(0.3)
     assert other.stats()["counters"]["waits"] == 1  # theirs only
     other.cancel(theirs)
@@ -288,7 +293,7 @@ def test_ctrl_c_in_a_call_from_inside_a_running_loop_withdraws_its_wait(
 
 
 def test_ctrl_c_in_the_main_thread_cancels_its_call_from_inside_the_loop(
-    broker: BrokerProcess, ctrl_c: Callable[[float, int], object]
+    broker: BrokerProcess, ctrl_c: Callable[[float, int], threading.Thread]
 ) -> None:
     """The main thread runs the loop itself (no helper thread), with Python's Ctrl-C handler
     swapped for one that raises nothing. A real Ctrl-C, then a storm of them, cancels the call
@@ -299,9 +304,10 @@ def test_ctrl_c_in_the_main_thread_cancels_its_call_from_inside_the_loop(
     with Client(broker.url, timeout_s=30.0) as c, Client(broker.url) as other:
         theirs, mine = c.submit("sleep", 100), c.submit("sleep", 100)
         for times in (1, 25):
-            ctrl_c(0.3, times)
+            sender = ctrl_c(0.3, times)
             with pytest.raises(KeyboardInterrupt):
                 c.wait(mine, timeout_s=3600)
+            sender.join(5)
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
             wait_until(lambda: other.stats()["counters"]["waits"] == 0, 5, what="wait withdrawn")
             thread, result = _in_thread(lambda: c.submit("echo", 1))
@@ -317,7 +323,7 @@ def test_ctrl_c_in_the_main_thread_cancels_its_call_from_inside_the_loop(
 
 
 def test_under_a_ctrl_c_handler_of_its_own_the_main_thread_hands_its_calls_over(
-    broker: BrokerProcess, ctrl_c: Callable[[float, int], object]
+    broker: BrokerProcess, ctrl_c: Callable[[float, int], threading.Thread]
 ) -> None:
     """A program with its own SIGINT handler (a server's) keeps it: the main thread's calls go
     to the helper thread, and what the handler raises ends the call, its wait withdrawn. A
@@ -330,9 +336,10 @@ def test_under_a_ctrl_c_handler_of_its_own_the_main_thread_hands_its_calls_over(
     try:
         with Client(broker.url) as c:
             tid = c.submit("sleep", 100)
-            ctrl_c(0.3, 1)
+            sender = ctrl_c(0.3, 1)
             with pytest.raises(Interrupted):
                 c.wait(tid, timeout_s=3600)
+            sender.join(5)
             assert signal.getsignal(signal.SIGINT) is interrupt
             assert c._driver._helper is not None
             wait_until(lambda: c.stats()["counters"]["waits"] == 0, 5, what="the wait withdrawn")
