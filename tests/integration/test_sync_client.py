@@ -96,8 +96,8 @@ def _interrupted_beside_a_driver(
         c.wait(mine, timeout_s=3600)
     if isinstance(sender, threading.Thread):
         sender.join(5)
-    time.sleep(0.3)
-    assert other.stats()["counters"]["waits"] == 1  # theirs only
+    # Theirs only (theirs still open shows below: their wait hears the cancel).
+    wait_until(lambda: other.stats()["counters"]["waits"] == 1, 5, what="my wait withdrawn")
     other.cancel(theirs)
     driver.join(10)
     assert getattr(result[0], "state", None) == "cancelled", result
@@ -251,14 +251,14 @@ def test_calls_from_threads_with_running_loops_do_not_queue_behind_each_other(
     """Two threads, each inside its own running event loop: a cancel from one must reach the
     broker while the other's wait for that task is still open, and end it."""
     out: dict[str, object] = {}
-    with Client(broker.url, timeout_s=10.0) as c:
+    with Client(broker.url, timeout_s=10.0) as c, Client(broker.url) as other:
         tid = c.submit("sleep", 100)
 
         async def waiter() -> None:
             out["wait"] = c.wait(tid, timeout_s=6).state
 
         async def canceller() -> None:
-            await asyncio.sleep(0.5)
+            wait_until(lambda: other.stats()["counters"]["waits"] == 1, what="the wait parked")
             started = time.monotonic()
             out["cancel"] = c.cancel(tid).state
             out["cancel_s"] = time.monotonic() - started

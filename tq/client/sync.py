@@ -343,10 +343,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Interrupts:
-    """Ctrl-C while the main thread drives or follows: counted, and the call cancelled from
-    inside the loop, never an exception raised wherever the thread happens to be (as
-    ``asyncio.Runner`` handles it). The handler does no more than a counter and a thread-safe
-    call: it may run inside any lock this thread holds."""
+    """Ctrl-C during a main-thread call (driven, followed or handed over): counted, and the
+    call cancelled from inside the loop, never an exception raised wherever the thread happens
+    to be (as ``asyncio.Runner`` handles it). The handler does no more than a counter and a
+    thread-safe call: it may run inside any lock this thread holds."""
 
     __slots__ = ("_cancel", "_loop", "count")
 

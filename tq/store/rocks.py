@@ -184,7 +184,7 @@ class Store:
 
     def keys(self, cf: CF, start: bytes | None = None, backwards: bool = False) -> Iterator[bytes]:
         # Seek + our own stop condition: rocksdict's lower-bound option is broken (FACTS.md).
-        # rocksdict's own iterator, not a generator around it: recovery reads millions of keys.
+        # rocksdict's own iterator, not a generator around it (one Python frame less a key).
         keys: Iterator[bytes] = self._cfs[cf].keys(backwards=backwards, from_key=start)
         return keys
 
