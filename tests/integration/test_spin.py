@@ -7,39 +7,49 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from tq import AsyncClient, Client
 from tq.broker.app import BrokerApp
+from tq.client.connection import Connection
 from tq.config import BrokerConfig
-from tq.errors import BadRequest
+from tq.errors import BadRequest, WaitTimeout
+from tq.protocol.messages import ClaimTask, Leased
+from tq.spin import CLIENT_SPIN_US, MAX_CLIENT_SPIN_US
 
 from tests.conftest import BrokerProcess
 
 N = 300
 
 
-async def _submit_in_turn(url: str, spin_us: int = 0) -> tuple[dict[str, int], int]:
-    """N submits one after another; the broker's counters, and the client's poll hits."""
-    async with AsyncClient(url, spin_us=spin_us) as c:
+async def _submit_in_turn(
+    url: str, spin_us: int | None = None, pause_s: float = 0.0
+) -> tuple[dict[str, int], Connection]:
+    """N submits one after another (``pause_s`` apart); the broker's counters and the client's
+    connection (its ``spins`` and ``spin_misses``). ``spin_us`` None: the client's default."""
+    async with AsyncClient(url, **({} if spin_us is None else {"spin_us": spin_us})) as c:
         for k in range(N):
             await c.submit("echo", {"k": k})
+            if pause_s:
+                await asyncio.sleep(pause_s)
         conn = await c.connect()
-        hits = conn._spinner.hits
         stats = await c.stats()
         assert stats["states"]["pending"] == N
-        return stats["counters"], hits
+        return stats["counters"], conn
 
 
 def test_a_sequential_client_finds_the_broker_polling(broker: BrokerProcess) -> None:
-    counters, client_hits = asyncio.run(_submit_in_turn(broker.url))
+    counters, conn = asyncio.run(_submit_in_turn(broker.url, spin_us=0))
     assert counters["spins"] > 0
     # The client answers each reply within ~0.1 ms here, well inside the 250 µs default; on a
     # loaded machine some polls run out, but not every one of 300.
     assert counters["spin_hits"] > 0
-    assert client_hits == 0  # the client polls only when asked
+    assert conn.spins == 0  # spin_us=0: the client never polls
 
 
 def test_spin_us_0_never_polls(broker_factory: Callable[..., BrokerProcess]) -> None:
@@ -48,9 +58,79 @@ def test_spin_us_0_never_polls(broker_factory: Callable[..., BrokerProcess]) -> 
     assert "spins" not in counters
 
 
-def test_a_client_asked_to_poll_finds_its_replies(broker: BrokerProcess) -> None:
-    _, client_hits = asyncio.run(_submit_in_turn(broker.url, spin_us=20_000))
-    assert client_hits > 0
+def test_a_client_polls_for_its_replies_by_default(broker: BrokerProcess) -> None:
+    assert AsyncClient(broker.url).spin_us == CLIENT_SPIN_US
+    _, conn = asyncio.run(_submit_in_turn(broker.url))
+    # A reply over the budget (a loaded machine) leaves the next requests unpolled until one
+    # comes within it again, so how many are polled for depends on the machine; some are, and
+    # some find their reply.
+    assert conn.spins > 0
+    assert conn.spins - conn.spin_misses > 0
+
+
+def test_a_client_that_pauses_between_requests_does_not_poll(broker: BrokerProcess) -> None:
+    # 5 ms between submits, five times the budget: the broker and the disk have gone idle too,
+    # and polling would cost CPU for next to nothing. (The first submit follows the hello's
+    # answer at once, so it may be polled for.)
+    _, conn = asyncio.run(_submit_in_turn(broker.url, spin_us=1000, pause_s=0.005))
+    assert conn.spins <= 1
+
+
+def test_parked_requests_are_not_polled_for(broker: BrokerProcess) -> None:
+    """A ``wait`` and a claim with ``wait_ms`` wait at the broker for as long as they like:
+    polling for them would only burn the budget."""
+
+    async def run() -> tuple[int, int, int]:
+        async with AsyncClient(broker.url, spin_us=MAX_CLIENT_SPIN_US) as c:
+            tid = await c.submit("echo", {}, queue="parked")
+            conn = await c.connect()
+            before = conn.spins
+            with pytest.raises(WaitTimeout):
+                await c.wait(tid, timeout_s=0.2)  # no worker: it stays pending
+            after_wait = conn.spins
+        async with AsyncClient(broker.url, role="worker", spin_us=MAX_CLIENT_SPIN_US) as w:
+            await w.stats()
+            conn = await w.connect()
+            before_claim = conn.spins
+            leased = await w.call(lambda rid: ClaimTask(rid, ["empty"], 1, 200), Leased)
+            assert leased.tasks == []
+            return after_wait - before, conn.spins - before_claim, conn.spin_misses
+
+    waited, claimed, misses = asyncio.run(run())
+    assert (waited, claimed, misses) == (0, 0, 0)
+
+
+def test_polling_never_holds_up_the_loops_other_work(broker: BrokerProcess) -> None:
+    """While a reply is polled for, timers and other tasks on the client's loop run on time:
+    the poll is the loop itself kept from sleeping, not a call that blocks it. The broker is
+    stopped (SIGSTOP) so that the poll runs its whole 100 ms."""
+    assert broker.proc is not None
+    pid = broker.proc.pid
+
+    async def run() -> tuple[float, bool]:
+        async with AsyncClient(broker.url, spin_us=MAX_CLIENT_SPIN_US) as c:
+            await c.submit("echo", {})
+            conn = await c.connect()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                submit = asyncio.ensure_future(c.submit("echo", {}))
+                await asyncio.sleep(0)  # the request is sent and the poll begins
+                polling = conn._spin_scheduled
+                t0 = time.monotonic()
+                for _ in range(10):
+                    await asyncio.sleep(0.001)
+                took = time.monotonic() - t0
+                polling = polling and conn._spin_scheduled  # still within its 100 ms
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await submit
+            return took, polling
+
+    took, polling = asyncio.run(run())
+    assert polling
+    # Ten 1 ms sleeps: ~10-20 ms. A poll that blocked the loop would hold them all up until its
+    # 100 ms budget ran out.
+    assert took < 0.08, took
 
 
 @pytest.mark.parametrize("bad", [-1, 100_001, 1.5, True, "250"])

@@ -27,6 +27,7 @@ from tq.bench.procs import BrokerProc, start_worker
 from tq.client import AsyncClient, Client
 from tq.model import ErrorInfo, new_ids
 from tq.protocol.messages import Ack, ClaimTask, Leased, Outcome, ResultBatch, TaskSpec
+from tq.spin import CLIENT_SPIN_US
 
 PAYLOAD = msgspec.json.encode(
     {"user": "alice@example.com", "action": "thumbnail", "size": [640, 480], "pad": "x" * 120}
@@ -71,7 +72,8 @@ class Sizes:
     cluster_tasks: int = 50_000
     export_tasks: int = 1_000_000
     repeats: int = 3
-    client_spin_us: int = 0  # the sequential client's AsyncClient(spin_us=...)
+    # The producers' AsyncClient(spin_us=...) in the submit and dispatch scenarios
+    client_spin_us: int = CLIENT_SPIN_US
 
 
 QUICK = Sizes(
@@ -155,7 +157,7 @@ def _run(coro: Coroutine[Any, Any, Any], fast_loop: bool) -> Any:
 
 
 async def submit_batch(url: str, sizes: Sizes) -> float:
-    async with AsyncClient(url) as client:
+    async with AsyncClient(url, spin_us=sizes.client_spin_us) as client:
         batches = [_specs(sizes.batch_size) for _ in range(sizes.batch_total // sizes.batch_size)]
         sem = asyncio.Semaphore(4)
 
@@ -169,7 +171,7 @@ async def submit_batch(url: str, sizes: Sizes) -> float:
 
 
 async def submit_pipelined(url: str, sizes: Sizes) -> float:
-    async with AsyncClient(url) as client:
+    async with AsyncClient(url, spin_us=sizes.client_spin_us) as client:
         each = max(1, sizes.pipelined_total // sizes.in_flight)
 
         async def lane() -> None:  # one of `in_flight` submitters, each one request at a time
@@ -215,7 +217,7 @@ async def open_loop(url: str, sizes: Sizes) -> tuple[float, float, float]:
     """Submits at a fixed offered rate: a slow reply never delays the next send (no coordinated
     omission). Returns p50 and p99 of the submit latency and the p99 lag of sends behind
     schedule (the client's timer granularity)."""
-    async with AsyncClient(url) as client:
+    async with AsyncClient(url, spin_us=sizes.client_spin_us) as client:
         loop = asyncio.get_running_loop()
         n = int(sizes.open_loop_s * sizes.rate)
         lat: list[float] = []
@@ -278,7 +280,7 @@ async def dispatch_latency(url: str, sizes: Sizes) -> tuple[float, float, float,
     with one worker parked on a claim."""
     worker = start_worker(url, "--concurrency", "4")
     try:
-        async with AsyncClient(url) as client:
+        async with AsyncClient(url, spin_us=sizes.client_spin_us) as client:
             tid = await client.submit("timestamp", None)
             await client.wait(tid, timeout_s=30)  # worker is up and parked on a claim
             lat: list[float] = []

@@ -42,7 +42,7 @@ from tq.config import (
     journal_mb_from_env,
     parse_broker_url,
 )
-from tq.spin import MAX_CLIENT_SPIN_US
+from tq.spin import CLIENT_SPIN_US, MAX_CLIENT_SPIN_US
 
 if TYPE_CHECKING:
     from tq.broker.app import BrokerApp
@@ -896,12 +896,13 @@ def bench(
         "open-loop, end-to-end, dispatch-latency, memory, recovery, cluster, export",
     ),
     repeats: int | None = typer.Option(None, "--repeats", min=1, help="runs per scenario"),
-    client_spin_us: int = typer.Option(
-        0,
+    client_spin_us: int | None = typer.Option(
+        None,
         "--client-spin-us",
         min=0,
         max=MAX_CLIENT_SPIN_US,
-        help="submit-latency's clients poll for each reply this long (spin_us)",
+        help="the producers poll for each reply this long (spin_us; default: the client's, "
+        f"{CLIENT_SPIN_US}; 0 never polls)",
     ),
 ) -> None:
     """Measure throughput, latency, memory and recovery (benchmarks/README.md)."""
@@ -916,7 +917,7 @@ def bench(
     sizes = QUICK if quick else Sizes()
     if repeats:
         sizes = replace(sizes, repeats=repeats)
-    if client_spin_us:
+    if client_spin_us is not None:
         sizes = replace(sizes, client_spin_us=client_spin_us)
     result = run_all(
         sizes,
@@ -928,7 +929,7 @@ def bench(
     summary = result.summary()
     emit_table(
         f"tq bench ({'quick' if quick else 'full'}, {sizes.repeats} run(s) each"
-        + (f", submit-latency's client polls {client_spin_us} µs" if client_spin_us else "")
+        + f", clients poll {sizes.client_spin_us} µs for replies"
         + ")",
         ["scenario", "median", "min", "max", "unit", "target"],
         [

@@ -74,7 +74,7 @@ from tq.protocol.messages import (
     WatchUpdate,
     Welcome,
 )
-from tq.spin import MAX_CLIENT_SPIN_US
+from tq.spin import CLIENT_SPIN_US, MAX_CLIENT_SPIN_US
 
 R = TypeVar("R", bound=Response)
 CLOSE_WAIT_S = 1.0  # how long close() lets a connection finish closing before aborting it
@@ -210,17 +210,20 @@ class AsyncClient:
         hello_extra: dict[str, Any] | None = None,
         max_frame_bytes: int = DEFAULT_FRAME_LIMIT,
         liveness_s: float = LIVENESS_S,
-        spin_us: int = 0,
+        spin_us: int = CLIENT_SPIN_US,
     ) -> None:
         """``liveness_s``: with requests in flight and nothing heard for this long, ask the
         broker whether it is there; nothing after as long again, and they fail over (resent
         once, if safe to) as if their ``timeout_s`` had passed. 0 turns probing off.
 
-        ``spin_us``: after sending, poll for the reply this long before the event loop sleeps,
-        while replies have come within that time (tq/spin.py). On a VM whose idle CPUs halt,
-        waking for the reply costs tens of µs; polling saves them at the price of this
-        client's CPU, and holds the loop's other work up to ``spin_us``. 0 (the default) never
-        polls; ~1000 suits a producer that waits for each submit in turn."""
+        ``spin_us``: after sending a request the broker answers at once (not a ``wait`` or a
+        parked claim), keep the event loop polling for the reply instead of sleeping, for up to
+        this long, if the caller is going back to back (the last reply came within that time)
+        and replies have been coming within it (tq/client/connection.py). The loop's other
+        work runs as usual meanwhile; the price is this process's CPU. On a VM whose idle CPUs
+        halt, waking for the reply is tens of µs of every round trip: a sequential submit here
+        measured p50 0.26-0.31 against 0.32-0.41 ms, for ~270 against ~100 µs of client CPU.
+        0 never polls."""
         if not (liveness_s == 0 or 0 < liveness_s < math.inf):  # NaN fails both
             raise BadRequest(f"liveness_s must be 0 (off) or a positive number, not {liveness_s}")
         if type(spin_us) is not int or not 0 <= spin_us <= MAX_CLIENT_SPIN_US:

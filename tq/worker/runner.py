@@ -185,6 +185,10 @@ class Worker:
             token=self.token,
             connect_timeout_s=5.0,
             hello_extra={"concurrency": self.concurrency, "queues": self.queues},
+            # No polling for replies: nobody waits on the answer to a result report, a claim
+            # mostly waits at the broker, and the CPU belongs to the handlers (end-to-end
+            # measured the same without it).
+            spin_us=0,
         )
         self._client = client
         # Sync handlers may outlive their timeout (Python cannot kill a thread): leave headroom.
