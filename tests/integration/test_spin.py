@@ -9,6 +9,8 @@ import asyncio
 import gc
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,18 +30,18 @@ N = 300
 
 
 async def _submit_in_turn(
-    url: str, spin_us: int | None = None, pause_s: float = 0.0
+    url: str, spin_us: int | None = None, pause_s: float = 0.0, n: int = N
 ) -> tuple[dict[str, int], Connection]:
     """N submits one after another (``pause_s`` apart); the broker's counters and the client's
     connection (its ``spins`` and ``spin_misses``). ``spin_us`` None: the client's default."""
     async with AsyncClient(url, **({} if spin_us is None else {"spin_us": spin_us})) as c:
-        for k in range(N):
+        for k in range(n):
             await c.submit("echo", {"k": k})
             if pause_s:
                 await asyncio.sleep(pause_s)
         conn = await c.connect()
         stats = await c.stats()
-        assert stats["states"]["pending"] == N
+        assert stats["states"]["pending"] == n
         return stats["counters"], conn
 
 
@@ -131,6 +133,26 @@ def test_polling_never_holds_up_the_loops_other_work(broker: BrokerProcess) -> N
     # Ten 1 ms sleeps: ~10-20 ms. A poll that blocked the loop would hold them all up until its
     # 100 ms budget ran out.
     assert took < 0.08, took
+
+
+def test_a_client_stops_polling_when_its_cpu_is_wanted(broker: BrokerProcess) -> None:
+    """A yield that gave the CPU to another task for a while ends the poll: with more pollers
+    than CPUs, polling would take the CPU from the work that answers them. A busy process is
+    pinned to the client's CPU, so every yield hands it a time slice."""
+    cpu = min(os.sched_getaffinity(0))
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    mask = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(hog.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})  # this thread, which runs the client's loop
+        _, conn = asyncio.run(_submit_in_turn(broker.url, spin_us=MAX_CLIENT_SPIN_US, n=50))
+    finally:
+        os.sched_setaffinity(0, mask)
+        hog.kill()
+        hog.wait()
+    assert conn.spins > 0
+    assert conn.spin_yields > 0
+    assert conn.spin_misses == 0  # none ran its 100 ms out beside the hog
 
 
 @pytest.mark.parametrize("bad", [-1, 100_001, 1.5, True, "250"])
