@@ -102,6 +102,35 @@ def test_parked_requests_are_not_polled_for(broker: BrokerProcess) -> None:
     assert (waited, claimed, misses) == (0, 0, 0)
 
 
+def test_a_client_with_other_requests_in_flight_does_not_poll(broker: BrokerProcess) -> None:
+    """Polling is for a caller waiting for each reply in turn. Bursts of submits (their replies
+    keep coming without a wake-up each), and submits made in turn while a ``wait`` is parked on
+    the same connection, do not keep the loop awake."""
+
+    async def run() -> tuple[int, int, int]:
+        async with AsyncClient(broker.url, spin_us=MAX_CLIENT_SPIN_US) as c:
+            parked = await c.submit("echo", {}, queue="parked")
+            conn = await c.connect()
+            spins, rounds = conn.spins, conn.spin_rounds
+            for _ in range(3):
+                await asyncio.gather(*(c.submit("echo", {"k": k}) for k in range(50)))
+            # Each burst's first submit leaves at once, alone, and may start a poll; the next
+            # pass of the loop finds the other 49 in flight and ends it.
+            burst_rounds = conn.spin_rounds - rounds
+            waiting = asyncio.ensure_future(c.wait(parked, timeout_s=5))
+            await asyncio.sleep(0.05)
+            spins_beside_wait = conn.spins
+            for k in range(20):
+                await c.submit("echo", {"k": k})
+            spins_beside_wait = conn.spins - spins_beside_wait
+            waiting.cancel()
+            return conn.spins - spins, burst_rounds, spins_beside_wait
+
+    burst_spins, burst_rounds, spins_beside_wait = asyncio.run(run())
+    assert burst_rounds <= burst_spins + 3, (burst_spins, burst_rounds)
+    assert spins_beside_wait == 0
+
+
 def test_polling_never_holds_up_the_loops_other_work(broker: BrokerProcess) -> None:
     """While a reply is polled for, timers and other tasks on the client's loop run on time:
     the poll is the loop itself kept from sleeping, not a call that blocks it. The broker is
