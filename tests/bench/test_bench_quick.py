@@ -60,7 +60,7 @@ def test_bench_quick_writes_every_scenario(tmp_path: Path) -> None:
         assert figure["min"] <= figure["median"] <= figure["max"]
         assert figure["unit"] in {"tasks/s", "ms", "MB", "s"}
     assert "tq bench (quick" in proc.stdout  # the table is printed too
-    assert "clients poll 800 µs for replies" in proc.stdout
+    assert "producers poll 800 µs for replies" in proc.stdout
     assert json.loads(out.read_text())["client_spin_us"] == 800
     # ... and what the machine is, since the latency figures depend on it
     machine = json.loads(out.read_text())["machine"]

@@ -131,6 +131,38 @@ def test_a_client_with_other_requests_in_flight_does_not_poll(broker: BrokerProc
     assert spins_beside_wait == 0
 
 
+def test_an_interrupt_inside_a_poll_leaves_polling_on(
+    broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C that lands in the poll's yield, caught by an application that runs its own
+    loop and goes on: the connection polls again afterwards."""
+    loop = asyncio.new_event_loop()
+    c = AsyncClient(broker.url, spin_us=MAX_CLIENT_SPIN_US)
+
+    async def submits(n: int) -> None:
+        for k in range(n):
+            await c.submit("echo", {"k": k})
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    try:
+        loop.run_until_complete(submits(3))
+        conn = c._conn
+        assert conn is not None
+        monkeypatch.setattr(os, "sched_yield", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(submits(1))
+        monkeypatch.undo()
+        loop.run_until_complete(asyncio.sleep(0.2))  # the interrupted submit's reply comes
+        before = conn.spins
+        loop.run_until_complete(submits(20))
+        assert conn.spins > before
+    finally:
+        loop.run_until_complete(c.close())
+        loop.close()
+
+
 def test_polling_never_holds_up_the_loops_other_work(broker: BrokerProcess) -> None:
     """While a reply is polled for, timers and other tasks on the client's loop run on time:
     the poll is the loop itself kept from sleeping, not a call that blocks it. The broker is
@@ -182,6 +214,18 @@ def test_a_client_stops_polling_when_its_cpu_is_wanted(broker: BrokerProcess) ->
     assert conn.spins > 0
     assert conn.spin_yields > 0
     assert conn.spin_misses == 0  # none ran its 100 ms out beside the hog
+
+
+def test_cli_commands_do_not_poll(broker: BrokerProcess) -> None:
+    """A command makes a request or a few, and the SSH shell runs commands inside the broker's
+    process, where a poll would compete for the GIL with the thread that must answer."""
+    from tq.cli.main import _run_client
+
+    async def spin_us(client: AsyncClient) -> int:
+        await client.stats()
+        return client.spin_us
+
+    assert _run_client(spin_us, broker.url) == 0
 
 
 @pytest.mark.parametrize("bad", [-1, 100_001, 1.5, True, "250"])

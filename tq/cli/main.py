@@ -87,7 +87,10 @@ def _run_client(fn: Callable[[Any], Awaitable[T]], broker: str | None) -> T:
     from tq.errors import BrokerUnavailable, TqError
 
     async def main() -> T:
-        async with AsyncClient(broker, connect_timeout_s=2.0) as client:
+        # spin_us=0: a command makes a request or a few, and the SSH shell runs commands inside
+        # the broker's process, where polling for a reply competes for the GIL with the thread
+        # that must answer it (a review measured p50 0.59 / 0.63 ms polling, 0.54 / 0.59 not).
+        async with AsyncClient(broker, connect_timeout_s=2.0, spin_us=0) as client:
             return await fn(client)
 
     try:
@@ -929,7 +932,7 @@ def bench(
     summary = result.summary()
     emit_table(
         f"tq bench ({'quick' if quick else 'full'}, {sizes.repeats} run(s) each"
-        + f", clients poll {sizes.client_spin_us} µs for replies"
+        + f", producers poll {sizes.client_spin_us} µs for replies"
         + ")",
         ["scenario", "median", "min", "max", "unit", "target"],
         [

@@ -235,6 +235,10 @@ class Connection(asyncio.Protocol):
         back on the ready queue makes every pass of the loop poll its descriptors with a zero
         timeout, so the reply is read as soon as it lands, and the loop's other work (other
         sockets, timers, tasks) runs as it would have, never held up."""
+        # Cleared first: what raises in here (a Ctrl-C in the yield, caught by an application
+        # that runs its own loop and goes on) must not leave the flag set with no pass queued,
+        # which would turn polling off for good on this connection (a review found it).
+        self._spin_scheduled = False
         self.spin_rounds += 1
         if len(self._pending) == 1 and self._spin_rid in self._pending and self.error is None:
             now = time.monotonic_ns()
@@ -243,6 +247,7 @@ class Connection(asyncio.Protocol):
                 if time.monotonic_ns() - now < CONTENDED_NS:
                     assert self._loop is not None
                     self._loop.call_soon(self._keep_awake)
+                    self._spin_scheduled = True  # after: a second pass would be harmless
                     return
                 # The yield gave the CPU away for a while: other work wants it, and the time
                 # polled would be taken from that work (16 processes polling on 2 CPUs measured
@@ -251,7 +256,6 @@ class Connection(asyncio.Protocol):
             else:
                 self._pace.missed()
                 self.spin_misses += 1
-        self._spin_scheduled = False
 
     def _write_out(self) -> None:
         self._out_bytes = 0
