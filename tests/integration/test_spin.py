@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from tq import AsyncClient, Client
 from tq.broker.app import BrokerApp
+from tq.client import connection
 from tq.client.connection import Connection
 from tq.config import BrokerConfig
 from tq.errors import BadRequest, WaitTimeout
@@ -197,9 +199,9 @@ def test_polling_never_holds_up_the_loops_other_work(broker: BrokerProcess) -> N
 
 
 def test_a_client_stops_polling_when_its_cpu_is_wanted(broker: BrokerProcess) -> None:
-    """A yield that gave the CPU to another task for a while ends the poll: with more pollers
-    than CPUs, polling would take the CPU from the work that answers them. A busy process is
-    pinned to the client's CPU, so every yield hands it a time slice."""
+    """With another task wanting the client's CPU, the poll ends: with more pollers than CPUs
+    it would take the CPU from the work that answers them. A busy process is pinned to the CPU
+    the client's thread is pinned to, so every yield hands it a time slice."""
     cpu = min(os.sched_getaffinity(0))
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     mask = os.sched_getaffinity(0)
@@ -214,6 +216,22 @@ def test_a_client_stops_polling_when_its_cpu_is_wanted(broker: BrokerProcess) ->
     assert conn.spins > 0
     assert conn.spin_yields > 0
     assert conn.spin_misses == 0  # none ran its 100 ms out beside the hog
+
+
+def test_a_client_stops_polling_when_most_yields_hand_the_cpu_over(
+    broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Yields that each hand the CPU over briefly (the broker's own loop polling on the client's
+    CPU) end the poll too, after two. Every yield is made to count as a switch, and to take no
+    time, so that only this rule can end the polls before their replies come."""
+    switches = itertools.count()
+    monkeypatch.setattr(connection, "_switches", lambda: next(switches))
+    monkeypatch.setattr(os, "sched_yield", lambda: None)
+    _, conn = asyncio.run(_submit_in_turn(broker.url, spin_us=MAX_CLIENT_SPIN_US, n=50))
+    assert conn.spins > 0
+    # Each poll ends at its second pass (a reply that landed between the two ends it first).
+    assert conn.spin_rounds <= 2 * conn.spins
+    assert conn.spin_yields >= conn.spins - 2
 
 
 def test_cli_commands_do_not_poll(broker: BrokerProcess) -> None:
