@@ -65,6 +65,7 @@ def test_bench_quick_writes_every_scenario(tmp_path: Path) -> None:
     # ... and what the machine is, since the latency figures depend on it
     machine = json.loads(out.read_text())["machine"]
     assert machine["cpus"] == os.cpu_count()
+    assert set(machine["cpu_check_ms"]) == {"start", "end"}  # how fast it was, at both ends
     assert "machine: " in proc.stdout
 
 

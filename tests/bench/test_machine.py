@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tq.bench.machine import describe, machine_info
+from tq.bench.machine import cpu_check_ms, describe, machine_info
 
 
 def _write(path: Path, text: str) -> None:
@@ -60,3 +60,15 @@ def test_a_remote_broker_records_no_disk(tmp_path: Path) -> None:
     info = machine_info(None, sys_root=str(tmp_path / "sys"))
     assert info["data_device"] is None
     assert not any("cache flush" in line for line in describe(info))
+
+
+def test_the_cpu_check_is_reported_and_a_change_of_speed_noted(tmp_path: Path) -> None:
+    info = machine_info(None, sys_root=str(tmp_path / "empty"))
+    steady = cpu_check_ms()
+    assert 0 < steady < 60_000
+    info["cpu_check_ms"] = {"start": 38.0, "end": 45.5}
+    lines = describe(info)
+    assert "CPU check 38 ms at start, 45.5 ms at end (1,000,000 Python steps)" in lines[0]
+    assert len(lines) == 1  # within the drift allowed: no note
+    info["cpu_check_ms"] = {"start": 38.0, "end": 105.0}
+    assert any("speed changed during the run" in line for line in describe(info)[1:])

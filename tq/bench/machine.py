@@ -10,7 +10,10 @@ volatile and has no FUA turns every durable write into a write plus a flush. A f
 without these facts misleads, so ``tq bench`` prints them and writes them into its JSON.
 
 Everything here is read from ``/proc`` and ``/sys`` and is best effort: a fact the machine does
-not expose is ``None``, never an error.
+not expose is ``None``, never an error. One figure is measured instead: how long a fixed loop of
+Python takes, at the start of the run and at its end (``cpu_check``). The VMs here share their
+hosts, and on one evening the same loop took from 38 ms to 170 ms; every figure of a run moved
+with it, so a run carries how fast its machine was.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import time
 from typing import Any
 
 _HALT_POLL = "module/haltpoll/parameters/guest_halt_poll_ns"
@@ -54,6 +58,28 @@ def _block_queue(sys_root: str, path: str) -> tuple[str | None, str | None, str 
     )
 
 
+CPU_CHECK_STEPS = 1_000_000
+# The check's two figures differ by more than this factor: the machine changed speed mid-run.
+CPU_DRIFT = 1.5
+
+
+def cpu_check_ms() -> float:
+    """The best of five runs of a fixed Python loop, in ms, after 0.1 s of spinning: the
+    machine's speed now. A vCPU that was idle runs slow for a while (single runs after a second
+    of sleep: 33-62 ms; so measured: 34.5-40.2 ms), and the best skips one preemption."""
+    warm_until = time.perf_counter() + 0.1
+    while time.perf_counter() < warm_until:
+        pass
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(CPU_CHECK_STEPS):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1000, 1)
+
+
 def machine_info(data_path: str | None, sys_root: str = "/sys") -> dict[str, Any]:
     """Facts about this machine that bound the latency figures (see the module docstring).
 
@@ -81,7 +107,7 @@ def machine_info(data_path: str | None, sys_root: str = "/sys") -> dict[str, Any
 
 
 def describe(info: dict[str, Any]) -> list[str]:
-    """One line of facts, then one line per condition known to inflate the latency figures."""
+    """One line of facts, then one line per condition known to inflate the figures."""
     parts = [f"{info['cpus']} CPUs", info["system"], f"Python {info['python']}", info["event_loop"]]
     if info["cpuidle_driver"]:
         parts.append(f"cpuidle {info['cpuidle_driver']}")
@@ -89,6 +115,12 @@ def describe(info: dict[str, Any]) -> list[str]:
         cache = info["write_cache"] or "unknown cache"
         parts.append(
             f"data on {info['data_device']} ({cache}, FUA {'yes' if info['fua'] else 'no'})"
+        )
+    check = info.get("cpu_check_ms")
+    if check:
+        parts.append(
+            f"CPU check {check['start']:g} ms at start, {check['end']:g} ms at end "
+            f"({CPU_CHECK_STEPS:,} Python steps)"
         )
     lines = ["machine: " + ", ".join(parts)]
     if info["cpuidle_driver"] == "haltpoll" and info["guest_halt_poll_ns"] == 0:
@@ -101,5 +133,10 @@ def describe(info: dict[str, Any]) -> list[str]:
         lines.append(
             "note: the data disk has a volatile write cache and no FUA: each durable write is "
             "a write and then a cache flush"
+        )
+    if check and max(check.values()) > CPU_DRIFT * min(check.values()):
+        lines.append(
+            "note: the machine's speed changed during the run (the CPU check above): figures "
+            "from its slower part read worse"
         )
     return lines

@@ -912,11 +912,12 @@ def bench(
     import tempfile
     from dataclasses import replace
 
-    from tq.bench.machine import describe, machine_info
+    from tq.bench.machine import cpu_check_ms, describe, machine_info
     from tq.bench.runner import QUICK, Sizes, run_all, verdict
 
     # The brokers tq bench starts keep their data under the temp dir: that disk is measured.
     machine = machine_info(None if broker else tempfile.gettempdir())
+    cpu_start = cpu_check_ms()
     sizes = QUICK if quick else Sizes()
     if repeats:
         sizes = replace(sizes, repeats=repeats)
@@ -930,6 +931,7 @@ def bench(
         progress=lambda msg: err_console.print(f"[dim]tq bench: {msg}[/]"),
     )
     summary = result.summary()
+    machine["cpu_check_ms"] = {"start": cpu_start, "end": cpu_check_ms()}
     emit_table(
         f"tq bench ({'quick' if quick else 'full'}, {sizes.repeats} run(s) each"
         + f", producers poll {sizes.client_spin_us} µs for replies"
