@@ -17,9 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tq import AsyncClient, Client
+from tq import AsyncClient, Client, spin
 from tq.broker.app import BrokerApp
-from tq.client import connection
 from tq.client.connection import Connection
 from tq.config import BrokerConfig
 from tq.errors import BadRequest, WaitTimeout
@@ -35,7 +34,7 @@ async def _submit_in_turn(
     url: str, spin_us: int | None = None, pause_s: float = 0.0, n: int = N
 ) -> tuple[dict[str, int], Connection]:
     """N submits one after another (``pause_s`` apart); the broker's counters and the client's
-    connection (its ``spins`` and ``spin_misses``). ``spin_us`` None: the client's default."""
+    connection (its ``poll``'s counters). ``spin_us`` None: the client's default."""
     async with AsyncClient(url, **({} if spin_us is None else {"spin_us": spin_us})) as c:
         for k in range(n):
             await c.submit("echo", {"k": k})
@@ -53,7 +52,7 @@ def test_a_sequential_client_finds_the_broker_polling(broker: BrokerProcess) -> 
     # The client answers each reply within ~0.1 ms here, well inside the 250 µs default; on a
     # loaded machine some polls run out, but not every one of 300.
     assert counters["spin_hits"] > 0
-    assert conn.spins == 0  # spin_us=0: the client never polls
+    assert conn.poll.spins == 0  # spin_us=0: the client never polls
 
 
 def test_spin_us_0_never_polls(broker_factory: Callable[..., BrokerProcess]) -> None:
@@ -68,8 +67,8 @@ def test_a_client_polls_for_its_replies_by_default(broker: BrokerProcess) -> Non
     # A reply over the budget (a loaded machine) leaves the next requests unpolled until one
     # comes within it again, so how many are polled for depends on the machine; some are, and
     # some find their reply.
-    assert conn.spins > 0
-    assert conn.spins - conn.spin_misses > 0
+    assert conn.poll.spins > 0
+    assert conn.poll.spins - conn.poll.misses > 0
 
 
 def test_a_client_that_pauses_between_requests_does_not_poll(broker: BrokerProcess) -> None:
@@ -77,7 +76,7 @@ def test_a_client_that_pauses_between_requests_does_not_poll(broker: BrokerProce
     # and polling would cost CPU for next to nothing. (The first submit follows the hello's
     # answer at once, so it may be polled for.)
     _, conn = asyncio.run(_submit_in_turn(broker.url, spin_us=1000, pause_s=0.005))
-    assert conn.spins <= 1
+    assert conn.poll.spins <= 1
 
 
 def test_parked_requests_are_not_polled_for(broker: BrokerProcess) -> None:
@@ -88,17 +87,17 @@ def test_parked_requests_are_not_polled_for(broker: BrokerProcess) -> None:
         async with AsyncClient(broker.url, spin_us=MAX_CLIENT_SPIN_US) as c:
             tid = await c.submit("echo", {}, queue="parked")
             conn = await c.connect()
-            before = conn.spins
+            before = conn.poll.spins
             with pytest.raises(WaitTimeout):
                 await c.wait(tid, timeout_s=0.2)  # no worker: it stays pending
-            after_wait = conn.spins
+            after_wait = conn.poll.spins
         async with AsyncClient(broker.url, role="worker", spin_us=MAX_CLIENT_SPIN_US) as w:
             await w.stats()
             conn = await w.connect()
-            before_claim = conn.spins
+            before_claim = conn.poll.spins
             leased = await w.call(lambda rid: ClaimTask(rid, ["empty"], 1, 200), Leased)
             assert leased.tasks == []
-            return after_wait - before, conn.spins - before_claim, conn.spin_misses
+            return after_wait - before, conn.poll.spins - before_claim, conn.poll.misses
 
     waited, claimed, misses = asyncio.run(run())
     assert (waited, claimed, misses) == (0, 0, 0)
@@ -113,20 +112,21 @@ def test_a_client_with_other_requests_in_flight_does_not_poll(broker: BrokerProc
         async with AsyncClient(broker.url, spin_us=MAX_CLIENT_SPIN_US) as c:
             parked = await c.submit("echo", {}, queue="parked")
             conn = await c.connect()
-            spins, rounds = conn.spins, conn.spin_rounds
+            spins, rounds = conn.poll.spins, conn.poll.rounds
             for _ in range(3):
                 await asyncio.gather(*(c.submit("echo", {"k": k}) for k in range(50)))
             # Each burst's first submit leaves at once, alone, and may start a poll; the next
             # pass of the loop finds the other 49 in flight and ends it.
-            burst_rounds = conn.spin_rounds - rounds
+            burst_rounds = conn.poll.rounds - rounds
             waiting = asyncio.ensure_future(c.wait(parked, timeout_s=5))
-            await asyncio.sleep(0.05)
-            spins_beside_wait = conn.spins
+            await asyncio.sleep(0)  # one pass: the wait's task runs up to its request, sent
+            assert conn._pending  # the wait is in flight
+            spins_beside_wait = conn.poll.spins
             for k in range(20):
                 await c.submit("echo", {"k": k})
-            spins_beside_wait = conn.spins - spins_beside_wait
+            spins_beside_wait = conn.poll.spins - spins_beside_wait
             waiting.cancel()
-            return conn.spins - spins, burst_rounds, spins_beside_wait
+            return conn.poll.spins - spins, burst_rounds, spins_beside_wait
 
     burst_spins, burst_rounds, spins_beside_wait = asyncio.run(run())
     assert burst_rounds <= burst_spins + 3, (burst_spins, burst_rounds)
@@ -157,9 +157,9 @@ def test_an_interrupt_inside_a_poll_leaves_polling_on(
             loop.run_until_complete(submits(1))
         monkeypatch.undo()
         loop.run_until_complete(asyncio.sleep(0.2))  # the interrupted submit's reply comes
-        before = conn.spins
+        before = conn.poll.spins
         loop.run_until_complete(submits(20))
-        assert conn.spins > before
+        assert conn.poll.spins > before
     finally:
         loop.run_until_complete(c.close())
         loop.close()
@@ -172,8 +172,8 @@ def test_polling_never_holds_up_the_loops_other_work(
     the poll is the loop itself kept from sleeping, not a call that blocks it. The broker is
     stopped (SIGSTOP) so that the poll runs its whole 100 ms; yields are made to count as
     uncontended, or a loaded machine's other tasks would end the poll first."""
-    monkeypatch.setattr(connection, "_switches", lambda: 0)
-    monkeypatch.setattr(connection, "CONTENDED_NS", 10**12)
+    monkeypatch.setattr(spin, "_switches", lambda: 0)
+    monkeypatch.setattr(spin, "CONTENDED_NS", 10**12)
     assert broker.proc is not None
     pid = broker.proc.pid
 
@@ -185,12 +185,12 @@ def test_polling_never_holds_up_the_loops_other_work(
             try:
                 submit = asyncio.ensure_future(c.submit("echo", {}))
                 await asyncio.sleep(0)  # the request is sent and the poll begins
-                polling = conn._spin_scheduled
+                polling = conn.poll.scheduled
                 t0 = time.monotonic()
                 for _ in range(10):
                     await asyncio.sleep(0.001)
                 took = time.monotonic() - t0
-                polling = polling and conn._spin_scheduled  # still within its 100 ms
+                polling = polling and conn.poll.scheduled  # still within its 100 ms
             finally:
                 os.kill(pid, signal.SIGCONT)
             await submit
@@ -218,9 +218,9 @@ def test_a_client_stops_polling_when_its_cpu_is_wanted(broker: BrokerProcess) ->
         os.sched_setaffinity(0, mask)
         hog.kill()
         hog.wait()
-    assert conn.spins > 0
-    assert conn.spin_yields > 0
-    assert conn.spin_misses == 0  # none ran its 100 ms out beside the hog
+    assert conn.poll.spins > 0
+    assert conn.poll.yields > 0
+    assert conn.poll.misses == 0  # none ran its 100 ms out beside the hog
 
 
 def test_a_client_stops_polling_when_most_yields_hand_the_cpu_over(
@@ -230,13 +230,13 @@ def test_a_client_stops_polling_when_most_yields_hand_the_cpu_over(
     CPU) end the poll too, after two. Every yield is made to count as a switch, and to take no
     time, so that only this rule can end the polls before their replies come."""
     switches = itertools.count()
-    monkeypatch.setattr(connection, "_switches", lambda: next(switches))
+    monkeypatch.setattr(spin, "_switches", lambda: next(switches))
     monkeypatch.setattr(os, "sched_yield", lambda: None)
     _, conn = asyncio.run(_submit_in_turn(broker.url, spin_us=MAX_CLIENT_SPIN_US, n=50))
-    assert conn.spins > 0
+    assert conn.poll.spins > 0
     # Each poll ends at its second pass (a reply that landed between the two ends it first).
-    assert conn.spin_rounds <= 2 * conn.spins
-    assert conn.spin_yields >= conn.spins - 2
+    assert conn.poll.rounds <= 2 * conn.poll.spins
+    assert conn.poll.yields >= conn.poll.spins - 2
 
 
 def test_cli_commands_do_not_poll(broker: BrokerProcess) -> None:

@@ -219,7 +219,7 @@ class AsyncClient:
         ``spin_us``: after sending a request the broker answers at once (not a ``wait`` or a
         parked claim), keep the event loop polling for the reply instead of sleeping, for up to
         this long, if the caller is going back to back (the last reply came within that time)
-        and replies have been coming within it (tq/client/connection.py). The loop's other
+        and replies have been coming within it (``ReplyPoll``, tq/spin.py). The loop's other
         work runs as usual meanwhile; the price is this process's CPU. On a VM whose idle CPUs
         halt, waking for the reply is tens of µs of every round trip: a sequential submit here
         measured p50 0.26-0.31 against 0.32-0.41 ms, for ~270 against ~100 µs of client CPU.

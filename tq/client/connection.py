@@ -6,8 +6,6 @@ import asyncio
 import fcntl
 import itertools
 import logging
-import os
-import resource
 import select
 import struct
 import termios
@@ -28,7 +26,7 @@ from tq.model import MAX_PAYLOAD_BYTES
 from tq.protocol.codec import decode_response, encode
 from tq.protocol.framing import HEADER_BYTES, FrameDecoder
 from tq.protocol.messages import ClaimTask, Nack, Ping, Response, WaitTask, Welcome
-from tq.spin import Pace
+from tq.spin import ReplyPoll
 
 log = logging.getLogger("tq.client")
 SWEEP_S = 0.25
@@ -37,17 +35,6 @@ SWEEP_S = 0.25
 # lets the broker start on the first requests while it builds the rest, instead of the two
 # taking turns (measured: one client, 256 single submits in flight, ~39k -> ~50k tasks/s).
 EARLY_FLUSH_BYTES = 16 * 1024
-# A sched_yield that returns after this long ran another task meanwhile (alone, it takes ~1 µs).
-CONTENDED_NS = 200_000
-# Involuntary context switches of the calling thread (Linux): a yield that raised it handed the
-# CPU to another task. None where the OS does not count them per thread.
-_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
-
-
-def _switches() -> int:
-    return 0 if _RUSAGE_THREAD is None else resource.getrusage(_RUSAGE_THREAD).ru_nivcsw
-
-
 # Requests in flight and nothing heard for this long: ask the broker whether it is there (Ping);
 # still nothing after as long again, and the connection is given up (see ``Silent``).
 LIVENESS_S = 5.0
@@ -98,20 +85,8 @@ class Connection(asyncio.Protocol):
         self._acked_seen = 0
         self._unsent_seen = 0
         self._fd = -1
-        self._spin_ns = spin_us * 1000  # see AsyncClient's spin_us
-        self._pace = Pace(self._spin_ns)  # do the broker's replies come within it
+        self.poll = ReplyPoll(spin_us, self._reply_due)  # see AsyncClient's spin_us
         self._spin_rid = 0  # the last request sent that the broker answers at once
-        self._spin_end = 0  # monotonic ns when the current poll gives up
-        self._spin_switches = 0  # this thread's involuntary switches when last looked at
-        self._spin_passes = 0  # yields in the current poll
-        self._spin_handed = 0  # ... that handed the CPU to another task
-        self._replied = 0  # monotonic ns of the last read from the broker
-        self._spin_scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.spins = 0  # polls started
-        self.spin_rounds = 0  # passes of the loop kept from sleeping
-        self.spin_misses = 0  # ... that ran out before the reply came
-        self.spin_yields = 0  # ... that ended because another task wanted the CPU
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -137,9 +112,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reads += 1
-        if self._spin_ns:
-            self._replied = now = time.monotonic_ns()
-            self._pace.arrived(now)
+        if self.poll.budget_ns:
+            self.poll.arrived(time.monotonic_ns())
         try:
             frames = self._decoder.feed(data)
             for body in frames:
@@ -203,7 +177,7 @@ class Connection(asyncio.Protocol):
             self._reads_seen = self._reads
         self._out.append(frame)
         self._out_bytes += len(frame)
-        if self._spin_ns and not (
+        if self.poll.budget_ns and not (
             type(msg) is WaitTask or (type(msg) is ClaimTask and msg.wait_ms > 0)
         ):
             self._spin_rid = rid  # answered at once, not parked at the broker
@@ -225,62 +199,12 @@ class Connection(asyncio.Protocol):
         """The end of the loop iteration: write what is queued."""
         self._flush_scheduled = False
         self._write_out()
-        if self._spin_ns and self._spin_rid in self._pending:
-            now = time.monotonic_ns()
-            self._pace.waiting(now)
-            # Only for a caller waiting for each reply in turn (this request alone in flight):
-            # with more in flight the caller is after throughput, and its replies keep coming
-            # without a wake-up each. And only back to back: after an idle gap the broker's CPU
-            # and the disk have gone to sleep too, and the reply comes too late for polling to
-            # pay (measured, 5 ms between submits: p50 0.69 against 0.66-0.68 ms, for 2.4x the
-            # CPU).
-            alone = len(self._pending) == 1
-            recent = now - self._replied <= self._spin_ns
-            if alone and recent and self._pace.quick and not self._spin_scheduled:
-                self._spin_scheduled = True
-                self._spin_end = now + self._spin_ns
-                self._spin_switches = _switches()
-                self._spin_passes = self._spin_handed = 0
-                self.spins += 1
-                self._loop = loop = asyncio.get_running_loop()
-                loop.call_soon(self._keep_awake)
+        if self.poll.budget_ns and self._spin_rid in self._pending:
+            self.poll.sent(alone=len(self._pending) == 1)
 
-    def _keep_awake(self) -> None:
-        """Keep the event loop from sleeping while the reply is due: a callback that puts itself
-        back on the ready queue makes every pass of the loop poll its descriptors with a zero
-        timeout, so the reply is read as soon as it lands, and the loop's other work (other
-        sockets, timers, tasks) runs as it would have, never held up."""
-        # Cleared first: what raises in here (a Ctrl-C in the yield, caught by an application
-        # that runs its own loop and goes on) must not leave the flag set with no pass queued,
-        # which would turn polling off for good on this connection (a review found it).
-        self._spin_scheduled = False
-        self.spin_rounds += 1
-        if len(self._pending) == 1 and self._spin_rid in self._pending and self.error is None:
-            now = time.monotonic_ns()
-            if now < self._spin_end:
-                os.sched_yield()  # the broker, or the kernel's softirq, may need this CPU
-                took = time.monotonic_ns() - now
-                switches = _switches()
-                self._spin_passes += 1
-                if switches != self._spin_switches:
-                    self._spin_switches = switches
-                    self._spin_handed += 1
-                # Another task wants this CPU: one yield gave it away for long (16 processes
-                # polling on 2 CPUs measured 15-33% fewer submits in all), or most yields hand
-                # it over (the broker's own loop on this CPU: the poll then only slows the
-                # broker down, 0.41-0.43 against 0.40 ms without polling; on the other CPU 1.4
-                # yields in ~28 do, and polling gives 0.29-0.31 ms). The loop may then sleep;
-                # the next request polls again.
-                shared = self._spin_handed >= 2 and 2 * self._spin_handed >= self._spin_passes
-                if took < CONTENDED_NS and not shared:
-                    assert self._loop is not None
-                    self._loop.call_soon(self._keep_awake)
-                    self._spin_scheduled = True  # after: a second pass would be harmless
-                    return
-                self.spin_yields += 1
-            else:
-                self._pace.missed()
-                self.spin_misses += 1
+    def _reply_due(self) -> bool:
+        """Is the polled-for reply still the one awaited, alone in flight?"""
+        return len(self._pending) == 1 and self._spin_rid in self._pending and self.error is None
 
     def _write_out(self) -> None:
         self._out_bytes = 0
